@@ -1,0 +1,200 @@
+"""Hugging Face GPT-2 folders <-> minift models.
+
+A GPT-2 checkpoint folder holds `config.json` and either `model.safetensors` or a
+sharded `model.safetensors.index.json` pointing at several safetensors files.
+minift keeps GPT-2's parameter names, so loading is one shape-checked loop; the only
+twist is that OpenAI's GPT-2 stores its linear layers as `Conv1D` with the weight
+transposed, (in, out) instead of nn.Linear's (out, in).
+
+Nothing here unpickles: `.bin` / `.pt` files are refused (a pickle can run code).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+EMBEDDED = {"minift-tiny": Path(__file__).parent / "assets" / "minift-tiny"}
+
+# GPT-2's Conv1D layers store (in_features, out_features); nn.Linear stores (out, in).
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Causal-mask buffers some GPT-2 checkpoints carry; minift builds its mask on the fly.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # not ".attn.c_attn.bias"!
+PICKLE_FILES = ("pytorch_model.bin", "model.pt", "pytorch_model.bin.index.json")
+
+
+def _hf_hub_cache() -> Path:
+    """The Hugging Face hub cache folder, honouring the same variables as huggingface_hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def _from_hf_cache(repo_id: str) -> Path | None:
+    """`models--{org}--{name}/snapshots/{rev}` where refs/main names rev; None if absent."""
+    repo = _hf_hub_cache() / ("models--" + repo_id.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snap = repo / "snapshots" / ref.read_text().strip()
+        if snap.is_dir():
+            return snap
+    snaps = sorted((repo / "snapshots").glob("*")) if (repo / "snapshots").is_dir() else []
+    return snaps[-1] if snaps else None
+
+
+def resolve_source(src: str | os.PathLike) -> Path:
+    """Turn `src` into a local folder: a path, "minift-tiny", or a hub id in the local cache.
+
+    With the `hub` extra installed, a hub id that is not cached is downloaded.
+    """
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return path
+    if str(src) in EMBEDDED:
+        folder = EMBEDDED[str(src)]
+        if not folder.is_dir():
+            raise FileNotFoundError(f"the embedded model {src!r} is missing from {folder}; "
+                                    "rebuild it with scripts/pretrain_tiny.py")
+        return folder
+    if path.exists():
+        raise NotADirectoryError(f"{src}: expected a folder holding config.json, got a file")
+    if path.is_absolute() or str(src).startswith((".", "~")) or str(src).count("/") > 1:
+        raise FileNotFoundError(f"{src}: no such folder")  # a path, not a hub id "org/name"
+    cached = _from_hf_cache(str(src))
+    if cached is not None:
+        return cached
+    try:
+        from huggingface_hub import snapshot_download  # optional: the `hub` extra
+    except ImportError:
+        raise FileNotFoundError(
+            f"{src}: no such folder, and not in the Hugging Face cache ({_hf_hub_cache()}); "
+            "install minift[hub] to download it") from None
+    return Path(snapshot_download(str(src), allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; a GPT-2 folder needs config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_config(folder: Path):
+    """config.json -> GPTConfig, refusing architectures minift does not implement."""
+    from .model import GPTConfig
+    d = _read_json(folder / "config.json")
+    if d.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"{folder / 'config.json'}: model_type {d.get('model_type')!r} is not "
+                         "supported; minift implements GPT-2 ('gpt2') only")
+    if d.get("scale_attn_by_inverse_layer_idx") or d.get("add_cross_attention"):
+        raise ValueError(f"{folder / 'config.json'}: scale_attn_by_inverse_layer_idx / "
+                         "add_cross_attention are not supported by minift")
+    try:
+        return GPTConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{folder / 'config.json'}: {e}") from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder: one file, or the shards an index names."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        for s in shards:
+            if Path(s).is_absolute() or ".." in Path(s).parts:  # an index can't point outside
+                raise ValueError(f"{index}: shard path {s!r} leaves the folder")
+            if not (folder / s).is_file():
+                raise FileNotFoundError(f"{index}: names shard {s}, which is missing")
+        return [folder / s for s in shards]
+    pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    if pickles:
+        raise ValueError(f"{folder}: only pickle weights found ({', '.join(sorted(pickles))}); "
+                         "minift never unpickles model files (they can run code). Convert them "
+                         "to model.safetensors, e.g. with transformers' save_pretrained.")
+    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def hf_to_minift_name(key: str) -> str | None:
+    """A checkpoint key -> minift's parameter name, or None for buffers to skip."""
+    key = key.removeprefix("transformer.")
+    if ("." + key).endswith(IGNORED_SUFFIXES):
+        return None
+    return key if key.startswith("lm_head.") else "transformer." + key
+
+
+def load_pretrained(src, dtype: torch.dtype | None = None, device=None):
+    """Build a GPT from a Hugging Face GPT-2 folder. Every tensor is shape-checked by name."""
+    from .model import GPT
+    folder = resolve_source(src)
+    config = load_config(folder)
+    with torch.device("meta"):  # no random init: every tensor is overwritten below
+        model = GPT(config)
+    expected = dict(model.named_parameters())  # tied lm_head appears once, as wte
+    loaded = {}
+    for file in weight_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                name = hf_to_minift_name(key)
+                if name is None or (name == "lm_head.weight" and config.tie_word_embeddings):
+                    continue
+                if name not in expected:
+                    raise ValueError(f"{file.name}: unexpected key {key!r} for a GPT-2 model")
+                t = f.get_tensor(key)
+                if name.endswith(TRANSPOSED):
+                    t = t.t()  # Conv1D (in, out) -> Linear (out, in)
+                if t.shape != expected[name].shape:
+                    raise ValueError(f"{file.name}: key {key!r} has shape {tuple(t.shape)} but "
+                                     f"config.json implies {tuple(expected[name].shape)}")
+                loaded[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    missing = sorted(set(expected) - set(loaded))
+    if missing:
+        raise ValueError(f"{folder}: checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    model.eval()  # as transformers: from_pretrained gives an eval-mode model
+    return model.to(device) if device is not None else model
+
+
+def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """minift parameters -> GPT-2's checkpoint keys and Conv1D layout (lm_head left out if tied)."""
+    sd = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        t = t.t() if name.endswith(TRANSPOSED) else t
+        sd[name] = t.detach().contiguous().cpu()
+    return sd
+
+
+def hf_config_dict(config) -> dict:
+    d = config.to_dict()
+    d.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=config.n_positions,
+             scale_attn_weights=True, summary_type="cls_index", use_cache=True)
+    return d
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_pretrained(model, folder) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "config.json", hf_config_dict(model.config))
+    tmp = folder / "model.safetensors.tmp"
+    save_file(to_hf_state_dict(model), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "model.safetensors")

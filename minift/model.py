@@ -1,0 +1,347 @@
+"""GPT-2, readable top to bottom (Radford et al. 2019, "Language Models are Unsupervised
+Multitask Learners"; architecture of Radford et al. 2018 with pre-LayerNorm, §2.3).
+
+Module and parameter names are GPT-2's own (`transformer.h.0.attn.c_attn.weight`, ...),
+so Hugging Face checkpoints load with one loop (see checkpoint.py). Unlike OpenAI's
+Conv1D, every projection here is a plain `nn.Linear` storing (out, in).
+
+Shapes: B batch, T new tokens, P past tokens (KV cache or prefix), C n_embd,
+nh heads, hs = C // nh head size, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# A KV cache / prefix: one (key, value) pair per layer, each (B, nh, P, hs).
+KeyValues = list[tuple[torch.Tensor, torch.Tensor]]
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 12              # GPT-2 small: 12 blocks, 12 heads, 768 wide = 124M params
+    n_head: int = 12
+    n_embd: int = 768
+    vocab_size: int = 50257        # GPT-2's byte-level BPE: 50,000 merges + 256 bytes + <|endoftext|>
+    n_positions: int = 1024        # learned position embeddings, so this is a hard context limit
+    n_inner: int | None = None     # MLP width; None means 4 * n_embd as in the paper
+    embd_pdrop: float = 0.1        # GPT-2's three dropouts: after embeddings,
+    attn_pdrop: float = 0.1        # on attention probabilities,
+    resid_pdrop: float = 0.1       # and on each residual branch
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True  # lm_head shares wte's matrix, as in GPT-2
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+
+    def __post_init__(self):
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(f"unsupported activation_function {self.activation_function!r}; "
+                             f"minift supports {sorted(ACTIVATIONS)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        """Keep the GPT-2 fields of a config.json; ignore the rest (HF bookkeeping)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CausalLMOutput:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None           # (B, T, V), None when return_logits=False
+    past_key_values: KeyValues | None = None     # when use_cache=True
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x, mask=None, past=None, use_cache=False):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if past is not None:  # prepend cached or prefix keys/values: (B, nh, P + T, hs)
+            k = torch.cat([past[0].to(k.dtype), k], dim=2)
+            v = torch.cat([past[1].to(v.dtype), v], dim=2)
+        # mask: None means plain causal over T == P + T keys; else bool (B, 1, T, P + T), True = attend
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_pdrop if self.training else 0.0,
+            is_causal=mask is None and past is None and T > 1)
+        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble heads: (B, T, C)
+        return self.resid_dropout(self.c_proj(y)), ((k, v) if use_cache else None)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        inner = config.n_inner or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, inner)
+        self.c_proj = nn.Linear(inner, config.n_embd)
+        self.act = ACTIVATIONS[config.activation_function]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block (GPT-2 moved LayerNorm to each sub-block's input)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask=None, past=None, use_cache=False):
+        a, kv = self.attn(self.ln_1(x), mask, past, use_cache)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, kv
+
+
+def attention_mask_4d(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, P + T) padding mask of 1/0 -> bool (B, 1, T, P + T): causal AND not padding.
+
+    Query i (absolute position P + i) may attend key j when j <= P + i and key j is real.
+    A query whose row is all False (a left-padding position) gets zeros from SDPA, as in
+    transformers; its logits are meaningless and its labels should be -100.
+    """
+    S = attention_mask.shape[1]
+    q_pos = torch.arange(S - T, S, device=attention_mask.device)[:, None]   # (T, 1)
+    k_pos = torch.arange(S, device=attention_mask.device)[None, :]          # (1, S)
+    causal = k_pos <= q_pos                                                  # (T, S)
+    return causal[None, None] & attention_mask.bool()[:, None, None, :]
+
+
+def masked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                   chunk_size: int = 4096) -> torch.Tensor:
+    """Mean next-token cross-entropy computing the LM head only where a target exists.
+
+    hidden (B, T, C), labels (B, T) unshifted as in transformers: position t predicts
+    labels[t + 1]; -100 is ignored. Only the N target positions go through the head, in
+    chunks of `chunk_size` rows, so (N, V) logits exist one chunk at a time in the forward.
+    """
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])         # (B*(T-1), C)
+    y = labels[:, 1:].reshape(-1)                             # (B*(T-1),)
+    keep = y != -100
+    h, y = h[keep], y[keep]                                   # (N, C), (N,)
+    if y.numel() == 0:  # same as F.cross_entropy on no targets: nan, as in transformers
+        return hidden.sum() * float("nan")
+    total = sum(F.cross_entropy(F.linear(h[i:i + chunk_size], weight).float(),
+                                y[i:i + chunk_size], reduction="sum")
+                for i in range(0, y.numel(), chunk_size))
+    return total / y.numel()
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),   # token embeddings (V, C)
+            wpe=nn.Embedding(config.n_positions, config.n_embd),  # position embeddings
+            drop=nn.Dropout(config.embd_pdrop),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each block in backward to save memory
+        self.apply(self._init_weights)
+        # GPT-2 §2.3: scale residual projections by 1/sqrt(number of residual layers)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, 0.0, config.initializer_range / math.sqrt(2 * config.n_layer))
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None,
+                position_ids=None, past_key_values: KeyValues | None = None, use_cache=False,
+                return_logits=True) -> CausalLMOutput:
+        """input_ids (B, T) or inputs_embeds (B, T, C); attention_mask (B, P + T) of 1/0 over
+        past and new tokens; labels (B, T), shifted inside, -100 ignored (transformers' rules).
+
+        return_logits=False with labels skips the (B, T, V) logits: the loss then runs the
+        LM head only at target positions (what training needs; see masked_lm_loss).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        P = past_key_values[0][0].shape[2] if past_key_values else 0
+        if P + T > self.config.n_positions:
+            raise ValueError(f"sequence of {P + T} tokens is longer than the model's context "
+                             f"n_positions={self.config.n_positions}; truncate the input")
+        if position_ids is None:  # as transformers: positions continue after the past, padding or not
+            position_ids = torch.arange(P, P + T, device=x.device)[None]
+        x = self.transformer.drop(x + self.transformer.wpe(position_ids))
+
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, P + T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                                 f"expected (batch, past + new tokens) = ({B}, {P + T})")
+            if not bool(attention_mask.bool().all()):
+                mask = attention_mask_4d(attention_mask, T)
+        if mask is None and P > 0 and T > 1:  # causal with an offset: SDPA's is_causal can't say it
+            mask = attention_mask_4d(torch.ones(B, P + T, dtype=torch.bool, device=x.device), T)
+
+        presents = [] if use_cache else None
+        for i, block in enumerate(self.transformer.h):
+            past = past_key_values[i] if past_key_values else None
+            if self.gradient_checkpointing and self.training and not use_cache:
+                x, kv = checkpoint(block, x, mask, past, False, use_reentrant=False)
+            else:
+                x, kv = block(x, mask, past, use_cache)
+            if use_cache:
+                presents.append(kv)
+        x = self.transformer.ln_f(x)
+
+        if labels is not None and not return_logits:
+            return CausalLMOutput(masked_lm_loss(x, self.lm_head.weight, labels), None, presents)
+        logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                   labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
+        return CausalLMOutput(loss, logits, presents)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens=20, do_sample=False, temperature=1.0,
+                 top_k=None, top_p=None, eos_token_id=None, attention_mask=None,
+                 pad_token_id=None, use_cache=True, generator=None, seed=None):
+        """Continue each prompt; returns (B, T + new) ids, prompt included, as transformers.
+
+        Batched prompts must be left-padded with `attention_mask` marking real tokens. After a
+        row emits `eos_token_id` it is filled with `pad_token_id` (default: eos) until every
+        row is done. Sampling draws from `generator` (or one seeded with `seed`).
+        """
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_token_id=eos_token_id, attention_mask=attention_mask,
+                        pad_token_id=pad_token_id, use_cache=use_cache, generator=generator,
+                        seed=seed)
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, src, dtype: torch.dtype | None = None, device=None) -> GPT:
+        """Load a Hugging Face GPT-2 folder, a cached hub id, or "minift-tiny"."""
+        from .checkpoint import load_pretrained
+        return load_pretrained(src, dtype=dtype, device=device)
+
+    def save_pretrained(self, folder) -> None:
+        """Write config.json + model.safetensors in the layout transformers loads."""
+        from .checkpoint import save_pretrained
+        save_pretrained(self, folder)
+
+
+def filter_logits(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=None) -> torch.Tensor:
+    """(B, V) logits -> logits with the excluded tokens set to -inf, ready for softmax.
+
+    top_k keeps the k largest; top_p keeps the smallest set of most likely tokens whose
+    probability reaches top_p (nucleus sampling, Holtzman et al. 2020 §3.1), at least one.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs      # mass of the strictly more likely tokens
+        drop_sorted = mass_before >= top_p          # the top token always has 0 before it
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1.0, top_k=None,
+             top_p=None, eos_token_id=None, attention_mask=None, pad_token_id=None,
+             use_cache=True, generator=None, seed=None, **forward_kwargs):
+    """Decoding loop shared by GPT and the PEFT wrappers: `model(...)` is any callable with
+    GPT's forward signature. Positions come from the attention mask (cumsum - 1), so a
+    left-padded prompt starts at position 0 exactly like an unpadded one."""
+    B, T = input_ids.shape
+    n_positions = model.config.n_positions
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    ids, mask, past = input_ids, attention_mask, None
+    for _ in range(max_new_tokens):
+        if ids.shape[1] >= n_positions:
+            raise ValueError(f"generation reached the model's context n_positions={n_positions}; "
+                             "lower max_new_tokens or shorten the prompt")
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        if use_cache and past is not None:  # feed only the newest token; the cache holds the rest
+            out = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
+                        past_key_values=past, use_cache=True, **forward_kwargs)
+        else:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                        use_cache=use_cache, **forward_kwargs)
+        past = out.past_key_values
+        logits = out.logits[:, -1, :].float()                                  # (B, V)
+        if do_sample:
+            probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            nxt = logits.argmax(-1)
+        if eos_token_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            done |= nxt == eos_token_id
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if eos_token_id is not None and bool(done.all()):
+            break
+    return ids
