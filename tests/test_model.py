@@ -197,3 +197,32 @@ def test_gradient_checkpointing_gives_equal_gradients():
     model(ids, labels=ids).loss.backward()
     for a, p in zip(plain, model.parameters()):
         assert torch.allclose(a, p.grad, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_masked_chunked_loss_and_gradients_equal_full_logits(dtype, tol, frozen_head):
+    from minift.model import masked_lm_loss
+    torch.manual_seed(0)
+    h = torch.randn(3, 10, 8, dtype=dtype, requires_grad=True)
+    w = torch.randn(50, 8, dtype=dtype, requires_grad=not frozen_head)
+    y = torch.randint(0, 50, (3, 10))
+    y[0, :4] = -100          # a masked prompt
+    y[2, 7:] = -100          # right padding
+    full = torch.nn.functional.cross_entropy((h @ w.t())[:, :-1].flatten(0, 1), y[:, 1:].flatten())
+    inputs = (h,) if frozen_head else (h, w)
+    want = torch.autograd.grad(full, inputs)
+    for chunk in (1, 4, 1000):  # chunk boundaries anywhere, and one chunk for all
+        got_loss = masked_lm_loss(h, w, y, chunk_size=chunk)
+        got = torch.autograd.grad(got_loss, inputs)
+        assert abs(got_loss.item() - full.item()) <= tol
+        for a, b in zip(got, want):
+            assert (a - b).abs().max() <= tol
+    with torch.no_grad():  # the evaluation path gives the same number
+        assert abs(masked_lm_loss(h, w, y, chunk_size=4).item() - full.item()) <= tol
+
+
+def test_masked_loss_with_no_targets_is_nan_like_transformers():
+    from minift.model import masked_lm_loss
+    h = torch.randn(1, 4, 8, requires_grad=True)
+    assert masked_lm_loss(h, torch.randn(20, 8), torch.full((1, 4), -100)).isnan()
