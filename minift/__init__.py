@@ -1,5 +1,14 @@
 """minift: a minimal, readable library for fine-tuning GPT-2-style language models."""
-from .model import GPT, GPTConfig, CausalLMOutput
+from .data import DataError, collate, load_dataset, load_jsonl, load_text
+from .model import GPT, CausalLMOutput, GPTConfig
+from .optim import (AdamW, build_param_groups, get_constant_schedule_with_warmup,
+                    get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup)
+from .tokenizer import Tokenizer
 
-__all__ = ["GPT", "GPTConfig", "CausalLMOutput"]
+__all__ = [
+    "GPT", "GPTConfig", "CausalLMOutput", "Tokenizer",
+    "AdamW", "build_param_groups", "get_linear_schedule_with_warmup",
+    "get_cosine_schedule_with_warmup", "get_constant_schedule_with_warmup",
+    "DataError", "load_dataset", "load_jsonl", "load_text", "collate",
+]
 __version__ = "0.1.0"
