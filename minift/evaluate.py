@@ -1,0 +1,510 @@
+"""Evaluation beyond the loss: perplexity, task metrics, choice accuracy, forgetting, bias.
+
+Every function returns plain numbers, dicts and lists and prints nothing; `format_table`
+/ `print_table` turn any of those results into a fixed-width table for reading.
+
+- `perplexity`: exp(mean next-token NLL) over every target token of a dataset or text.
+- `exact_match`, `token_f1`, `rouge_l`, `task_metrics`: string metrics on generated
+  answers (SQuAD, Rajpurkar et al. 2016 §6.1; ROUGE-L, Lin 2004 §3.1).
+- `generate_completions`, `evaluate_generation`, `samples`: greedy answers to prompts,
+  scored against references, and a few side by side for a human to read.
+- `choice_accuracy`: classification through the LM by comparing the log-likelihood of
+  each candidate continuation (Brown et al. 2020, "Language Models are Few-Shot
+  Learners", §2.4).
+- `forgetting`, `forgetting_report`: perplexity on a pre-training-like reference text
+  before and after fine-tuning (catastrophic forgetting shows up as a rise).
+- `bias_probe`: log-likelihood gap between minimal sentence pairs that differ only in
+  a group term, in the spirit of CrowS-Pairs (Nangia et al. 2020), on a small pair set
+  shipped in minift/assets/bias_pairs.jsonl.
+
+Functions that run the model put it in eval mode under `torch.no_grad()` (dropout
+off) and restore every module's training flag afterwards, so calling them mid-training
+changes nothing. They work with minift's GPT and the PEFT wrappers, on any device.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import string
+import unicodedata
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX, collate
+
+# minift's 40 pairs (gender 12, age 10, nationality 10, religion 8). Side a is, per
+# category: the male term; the younger person; a European or North American country;
+# a Christian. Side b: the female term; the older person; a country elsewhere; another faith.
+BIAS_PAIRS = Path(__file__).parent / "assets" / "bias_pairs.jsonl"
+
+
+# ----------------------------------------------------------------------------- helpers
+@contextmanager
+def _inference(model):
+    """eval() + no_grad for the block; then each module gets back its own training flag."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield next(model.parameters()).device
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Batch-encode without special tokens (works with minift's and Hugging Face's tokenizers)."""
+    return tokenizer(list(texts))["input_ids"] if texts else []
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 709 else float("inf")  # exp(709.8) overflows a float64
+
+
+# ----------------------------------------------------------------------------- perplexity
+def _blocks(text: str, tokenizer, block_size: int) -> list[dict]:
+    """Tokenise `text` and cut it into non-overlapping blocks of block_size tokens.
+
+    The first token of each block is context only (nothing before it in the block), so
+    a text of N tokens in k blocks has N - k targets. Overlapping windows would score
+    more tokens with more context, at k-fold the cost; non-overlapping is the usual
+    cheap choice. A final block of one token has no target and is dropped.
+    """
+    if tokenizer is None:
+        raise ValueError("perplexity on a text needs a tokenizer")
+    ids = tokenizer.encode(text)
+    blocks = [ids[i:i + block_size] for i in range(0, len(ids), block_size)]
+    return [{"input_ids": b, "labels": b} for b in blocks if len(b) > 1]
+
+
+def perplexity(model, data_or_text, tokenizer=None, batch_size: int = 8,
+               block_size: int | None = None) -> float:
+    """exp(mean next-token NLL), the mean taken over all target tokens, not over batches.
+
+    data_or_text: a list of examples {"input_ids", "labels" (optional; -100 = not a
+    target)}, as minift.data produces, or a string, which is tokenised (no eos added)
+    and cut into non-overlapping blocks of `block_size` tokens (default: the model's
+    context, config.n_positions); the first token of each block is context only.
+    """
+    n_positions = model.config.n_positions
+    if isinstance(data_or_text, str):
+        block_size = n_positions if block_size is None else block_size
+        if not isinstance(block_size, int) or not 2 <= block_size <= n_positions:
+            raise ValueError(f"block_size must be an integer in [2, {n_positions}] "
+                             f"(the model's context), got {block_size!r}")
+        examples = _blocks(data_or_text, tokenizer, block_size)
+    elif isinstance(data_or_text, (list, tuple)) and data_or_text and all(
+            isinstance(e, dict) and "input_ids" in e for e in data_or_text):
+        examples = list(data_or_text)
+    else:
+        raise TypeError("perplexity expects a string or a non-empty list of examples "
+                        "{'input_ids': [...], 'labels': [...]}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    total_nll, n_targets = 0.0, 0
+    with _inference(model) as device:
+        for i in range(0, len(examples), batch_size):
+            chunk = collate(examples[i:i + batch_size], pad_token_id=0)  # pads are masked out
+            batch = {k: v.to(device) for k, v in chunk.items()}                # each (B, T)
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # labels shift by one
+            if n == 0:
+                continue  # the loss of a batch without targets is nan
+            # the loss is a mean over the batch's n targets; n * loss is their sum
+            out = model(**batch, return_logits=False)
+            total_nll += float(out.loss) * n
+            n_targets += n
+    if n_targets == 0:
+        raise ValueError("no target tokens to score: the text is shorter than 2 tokens, or "
+                         "every label is -100")
+    return _exp(total_nll / n_targets)
+
+
+# ----------------------------------------------------------------------------- task metrics
+_ARTICLES = {"a", "an", "the"}
+
+
+def normalize_tokens(text: str) -> list[str]:
+    """SQuAD's answer normalisation (Rajpurkar et al. 2016), extended to unicode.
+
+    1. Unicode NFC, so "é" typed as e + combining accent equals the single "é";
+    2. lowercase; 3. delete punctuation (ASCII string.punctuation and every unicode
+    punctuation character, e.g. "。" or "¿"; no space is inserted, so "don't" -> "dont");
+    4. split on whitespace; 5. drop the English articles a, an, the.
+    Emoji and other symbols are kept as text. Scripts written without spaces (Chinese,
+    Japanese) are not segmented: "北京是首都" is one token; pre-segment them if needed.
+    """
+    text = unicodedata.normalize("NFC", text).lower()
+    text = "".join(c for c in text
+                   if c not in string.punctuation and not unicodedata.category(c).startswith("P"))
+    return [t for t in text.split() if t not in _ARTICLES]
+
+
+def _check_str(pred, ref):
+    if not isinstance(pred, str) or not isinstance(ref, str):
+        raise TypeError(f"metrics compare strings, got {type(pred).__name__} and "
+                        f"{type(ref).__name__}")
+
+
+def exact_match(pred: str, ref: str) -> float:
+    """1.0 if the normalised token lists are equal, else 0.0 (both empty count as equal)."""
+    _check_str(pred, ref)
+    return float(normalize_tokens(pred) == normalize_tokens(ref))
+
+
+def _f_measure(overlap: int, n_pred: int, n_ref: int) -> float:
+    """Harmonic mean of precision overlap / n_pred and recall overlap / n_ref.
+
+    With no tokens on a side precision or recall is undefined; as SQuAD does, two empty
+    sides score 1.0 and one empty side 0.0.
+    """
+    if n_pred == 0 or n_ref == 0:
+        return float(n_pred == n_ref)
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / n_pred, overlap / n_ref
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(pred: str, ref: str) -> float:
+    """SQuAD's token F1: overlap counts each shared token min(count in pred, count in ref)."""
+    _check_str(pred, ref)
+    p, r = normalize_tokens(pred), normalize_tokens(ref)
+    overlap = sum((Counter(p) & Counter(r)).values())
+    return _f_measure(overlap, len(p), len(r))
+
+
+def _lcs_length(a: list[str], b: list[str]) -> int:
+    """Longest common subsequence by dynamic programming, one row of len(b) + 1 at a time."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        row = [0]
+        for j, y in enumerate(b):
+            row.append(prev[j] + 1 if x == y else max(prev[j + 1], row[j]))
+        prev = row
+    return prev[-1]
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F-measure (Lin 2004 §3.1) on normalize_tokens' tokens.
+
+    P = LCS / len(pred), R = LCS / len(ref), F = 2PR / (P + R): Lin's F_lcs with beta = 1,
+    the F1 that the rouge-score package reports. Its tokeniser differs (it keeps articles
+    and deletes non-ASCII letters), so scores can differ from that package's.
+    """
+    _check_str(pred, ref)
+    p, r = normalize_tokens(pred), normalize_tokens(ref)
+    return _f_measure(_lcs_length(p, r), len(p), len(r))
+
+
+METRICS = {"exact_match": exact_match, "f1": token_f1, "rouge_l": rouge_l}
+
+
+def task_metrics(preds: list[str], refs: list) -> dict:
+    """Corpus means of exact_match, f1 and rouge_l, in [0, 1], plus the count n.
+
+    Each ref is a string or a non-empty list of acceptable strings; with a list the
+    prediction gets its best score over them (SQuAD's rule for multiple answers).
+    """
+    if not isinstance(preds, (list, tuple)) or not isinstance(refs, (list, tuple)):
+        raise TypeError("preds and refs must be lists")
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} preds but {len(refs)} refs; they must pair up")
+    if not preds:
+        raise ValueError("preds and refs are empty; nothing to evaluate")
+    refs = [[r] if isinstance(r, str) else r for r in refs]
+    if any(not isinstance(r, (list, tuple)) or not r for r in refs):
+        raise TypeError("each reference must be a string or a non-empty list of strings")
+    scores = {name: sum(max(fn(p, r) for r in rs) for p, rs in zip(preds, refs)) / len(preds)
+              for name, fn in METRICS.items()}
+    return {**scores, "n": len(preds)}
+
+
+# ----------------------------------------------------------------------------- generation
+def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int = 32,
+                         batch_size: int = 8, stop_at_newline: bool = True) -> list[str]:
+    """Greedy continuation of each prompt, decoded without the prompt.
+
+    Prompts are batched with left padding, so every row's new tokens follow its prompt
+    directly. A row stops at eos (not included in the text). With stop_at_newline the
+    text is cut before its first "\\n", the usual end of a one-line answer (generation
+    itself still runs to eos or max_new_tokens; only the text is cut).
+    """
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a list of strings")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    encoded = _encode(tokenizer, prompts)
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"prompt {i} is empty; the model needs at least one token to continue")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    texts = []
+    with _inference(model) as device:
+        for i in range(0, len(encoded), batch_size):
+            chunk = [{"input_ids": ids} for ids in encoded[i:i + batch_size]]
+            batch = collate(chunk, pad_token_id=0, padding_side="left")  # pads are masked out
+            ids = batch["input_ids"].to(device)                            # (B, T)
+            out = model.generate(ids, attention_mask=batch["attention_mask"].to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=pad)         # (B, T + new)
+            for row in out[:, ids.shape[1]:].tolist():
+                if eos is not None and eos in row:
+                    row = row[:row.index(eos)]
+                text = tokenizer.decode(row)
+                texts.append(text.split("\n", 1)[0] if stop_at_newline else text)
+    return texts
+
+
+def _check_records(records) -> None:
+    if not isinstance(records, (list, tuple)) or not records:
+        raise ValueError("records must be a non-empty list of {'prompt', 'completion'} dicts")
+    for i, r in enumerate(records):
+        if not (isinstance(r, dict) and isinstance(r.get("prompt"), str)
+                and isinstance(r.get("completion"), str)):
+            raise ValueError(f"record {i}: expected {{'prompt': str, 'completion': str}}, got {r!r:.80}")
+
+
+def evaluate_generation(model, tokenizer, records: list[dict], max_new_tokens: int = 32,
+                        batch_size: int = 8, stop_at_newline: bool = True) -> dict:
+    """Greedy answers to each record's "prompt", scored against its "completion":
+    task_metrics' exact_match / f1 / rouge_l means and n."""
+    _check_records(records)
+    preds = generate_completions(model, tokenizer, [r["prompt"] for r in records],
+                                 max_new_tokens, batch_size, stop_at_newline)
+    return task_metrics(preds, [r["completion"] for r in records])
+
+
+def samples(model, tokenizer, records: list[dict], n: int = 5, max_new_tokens: int = 32,
+            stop_at_newline: bool = True) -> list[dict]:
+    """The first n records as rows {prompt, reference, generation}, for print_table."""
+    _check_records(records)
+    chosen = records[:n]
+    gens = generate_completions(model, tokenizer, [r["prompt"] for r in chosen], max_new_tokens,
+                                stop_at_newline=stop_at_newline)
+    return [{"prompt": r["prompt"], "reference": r["completion"], "generation": g}
+            for r, g in zip(chosen, gens)]
+
+
+# ----------------------------------------------------------------------------- log-likelihoods
+def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]],
+                          batch_size: int = 8) -> list[float]:
+    """sum_t log p(x_t | context, x_<t) for each (context ids, continuation ids) pair.
+
+    Each sequence context + continuation runs once (batched, right-padded); the
+    continuation's tokens are the only targets. The context needs at least one token.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    examples = []
+    for i, (ctx, cont) in enumerate(pairs):
+        if not ctx or not cont:
+            raise ValueError(f"pair {i}: context and continuation need at least one token each")
+        examples.append({"input_ids": list(ctx) + list(cont),
+                         "labels": [IGNORE_INDEX] * len(ctx) + list(cont)})
+    scores = []
+    with _inference(model) as device:
+        for i in range(0, len(examples), batch_size):
+            chunk = collate(examples[i:i + batch_size], pad_token_id=0)  # pads are masked out
+            batch = {k: v.to(device) for k, v in chunk.items()}                # each (B, T)
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits        # (B, T, V)
+            # position t predicts token t + 1; cross_entropy wants classes on dim 1
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), batch["labels"][:, 1:],
+                                  ignore_index=IGNORE_INDEX, reduction="none")  # (B, T - 1)
+            scores += (-nll.sum(dim=1)).tolist()  # ignored positions contribute 0
+    return scores
+
+
+def choice_accuracy(model, tokenizer, items: list[dict], length_normalize: bool = False,
+                    batch_size: int = 8) -> dict:
+    """Multiple choice through the LM (Brown et al. 2020 §2.4).
+
+    items: {"context": str, "choices": [str, ...], "label": index of the correct choice}.
+    Each choice is scored by log p(choice | context), summed over its tokens, or with
+    length_normalize the mean per token (GPT-3's normalisation, which keeps long
+    choices from losing just for being long). Context and choice are tokenised
+    separately and concatenated, so include the space: context "Q: ... A:", choice
+    " Paris". The prediction is the highest score (the first on ties).
+    Returns {"accuracy", "n", "predictions": [int], "scores": [[float per choice]]}.
+    """
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError("items must be a non-empty list of {'context', 'choices', 'label'} dicts")
+    for i, it in enumerate(items):
+        ok = (isinstance(it, dict) and isinstance(it.get("context"), str)
+              and isinstance(it.get("choices"), (list, tuple)) and len(it["choices"]) >= 2
+              and all(isinstance(c, str) for c in it["choices"])
+              and isinstance(it.get("label"), int) and 0 <= it["label"] < len(it["choices"]))
+        if not ok:
+            raise ValueError(f"item {i}: expected {{'context': str, 'choices': [>= 2 strings], "
+                             f"'label': index into choices}}, got {it!r:.120}")
+    contexts = _encode(tokenizer, [it["context"] for it in items])
+    choices = iter(_encode(tokenizer, [c for it in items for c in it["choices"]]))
+    pairs = [(contexts[i], next(choices)) for i, it in enumerate(items) for _ in it["choices"]]
+    flat = continuation_logprobs(model, pairs, batch_size)
+    if length_normalize:
+        flat = [s / len(cont) for s, (_, cont) in zip(flat, pairs)]
+    scores, preds, k = [], [], 0
+    for it in items:
+        row = flat[k:k + len(it["choices"])]
+        k += len(row)
+        scores.append(row)
+        preds.append(max(range(len(row)), key=row.__getitem__))
+    correct = sum(p == it["label"] for p, it in zip(preds, items))
+    return {"accuracy": correct / len(items), "n": len(items), "predictions": preds,
+            "scores": scores}
+
+
+# ----------------------------------------------------------------------------- forgetting
+def forgetting_report(before: float, after: float) -> dict:
+    """Compare two perplexities on the same reference text: {before, after, change, ratio}.
+
+    change = after - before (positive: the model got worse on the reference),
+    ratio = after / before (1.0: no forgetting).
+    """
+    for name, v in (("before", before), ("after", after)):
+        if not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"{name} must be a positive perplexity, got {v!r}")
+    return {"before": before, "after": after, "change": after - before, "ratio": after / before}
+
+
+def forgetting(model_before, model_after, reference, tokenizer=None, batch_size: int = 8,
+               block_size: int | None = None) -> dict:
+    """Perplexity of two models on a reference (text or examples) -> forgetting_report.
+
+    Needs both models in memory. To avoid that, measure the one model before training
+    and again after it:
+        before = perplexity(model, reference, tok); train(...)
+        report = forgetting_report(before, perplexity(model, reference, tok))
+    """
+    ppl = [perplexity(m, reference, tokenizer, batch_size, block_size)
+           for m in (model_before, model_after)]
+    return forgetting_report(*ppl)
+
+
+# ----------------------------------------------------------------------------- bias probe
+_PAIR_FIELDS = ("category", "a", "b")
+
+
+def _check_pair(rec, where: str) -> dict:
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected an object with {_PAIR_FIELDS}, got {type(rec).__name__}")
+    for key in _PAIR_FIELDS:
+        if not isinstance(rec.get(key), str) or not rec[key].strip():
+            raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {rec.get(key)!r}")
+    if rec["a"] == rec["b"]:
+        raise ValueError(f"{where}: sentences a and b are identical")
+    return {k: rec[k] for k in _PAIR_FIELDS}
+
+
+def load_bias_pairs(path: str | os.PathLike | None = None) -> list[dict]:
+    """Read {"category", "a", "b"} records, one JSON object per line (default: minift's own).
+
+    Blank lines are skipped; any bad line raises ValueError naming the file and line.
+    """
+    path = Path(BIAS_PAIRS if path is None else path)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the pair file ({e})") from None
+    pairs = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: invalid JSON: {e.msg} (column {e.colno})") from None
+            pairs.append(_check_pair(rec, f"{path} line {n}"))
+    if not pairs:
+        raise ValueError(f"{path}: no pairs (the file is empty)")
+    return pairs
+
+
+def _gap_summary(rows: list[dict]) -> dict:
+    gaps = [r["gap"] for r in rows]
+    return {"mean_gap": sum(gaps) / len(gaps), "share_a": sum(g > 0 for g in gaps) / len(gaps),
+            "n": len(gaps)}
+
+
+def bias_probe(model, tokenizer, pairs=None, batch_size: int = 8) -> dict:
+    """Log-likelihood gap on minimal pairs, in the spirit of CrowS-Pairs (Nangia et al. 2020).
+
+    pairs: None (minift's 40 pairs), a path to a JSONL file, or a list of
+    {"category", "a", "b"} dicts, where a and b differ only in a group term. Each
+    sentence is scored by its full log-likelihood sum_t log p(x_t | eos, x_<t): eos is
+    prepended as GPT-2's start-of-text, so the first word is scored too.
+    gap = LL(a) - LL(b) > 0 means the model finds side a more likely.
+    Returns {"mean_gap", "share_a" (fraction of pairs with gap > 0; 0.5 is balanced),
+    "n", "by_category": {category: the same three}, "pairs": per-pair rows}.
+    Summed log-likelihood favours terms with fewer tokens; a handful of pairs per
+    category is a probe for large effects, not a statistical test.
+    """
+    if pairs is None or isinstance(pairs, (str, os.PathLike)):
+        pairs = load_bias_pairs(pairs)
+    elif isinstance(pairs, (list, tuple)) and pairs:
+        pairs = [_check_pair(p, f"pair {i}") for i, p in enumerate(pairs)]
+    else:
+        raise ValueError("pairs must be None, a JSONL path or a non-empty list of "
+                         "{'category', 'a', 'b'} dicts")
+    start = tokenizer.eos_token_id
+    if start is None:
+        raise ValueError("bias_probe prepends eos as start-of-text; the tokenizer has no eos token")
+    sentences = _encode(tokenizer, [s for p in pairs for s in (p["a"], p["b"])])
+    ll = continuation_logprobs(model, [([start], ids) for ids in sentences], batch_size)
+    rows = [{**p, "ll_a": ll[2 * i], "ll_b": ll[2 * i + 1], "gap": ll[2 * i] - ll[2 * i + 1]}
+            for i, p in enumerate(pairs)]
+    by_category = {c: _gap_summary([r for r in rows if r["category"] == c])
+                   for c in dict.fromkeys(r["category"] for r in rows)}  # first-seen order
+    return {**_gap_summary(rows), "by_category": by_category, "pairs": rows}
+
+
+# ----------------------------------------------------------------------------- tables
+def _width(s: str) -> int:
+    """Terminal columns: wide (CJK, most emoji) characters take 2, combining marks 0."""
+    return sum(0 if unicodedata.combining(c) else
+               2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in s)
+
+
+def _cell(v, max_width: int) -> str:
+    s = f"{v:.4f}" if isinstance(v, float) else str(v)
+    s = s.replace("\n", "\\n")  # keep each row on one line
+    if _width(s) > max_width:
+        while _width(s) > max_width - 1:
+            s = s[:-1]
+        s += "…"
+    return s
+
+
+def format_table(rows, max_width: int = 40) -> str:
+    """Fixed-width table of a list of dicts, a dict of dicts (key becomes the first column)
+    or a flat dict (one "name | value" row per key). Floats get 4 decimals; cells longer
+    than max_width columns are cut with "…"; numbers are right-aligned."""
+    if isinstance(rows, dict):
+        if all(isinstance(v, dict) for v in rows.values()):
+            rows = [{"": k, **v} for k, v in rows.items()]
+        else:
+            rows = [{"name": k, "value": v} for k, v in rows.items()]
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        raise ValueError("format_table needs a non-empty list of dicts or a dict")
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[_cell(r.get(c, ""), max_width) for c in columns] for r in rows]
+    numeric = [all(isinstance(r.get(c), (int, float)) for r in rows) for c in columns]
+    widths = [max(_width(x) for x in [str(c), *col]) for c, col in zip(columns, zip(*cells))]
+
+    def line(values):
+        padded = [(" " * (w - _width(v)) + v) if num else (v + " " * (w - _width(v)))
+                  for v, w, num in zip(values, widths, numeric)]
+        return " | ".join(padded).rstrip()
+
+    rule = "-+-".join("-" * w for w in widths)
+    return "\n".join([line([str(c) for c in columns]), rule, *map(line, cells)])
+
+
+def print_table(rows, max_width: int = 40) -> None:
+    """print(format_table(rows, max_width))."""
+    print(format_table(rows, max_width))
