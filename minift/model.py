@@ -93,7 +93,7 @@ class CausalSelfAttention(nn.Module):
         # mask: None means plain causal over T == P + T keys; else bool (B, 1, T, P + T), True = attend
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attn_pdrop if self.training else 0.0,
-            is_causal=mask is None and past is None and T > 1)
+            is_causal=mask is None and past is None)  # T == 1 included: one key, nothing to hide
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y)), ((k, v) if use_cache else None)
 
@@ -320,6 +320,30 @@ class GPT(nn.Module):
         """Write config.json + model.safetensors in the layout transformers loads."""
         from .checkpoint import save_pretrained
         save_pretrained(self, folder)
+
+
+def compile_blocks(model: nn.Module, dynamic: bool = True, **compile_kwargs) -> nn.Module:
+    """Compile every transformer Block inside `model` (a GPT, or a PEFT wrapper around one)
+    in place with torch.compile, and return `model`. Nothing else changes: the embeddings
+    and the chunked loss stay eager (the loss loops over chunks, which would only unroll).
+
+    One compilation serves all blocks: they run the same `Block.forward` on same-shaped
+    weights, and dynamo passes a module's parameters to the graph as inputs rather than
+    baking them in as constants, so block 0's compiled code passes the guards of blocks
+    1..n-1. `dynamic=True` makes the sequence length (and the batch size) symbolic, so a
+    batch of a new length reuses that code instead of recompiling; only sizes 0 and 1 are
+    specialised by torch (e.g. one-token decoding compiles its own graph). LoRA and adapter
+    layers inside a block are compiled with it (LoRA's op is one autograd.Function with no
+    graph break), prefix key/values and padding masks get their own graph, and
+    `model.gradient_checkpointing` recomputes a block by calling the compiled code again.
+    On CPU inductor emits C++ (a C++ compiler is needed); on CUDA, Triton.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    if not blocks:
+        raise ValueError(f"compile_blocks: no transformer Block found in {type(model).__name__}")
+    for block in blocks:
+        block.compile(dynamic=dynamic, **compile_kwargs)
+    return model
 
 
 def filter_logits(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=None) -> torch.Tensor:
