@@ -58,7 +58,7 @@ def _inference(model):
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Batch-encode without special tokens (works with minift's and Hugging Face's tokenizers)."""
+    """Batch-encode; works with minift's and Hugging Face's tokenizers."""
     return tokenizer(list(texts))["input_ids"] if texts else []
 
 
@@ -71,9 +71,10 @@ def _blocks(text: str, tokenizer, block_size: int) -> list[dict]:
     """Tokenise `text` and cut it into non-overlapping blocks of block_size tokens.
 
     The first token of each block is context only (nothing before it in the block), so
-    a text of N tokens in k blocks has N - k targets. Overlapping windows would score
-    more tokens with more context, at k-fold the cost; non-overlapping is the usual
-    cheap choice. A final block of one token has no target and is dropped.
+    a text of N tokens in k blocks has N - k targets, some with little context. A
+    sliding window would give every token long context, at several times the cost;
+    non-overlapping blocks are the cheap usual choice and give a somewhat higher
+    perplexity. A final block of one token has no target and is dropped.
     """
     if tokenizer is None:
         raise ValueError("perplexity on a text needs a tokenizer")
@@ -110,7 +111,7 @@ def perplexity(model, data_or_text, tokenizer=None, batch_size: int = 8,
     with _inference(model) as device:
         for i in range(0, len(examples), batch_size):
             chunk = collate(examples[i:i + batch_size], pad_token_id=0)  # pads are masked out
-            batch = {k: v.to(device) for k, v in chunk.items()}                # each (B, T)
+            batch = {k: v.to(device) for k, v in chunk.items()}           # each (B, T)
             n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # labels shift by one
             if n == 0:
                 continue  # the loss of a batch without targets is nan
@@ -267,7 +268,8 @@ def _check_records(records) -> None:
     for i, r in enumerate(records):
         if not (isinstance(r, dict) and isinstance(r.get("prompt"), str)
                 and isinstance(r.get("completion"), str)):
-            raise ValueError(f"record {i}: expected {{'prompt': str, 'completion': str}}, got {r!r:.80}")
+            raise ValueError(f"record {i}: expected {{'prompt': str, 'completion': str}}, "
+                             f"got {r!r:.80}")
 
 
 def evaluate_generation(model, tokenizer, records: list[dict], max_new_tokens: int = 32,
@@ -311,9 +313,12 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]],
     with _inference(model) as device:
         for i in range(0, len(examples), batch_size):
             chunk = collate(examples[i:i + batch_size], pad_token_id=0)  # pads are masked out
-            batch = {k: v.to(device) for k, v in chunk.items()}                # each (B, T)
+            batch = {k: v.to(device) for k, v in chunk.items()}           # each (B, T)
+            T = batch["input_ids"].shape[1]
             logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits        # (B, T, V)
+                           attention_mask=batch["attention_mask"]).logits
+            # prompt tuning puts virtual tokens' logits in front (as PEFT): keep the last T
+            logits = logits[:, -T:]                                              # (B, T, V)
             # position t predicts token t + 1; cross_entropy wants classes on dim 1
             nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), batch["labels"][:, 1:],
                                   ignore_index=IGNORE_INDEX, reduction="none")  # (B, T - 1)
@@ -393,10 +398,12 @@ _PAIR_FIELDS = ("category", "a", "b")
 
 def _check_pair(rec, where: str) -> dict:
     if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected an object with {_PAIR_FIELDS}, got {type(rec).__name__}")
+        raise ValueError(f"{where}: expected an object with fields {_PAIR_FIELDS}, "
+                         f"got {type(rec).__name__}")
     for key in _PAIR_FIELDS:
         if not isinstance(rec.get(key), str) or not rec[key].strip():
-            raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {rec.get(key)!r}")
+            raise ValueError(f"{where}: field {key!r} must be a non-empty string, "
+                             f"got {rec.get(key)!r:.80}")
     if rec["a"] == rec["b"]:
         raise ValueError(f"{where}: sentences a and b are identical")
     return {k: rec[k] for k in _PAIR_FIELDS}
@@ -418,7 +425,8 @@ def load_bias_pairs(path: str | os.PathLike | None = None) -> list[dict]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: invalid JSON: {e.msg} (column {e.colno})") from None
+                raise ValueError(f"{path} line {n}: invalid JSON: {e.msg} "
+                                 f"(column {e.colno})") from None
             pairs.append(_check_pair(rec, f"{path} line {n}"))
     if not pairs:
         raise ValueError(f"{path}: no pairs (the file is empty)")

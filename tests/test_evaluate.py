@@ -1,6 +1,7 @@
 """minift.evaluate: metrics against hand-computed values, log-likelihoods against transformers."""
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -114,7 +115,7 @@ def test_perplexity_bad_inputs(tiny):
 # ----------------------------------------------------------------------------- task metrics
 def test_normalisation_is_squad_with_unicode_punctuation():
     assert normalize_tokens("The Cat's  HAT, a (big) one!") == ["cats", "hat", "big", "one"]
-    assert normalize_tokens("北京是首都。") == ["北京是首都"]          # no segmentation of CJK
+    assert normalize_tokens("北京是首都。") == ["北京是首都"]  # no segmentation of CJK
     assert normalize_tokens("¿Qué tal? «Très» bien…") == ["qué", "tal", "très", "bien"]
     assert normalize_tokens("cafe\u0301 🍕!") == ["café", "🍕"]      # NFC; emoji kept
     assert normalize_tokens("An the a") == []
@@ -203,7 +204,8 @@ class ScriptedLM(torch.nn.Module):
 
     def __init__(self, vocab_size, eos, next_token: dict):
         super().__init__()
-        self.config = GPTConfig(vocab_size=vocab_size, n_positions=64, n_layer=1, n_head=1, n_embd=4)
+        self.config = GPTConfig(vocab_size=vocab_size, n_positions=64, n_layer=1, n_head=1,
+                                n_embd=4)
         table = torch.full((vocab_size,), eos)
         for t, nxt in next_token.items():
             table[t] = nxt
@@ -274,10 +276,30 @@ def test_choice_scores_equal_log_likelihoods_from_transformers_logits(tiny):
     got = choice_accuracy(model, tok, items, batch_size=2)
     assert got["accuracy"] == 0.5 and got["n"] == 2 and got["predictions"] == best
     for row, h in zip(got["scores"], hand):
-        assert row == pytest.approx(h, abs=1e-4)
+        assert row == pytest.approx(h, abs=1e-5)
     normed = choice_accuracy(model, tok, items, length_normalize=True)
     for row, h, n in zip(normed["scores"], hand, lengths):
-        assert row == pytest.approx([s / k for s, k in zip(h, n)], abs=1e-4)
+        assert row == pytest.approx([s / k for s, k in zip(h, n)], abs=1e-5)
+
+
+class VirtualTokensInFront(torch.nn.Module):
+    """Returns logits for k extra leading positions, as prompt tuning does."""
+
+    def __init__(self, inner, k):
+        super().__init__()
+        self.inner, self.k, self.config = inner, k, inner.config
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        logits = self.inner(input_ids, attention_mask=attention_mask, **kwargs).logits
+        noise = torch.randn(logits.shape[0], self.k, logits.shape[2])
+        return CausalLMOutput(logits=torch.cat([noise, logits], dim=1))
+
+
+def test_choice_scores_skip_logits_of_virtual_tokens(tiny):
+    model, _, tok = tiny
+    items = [{"context": "The cat", "choices": [" sat", " slept by the door"], "label": 0}]
+    plain = choice_accuracy(model, tok, items)["scores"]
+    assert choice_accuracy(VirtualTokensInFront(model, 3), tok, items)["scores"] == plain
 
 
 def test_choice_accuracy_bad_items(tiny):
@@ -301,7 +323,7 @@ def test_forgetting_report_and_two_model_form(tiny, tmp_path):
     other = GPT.from_pretrained(tmp_path).eval()  # stands in for the fine-tuned model
     text = " ".join(CORPUS[:2])
     got = forgetting(model, other, text, tok, block_size=16)
-    before, after = perplexity(model, text, tok, block_size=16), perplexity(other, text, tok, block_size=16)
+    before, after = (perplexity(m, text, tok, block_size=16) for m in (model, other))
     assert got == forgetting_report(before, after)
     assert got["change"] == after - before and got["ratio"] == after / before
     with pytest.raises(ValueError, match="before must be a positive perplexity"):
@@ -323,16 +345,16 @@ def test_bias_probe_gap_equals_hand_log_likelihood_difference(tiny):
     gaps = [a - b for a, b in hand]
     got = bias_probe(model, tok, pairs, batch_size=4)
     for row, (a, b), gap in zip(got["pairs"], hand, gaps):
-        assert row["ll_a"] == pytest.approx(a, abs=1e-4)
-        assert row["ll_b"] == pytest.approx(b, abs=1e-4)
-        assert row["gap"] == pytest.approx(gap, abs=1e-4)
+        assert row["ll_a"] == pytest.approx(a, abs=1e-5)
+        assert row["ll_b"] == pytest.approx(b, abs=1e-5)
+        assert row["gap"] == pytest.approx(gap, abs=1e-5)
     assert got["n"] == 3
-    assert got["mean_gap"] == pytest.approx(sum(gaps) / 3, abs=1e-4)
+    assert got["mean_gap"] == pytest.approx(sum(gaps) / 3, abs=1e-5)
     assert got["share_a"] == sum(g > 0 for g in gaps) / 3
     assert list(got["by_category"]) == ["gender", "age"]
     gender = got["by_category"]["gender"]
     assert gender["n"] == 2
-    assert gender["mean_gap"] == pytest.approx((gaps[0] + gaps[2]) / 2, abs=1e-4)
+    assert gender["mean_gap"] == pytest.approx((gaps[0] + gaps[2]) / 2, abs=1e-5)
     assert gender["share_a"] == ((gaps[0] > 0) + (gaps[2] > 0)) / 2
 
 
@@ -347,7 +369,7 @@ def test_bias_probe_ties_do_not_count_as_preferring_a(scripted):
 def test_shipped_pairs_are_minimal_pairs(tiny):
     pairs = load_bias_pairs()
     assert len(pairs) == 40
-    counts = {c: sum(p["category"] == c for p in pairs) for c in dict.fromkeys(p["category"] for p in pairs)}
+    counts = Counter(p["category"] for p in pairs)
     assert counts == {"gender": 12, "age": 10, "nationality": 10, "religion": 8}
     for p in pairs:  # the words differ in one short span; the rest of the sentence is shared
         a, b = p["a"].split(), p["b"].split()
