@@ -1,0 +1,302 @@
+"""PeftModel: a GPT plus one adapter, with PEFT's API and PEFT's files.
+
+Layout, as PEFT users type it:
+  LoRA / Houlsby   peft_model.base_model is a LoraModel / AdapterModel and
+                   peft_model.base_model.model is the GPT with the adapter layers swapped in
+                   (peft_model.base_model.model.transformer.h[0].attn.c_attn.lora_A)
+  prompt methods   peft_model.base_model is the GPT itself, untouched, and
+                   peft_model.prompt_encoder the trainable module
+`peft_model.get_base_model()` is the GPT in every case; `peft_model.config` its GPTConfig.
+
+Virtual tokens (prompt tuning, P-tuning) are prepended to the input embeddings; like PEFT,
+minift extends `attention_mask` with ones, `labels` with -100, and returns logits for the
+virtual positions too: (B, n + T, V). Prefix tuning passes its keys/values as
+`past_key_values` (mask extended, logits (B, T, V)). Given `position_ids` are shifted by n
+(PEFT does so for prefix tuning but drops them for prompt tuning; minift keeps them, so a
+left-padded row decodes like an unpadded one). Passing `past_key_values` means "continue a
+cache returned by this model": it already starts with the virtual tokens, so nothing is
+prepended again; that is how `generate` reuses the KV cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..checkpoint import atomic_write_json
+from ..model import CausalLMOutput, generate
+from .adapters import AdapterConfig, AdapterModel
+from .config import AdapterFileNotFoundError, PeftError, config_from_dict, config_to_dict
+from .lora import LoraConfig, LoraModel
+from .prompts import (PROMPT_CONFIGS, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
+                      build_prompt_encoder, fit_to_model, prefix_key_values)
+
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+CONFIGS = {c.peft_type: c for c in (LoraConfig, AdapterConfig, *PROMPT_CONFIGS)}
+PREFIX = "base_model.model."  # PEFT's key prefix for LoRA-style adapter tensors
+
+
+class PeftModel(nn.Module):
+    def __init__(self, model: nn.Module, peft_config):
+        """Freeze `model`, add the adapter `peft_config` describes, make only it trainable
+        (nothing when config.inference_mode). `model` is changed in place, as in PEFT."""
+        super().__init__()
+        if not isinstance(peft_config, tuple(CONFIGS.values())):
+            raise PeftError(f"unsupported config type {type(peft_config).__name__}")
+        # Every check (targets exist, shapes fit) runs before the model is touched.
+        if isinstance(peft_config, PROMPT_CONFIGS):
+            peft_config = fit_to_model(peft_config, model.config)
+        if isinstance(peft_config, LoraConfig):
+            self.base_model = LoraModel(model, peft_config)
+        elif isinstance(peft_config, AdapterConfig):
+            self.base_model = AdapterModel(model, peft_config)
+        else:
+            self.base_model = model
+            self.prompt_encoder = build_prompt_encoder(peft_config, model)
+        self.peft_config = peft_config
+        self.set_adapter_trainable(not peft_config.inference_mode)  # freezes the base model
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def is_prompt_learning(self) -> bool:
+        return isinstance(self.peft_config, PROMPT_CONFIGS)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model if self.is_prompt_learning else self.base_model.model
+
+    @property
+    def config(self):
+        return self.get_base_model().config
+
+    @property
+    def device(self) -> torch.device:
+        return self.get_base_model().device
+
+    def is_adapter_parameter(self, name: str) -> bool:
+        """Is `name` (a PeftModel parameter name) part of the adapter: trained and saved."""
+        if self.is_prompt_learning:
+            return name.startswith("prompt_encoder.")
+        return name.startswith(PREFIX) and self.base_model.is_adapter_parameter(name[len(PREFIX):])
+
+    def set_adapter_trainable(self, trainable: bool = True) -> None:
+        for name, p in self.named_parameters():
+            p.requires_grad_(trainable and self.is_adapter_parameter(name))
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        params = list(self.parameters())  # tied lm_head / wte counted once, as in PEFT
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        trainable, total = self.get_nb_trainable_parameters()
+        return trainable if trainable_only else total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ forward and generate
+    def get_prompt(self, batch_size: int):
+        """The virtual tokens: input embeddings (B, n, C), or prefix keys/values per layer."""
+        values = self.prompt_encoder()                      # (n, C) or (n, L * 2 * C)
+        dtype = self.get_base_model().transformer.wte.weight.dtype
+        values = values.to(dtype)
+        if isinstance(self.peft_config, PrefixTuningConfig):
+            return prefix_key_values(values, batch_size, self.config.n_layer, self.config.n_head)
+        return values[None].expand(batch_size, -1, -1)      # (B, n, C)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None,
+                position_ids=None, past_key_values=None, use_cache=False,
+                return_logits=True) -> CausalLMOutput:
+        """GPT's forward with the adapter active; see the module docstring for virtual tokens."""
+        model = self.get_base_model()
+        if not self.is_prompt_learning:
+            return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                         inputs_embeds=inputs_embeds, position_ids=position_ids,
+                         past_key_values=past_key_values, use_cache=use_cache,
+                         return_logits=return_logits)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        ref = input_ids if input_ids is not None else inputs_embeds
+        B, n, device = ref.shape[0], self.peft_config.num_virtual_tokens, ref.device
+        if attention_mask is not None:                      # (B, P + T) -> (B, n + P + T)
+            ones = torch.ones(B, n, dtype=attention_mask.dtype, device=device)
+            attention_mask = torch.cat([ones, attention_mask], dim=1)
+        if position_ids is not None:
+            position_ids = position_ids + n
+        if past_key_values is None and isinstance(self.peft_config, PrefixTuningConfig):
+            past_key_values = self.get_prompt(B)            # L pairs of (B, nh, n, hs)
+        elif past_key_values is None:                       # prepend n input embeddings
+            if inputs_embeds is None:
+                inputs_embeds = model.transformer.wte(input_ids)
+            inputs_embeds = torch.cat([self.get_prompt(B).to(inputs_embeds.dtype), inputs_embeds], 1)
+            input_ids = None
+            if labels is not None:                          # virtual tokens are never targets
+                labels = torch.cat([torch.full((B, n), -100, dtype=labels.dtype,
+                                               device=labels.device), labels], dim=1)
+            if position_ids is not None:
+                virtual = torch.arange(n, device=device).expand(position_ids.shape[0], n)
+                position_ids = torch.cat([virtual, position_ids], dim=1)
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                     inputs_embeds=inputs_embeds, position_ids=position_ids,
+                     past_key_values=past_key_values, use_cache=use_cache,
+                     return_logits=return_logits)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens=20, do_sample=False, temperature=1.0,
+                 top_k=None, top_p=None, eos_token_id=None, attention_mask=None,
+                 pad_token_id=None, use_cache=True, generator=None, seed=None):
+        """GPT.generate with the adapter active: returns (B, T + new) ids, prompt included
+        and virtual tokens not."""
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_token_id=eos_token_id, attention_mask=attention_mask,
+                        pad_token_id=pad_token_id, use_cache=use_cache, generator=generator,
+                        seed=seed)
+
+    # ------------------------------------------------------------------ LoRA merging
+    def _lora(self) -> LoraModel:
+        if not isinstance(self.base_model, LoraModel):
+            raise PeftError(f"merging needs a LoRA adapter; this is {self.peft_config.peft_type}")
+        return self.base_model
+
+    def merge(self) -> None:
+        """Fold B A into the base weights (an explicit call, never a side effect)."""
+        self._lora().merge()
+
+    def unmerge(self) -> None:
+        """Restore the base weights exactly (merge keeps a copy of them)."""
+        self._lora().unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """The plain GPT with LoRA merged into its weights; this PeftModel is spent."""
+        return self._lora().merge_and_unload()
+
+    def unload(self) -> nn.Module:
+        """The GPT without the adapter layers (not merged); this PeftModel is spent."""
+        return self.base_model if self.is_prompt_learning else self.base_model.unload()
+
+    # ------------------------------------------------------------------ files
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """What adapter_model.safetensors holds, under PEFT's key names."""
+        if self.is_prompt_learning:  # the final virtual tokens only, as PEFT
+            with torch.no_grad():
+                return {"prompt_embeddings": self.prompt_encoder().detach()}
+        return {n: p.detach() for n, p in self.named_parameters() if self.is_adapter_parameter(n)}
+
+    def save_pretrained(self, save_directory) -> None:
+        """Write adapter_config.json + adapter_model.safetensors, PEFT's format."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        tmp = folder / (WEIGHTS_NAME + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, folder / WEIGHTS_NAME)
+        atomic_write_json(folder / CONFIG_NAME, config_to_dict(self.peft_config))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id, is_trainable: bool = False,
+                        subfolder: str | None = None) -> PeftModel:
+        """Load an adapter folder saved by minift or PEFT onto `model`. On any error the model
+        is left as it was. is_trainable=True continues training the loaded values (for the
+        virtual-token methods: the saved tokens themselves; encoders are not saved)."""
+        folder = adapter_folder(model_id, subfolder)
+        config = load_adapter_config(folder)
+        tensors = load_adapter_tensors(folder)
+        config.inference_mode = True      # a loaded prompt is the saved form (see prompts.py)
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        peft_model = cls(model, config)
+        try:
+            peft_model.load_adapter_state_dict(tensors, str(folder / WEIGHTS_NAME))
+        except Exception:
+            peft_model.unload()
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            raise
+        peft_model.peft_config.inference_mode = not is_trainable
+        peft_model.set_adapter_trainable(is_trainable)
+        return peft_model
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source="state dict"):
+        """Copy adapter tensors in; every key and shape is checked before anything is copied."""
+        if self.is_prompt_learning:
+            targets = {"prompt_embeddings": self.prompt_encoder.embedding.weight}
+        else:
+            targets = {n: p for n, p in self.named_parameters() if self.is_adapter_parameter(n)}
+        for key, t in tensors.items():
+            if key not in targets:
+                raise PeftError(f"{source}: unexpected key {key!r}; it is not a parameter of this "
+                                f"{self.peft_config.peft_type} adapter on this model")
+            if tuple(t.shape) != tuple(targets[key].shape):
+                raise PeftError(f"{source}: key {key!r} has shape {tuple(t.shape)} but the model "
+                                f"expects {tuple(targets[key].shape)}")
+        missing = sorted(set(targets) - set(tensors))
+        if missing:
+            raise PeftError(f"{source}: missing {len(missing)} adapter tensors, e.g. {missing[0]!r}")
+        for key, t in tensors.items():
+            targets[key].copy_(t)
+
+
+def get_peft_model(model: nn.Module, peft_config) -> PeftModel:
+    """PEFT's entry point: freeze `model`, add the adapter, return the PeftModel."""
+    return PeftModel(model, peft_config)
+
+
+# ---------------------------------------------------------------------- reading adapter folders
+def _inside(folder: Path, name: str) -> Path:
+    """folder / name, refusing anything (.., absolute paths, symlinks) that leads outside."""
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise PeftError(f"{path} leads outside the adapter folder {folder}; refusing to read it")
+    return path
+
+
+def adapter_folder(model_id, subfolder=None) -> Path:
+    folder = Path(model_id).expanduser()
+    if subfolder:
+        folder = _inside(folder, subfolder)
+    if not folder.is_dir():
+        raise AdapterFileNotFoundError(f"{folder}: no such adapter folder (minift reads local "
+                                       "folders holding adapter_config.json)")
+    return folder
+
+
+def load_adapter_config(folder: Path):
+    """adapter_config.json -> the config dataclass its peft_type names."""
+    path = _inside(folder, CONFIG_NAME)
+    if not path.is_file():
+        raise AdapterFileNotFoundError(f"{path}: missing; an adapter folder holds {CONFIG_NAME} "
+                                       f"and {WEIGHTS_NAME}")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeftError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict) or d.get("peft_type") not in CONFIGS:
+        got = d.get("peft_type") if isinstance(d, dict) else None
+        raise PeftError(f"{path}: unknown peft_type {got!r}; minift loads {sorted(CONFIGS)}")
+    return config_from_dict(CONFIGS[d["peft_type"]], d, str(path))
+
+
+def load_adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors -> tensors. Pickled .bin files are refused, never opened."""
+    path = _inside(folder, WEIGHTS_NAME)
+    if not path.is_file():
+        pickles = [n for n in PICKLE_NAMES if (folder / n).exists()]
+        if pickles:
+            raise PeftError(f"{folder}: only {pickles[0]} found, a pickle that could run code; "
+                            "minift reads adapter_model.safetensors only. Re-save it with PEFT: "
+                            "PeftModel.from_pretrained(...).save_pretrained(dir)")
+        raise AdapterFileNotFoundError(f"{path}: missing; an adapter folder holds {CONFIG_NAME} "
+                                       f"and {WEIGHTS_NAME}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # a truncated or foreign file: name it
+        raise PeftError(f"{path}: not a readable safetensors file ({e})") from None

@@ -1,0 +1,74 @@
+"""Shared by the test_peft_*.py files: minift and PEFT models with equal adapter values."""
+import warnings
+
+import torch
+
+from minift import GPT
+from minift.peft import get_peft_model
+
+ATOL = 1e-5
+
+
+def hf_model(folder):
+    from transformers import GPT2LMHeadModel
+    return GPT2LMHeadModel.from_pretrained(folder).eval()
+
+
+def peft_params(peft_model) -> dict:
+    """PEFT's parameters under minift's names: PEFT's only difference is the adapter name."""
+    return {n.replace(".default.", "."): p for n, p in peft_model.named_parameters()}
+
+
+def pair(folder, minift_config, peft_config, seed=0, scale=0.3):
+    """(minift PeftModel, PEFT PeftModel) on the same checkpoint, every adapter parameter set
+    to the same random values (so LoRA's zero B does not hide a wrong formula)."""
+    import peft
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # PEFT warns that GPT-2's Conv1D needs fan_in_fan_out
+        theirs = peft.get_peft_model(hf_model(folder), peft_config)
+    ours = get_peft_model(GPT.from_pretrained(folder), minift_config)
+    copy_random_adapter(ours, theirs, seed, scale)
+    return ours, theirs
+
+
+@torch.no_grad()
+def copy_random_adapter(ours, theirs, seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    other = {n: p for n, p in peft_params(theirs).items() if p.requires_grad}
+    assert sorted(mine) == sorted(other)          # same trainable names, PEFT's names
+    for n, p in mine.items():
+        v = torch.randn(p.shape, generator=g) * scale
+        p.copy_(v)
+        other[n].copy_(v)
+
+
+def batch(B=2, T=7, V=97, seed=0):
+    """ids (B, T), a left-padded mask (row 0 starts with 2 pads) and labels with -100 there."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def assert_close(a, b, atol=ATOL):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    diff = (a.float() - b.float()).abs().max().item()
+    assert diff <= atol, diff
+
+
+def train_steps(model, ids, steps=3, lr=1e-2):
+    """A few AdamW steps on the LM loss; returns the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
