@@ -471,11 +471,13 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 RUN_FILES = ("run.json", "metrics.jsonl", "checkpoints", "best")
 
 
-def _prepare_output_dir(out: Path, config: TrainConfig, rank: int) -> None:
-    has_run = any((out / f).exists() for f in RUN_FILES)
-    if has_run and not (config.resume or config.overwrite):
+def _check_output_dir(out: Path, config: TrainConfig) -> None:
+    if any((out / f).exists() for f in RUN_FILES) and not (config.resume or config.overwrite):
         raise ValueError(f"{out} already holds a training run; pass resume=True to continue it "
                          "or overwrite=True to start again (this deletes its checkpoints)")
+
+
+def _prepare_output_dir(out: Path, config: TrainConfig, rank: int) -> None:
     if rank == 0:
         if config.overwrite:
             for f in RUN_FILES:
@@ -782,9 +784,10 @@ def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | Non
     max_length = config.max_length or getattr(getattr(model, "config", None), "n_positions", None)
     try:
         if out is not None:
+            _check_output_dir(out, config)
+            if world > 1:
+                dist.barrier()   # every rank has checked the folder before rank 0 writes to it
             _prepare_output_dir(out, config, rank)
-        if world > 1:
-            dist.barrier()   # every rank has checked the folder before rank 0 writes to it
         model.to(device)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
