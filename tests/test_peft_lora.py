@@ -112,7 +112,7 @@ def test_merge_refuses_tied_lm_head_and_other_methods(hf_tiny):
     with pytest.raises(PeftError, match="lm_head"):
         model.merge()
     prompt = get_peft_model(GPT.from_pretrained(folder), PromptTuningConfig(num_virtual_tokens=2))
-    with pytest.raises(PeftError, match="LoRA"):
+    with pytest.raises(PeftError, match="PROMPT_TUNING cannot be merged"):
         prompt.merge_and_unload()
 
 

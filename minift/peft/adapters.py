@@ -16,6 +16,8 @@ its residual dropout to that output, so here it is dropout(adapter(c_proj(x))), 
 Houlsby's BERT code applies adapter(dropout(proj(x))). The two are identical in eval mode;
 in training the dropout mask here also covers the adapter's contribution.
 
+Adapter weights take the base model's dtype, like the LayerNorms trained with them.
+
 This is not a PEFT method: files use PEFT's two-file layout with peft_type "HOULSBY_ADAPTER",
 loadable by minift only.
 """
@@ -131,7 +133,3 @@ class AdapterModel(nn.Module):
             if isinstance(m, LinearWithAdapter):
                 swap_module(self.model, name, m.base_layer)
         return self.model
-
-    def merge_and_unload(self):
-        raise PeftError("bottleneck adapters are non-linear (h + up(act(down(h)))) and cannot be "
-                        "merged into the base weights; use LoRA for a mergeable adapter")

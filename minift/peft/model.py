@@ -163,7 +163,8 @@ class PeftModel(nn.Module):
     # ------------------------------------------------------------------ LoRA merging
     def _lora(self) -> LoraModel:
         if not isinstance(self.base_model, LoraModel):
-            raise PeftError(f"merging needs a LoRA adapter; this is {self.peft_config.peft_type}")
+            raise PeftError(f"{self.peft_config.peft_type} cannot be merged into the base weights "
+                            "(adapters are non-linear, prompts add tokens); only LoRA merges")
         return self.base_model
 
     def merge(self) -> None:
