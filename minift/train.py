@@ -55,7 +55,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data import IGNORE_INDEX, DataError, collate, shuffled_batches
-from .model import GPT, MLP, CausalSelfAttention
+from .model import GPT, MLP, CausalSelfAttention, compile_blocks
 from .optim import (AdamW, build_param_groups, get_constant_schedule_with_warmup,
                     get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup)
 from .regularize import EWC, GradualUnfreezing
@@ -104,7 +104,7 @@ class TrainConfig:
     unfreeze_every: int | None = None  # gradual unfreezing: one more block every N steps (ULMFiT §3.3)
     layer_decay: float | None = None  # discriminative lr: lr * layer_decay**depth (ULMFiT §3.2)
     # -- speed and memory
-    compile: bool = False             # torch.compile the blocks (see compile_model)
+    compile: bool = False             # torch.compile the blocks in place (model.compile_blocks)
     gradient_checkpointing: bool = False  # recompute activations in backward (sets model.gradient_checkpointing)
     device: str | None = None         # None: CUDA if available (cuda:LOCAL_RANK under torchrun), else CPU
     bf16: bool | None = None          # bf16 autocast; None = on for CUDA devices that support it
@@ -247,17 +247,6 @@ def restore_dropout(model: nn.Module, previous: dict[str, float]) -> None:
             module.attn_pdrop = p
         else:
             getattr(module, attr).p = p
-
-
-def compile_model(model: nn.Module) -> None:
-    """The hook TrainConfig.compile calls (issue 5): compile the transformer blocks in place
-    with `minift.model.compile_blocks`."""
-    try:
-        from .model import compile_blocks
-    except ImportError:
-        raise NotImplementedError("TrainConfig.compile=True needs minift.model.compile_blocks, "
-                                  "which this version does not have") from None
-    compile_blocks(model)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -494,14 +483,18 @@ def _prepare_output_dir(out: Path, config: TrainConfig, rank: int) -> None:
 # ----------------------------------------------------------------------------- signals, progress
 class _StopSignals:
     """While active, SIGINT/SIGTERM only set `self.signum`; training checks it after each
-    step. A second signal aborts at once. The previous handlers come back on exit."""
+    step. A second SIGINT (Ctrl-C twice) aborts at once; further SIGTERMs are ignored
+    (torchrun forwards a SIGTERM after the terminal's SIGINT; a scheduler that loses
+    patience sends SIGKILL anyway). The previous handlers come back on exit."""
 
     def __init__(self, say: Callable[[str], None]):
         self.signum, self.say, self.previous = None, say, {}
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without a checkpoint")
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt("second SIGINT: aborting without a checkpoint")
+            return
         self.signum = signum
         self.say(f"\n{signal.Signals(signum).name} received: finishing this step and writing a "
                  "checkpoint (send it again to abort at once)")
@@ -601,22 +594,24 @@ class _Run:
     def _weights(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().contiguous() for n, p in self.trainable}
 
-    def save(self) -> Path | None:
+    def save(self) -> None:
         step = self.result.step
         if self.out is None or self.last_saved == step:
-            return None
+            return
         self.last_saved = step
-        final = self.out / "checkpoints" / f"step-{step:06d}"
         if self.rank != 0:
-            return final
+            return
+        # train() draws its own randomness from per-micro-batch seeds (inside fork_rng), so
+        # it needs no RNG state; the process's RNG states are saved and restored so that a
+        # resumed process continues the caller's random streams as an uninterrupted one would.
         state = {"step": step, "epoch": self.epoch, "batch": self.batch,
                  "early_stopping": self.es.state_dict(), "result": asdict(self.result),
-                 "python_rng": _python_rng_to_json(random.getstate()),
+                 "python_rng": random.getstate(),   # (version, tuple of ints, gauss): JSON-able
                  "world_size": _rank_world()[1], "config": asdict(self.config)}
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        write_checkpoint_dir(final, {
+        write_checkpoint_dir(self.out / "checkpoints" / f"step-{step:06d}", {
             "trainable.safetensors": lambda p: save_file(self._weights(), str(p)),
             "optimizer.pt": lambda p: torch.save({"optimizer": self.optimizer.state_dict(),
                                                   "scheduler": self.scheduler.state_dict()}, p),
@@ -625,7 +620,6 @@ class _Run:
         })
         for old in list_checkpoints(self.out)[:-self.config.keep_last]:
             shutil.rmtree(old)
-        return final
 
     def save_best(self, val_loss: float) -> None:
         if self.config.restore_best:
@@ -643,8 +637,6 @@ class _Run:
         for folder in reversed(list_checkpoints(self.out)):
             problem = verify_checkpoint_dir(folder)
             if problem is None:
-                if damaged:
-                    self.progress.say(f"resuming from {folder} instead")
                 return self._load(folder)
             damaged.append(folder)
             self.progress.say(f"checkpoint {folder} is damaged: {problem}")
@@ -665,7 +657,11 @@ class _Run:
             for n, p in self.trainable:
                 p.copy_(weights[n])
         saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(saved["optimizer"])
+        try:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except ValueError as e:  # e.g. other parameter groups (layer_decay changed)
+            raise ValueError(f"{folder / 'optimizer.pt'}: {e}; resume with the same model, "
+                             "strategy and optimizer options") from None
         self.scheduler.load_state_dict(saved["scheduler"])
         rng = load_file(str(folder / "rng.safetensors"))
         torch.set_rng_state(rng["torch"])
@@ -673,7 +669,8 @@ class _Run:
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        random.setstate(_python_rng_from_json(state["python_rng"]))
+        version, internal, gauss = state["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
         self.epoch, self.batch = state["epoch"], state["batch"]
         self.es.load_state_dict(state["early_stopping"])
         self.result = TrainResult(**{**state["result"], "stopped": ""})  # set by this run
@@ -719,15 +716,6 @@ class _Run:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
         os.replace(tmp, path)
-
-
-def _python_rng_to_json(state):
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _python_rng_from_json(state):
-    return state[0], tuple(state[1]), state[2]
 
 
 def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | None = None, *,
@@ -797,8 +785,8 @@ def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | Non
         if config.gradient_checkpointing:
             for m in gpts:
                 m.gradient_checkpointing = True
-        if config.compile:
-            compile_model(model)
+        if config.compile:   # in place and lasting: the blocks stay compiled after train()
+            compile_blocks(model)
         ewc = None
         if config.ewc_lambda > 0:  # Fisher at the starting weights, before any checkpoint loads
             with autocast():
@@ -844,15 +832,13 @@ def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | Non
 
 def _loop(run: _Run, train_data, val_data, n_steps, ewc, unfreezing, autocast, signals,
           callback, device, max_length, world) -> None:
-    config, model, optimizer, scheduler, result = (run.config, run.model, run.optimizer,
-                                                   run.scheduler, run.result)
-    rank = run.rank
+    config, model, optimizer, result = run.config, run.model, run.optimizer, run.result
     per_step = config.gradient_accumulation_steps * world
     stream = micro_batch_stream(train_data, config.batch_size, config.seed, run.epoch, run.batch,
                                 None if config.max_steps is not None else config.epochs)
     save_every = config.save_every or config.eval_every
+    batches_per_epoch = math.ceil(len(train_data) / config.batch_size)
     eval_batch = config.eval_batch_size or config.batch_size
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
     t_start, steps_here = time.perf_counter(), 0
     window_tokens, window_start = 0, t_start      # throughput since the last log line
     if result.step >= n_steps or run.es.early_stop:   # a finished run was resumed
@@ -870,54 +856,10 @@ def _loop(run: _Run, train_data, val_data, n_steps, ewc, unfreezing, autocast, s
             result.stopped = "epochs"
             break
         run.epoch, run.batch = chunk[-1][0], chunk[-1][1] + 1
-        # this rank's share: micro-batches rank, rank + world, ... of the step
-        mine = chunk[rank::world]
-        batches = [_to(collate(ex, config.pad_token_id, max_length), device) for _, _, ex in mine]
-        counts = torch.tensor([sum(count_targets(b) for b in batches),
-                               sum(int(b["attention_mask"].sum()) for b in batches)],
-                              dtype=torch.float64, device=device)
-        if world > 1:
-            dist.all_reduce(counts)
-        n_targets, n_tokens = int(counts[0]), int(counts[1])
-
-        params = [p for _, p in run.trainable if p.requires_grad]
-        with torch.random.fork_rng(devices=fork_devices):
-            seeds = [_microbatch_seed(config.seed, step, j) for j in range(rank, len(chunk), world)]
-            sums = accumulate_gradients(model, batches, max(n_targets, 1), autocast, seeds)
-        # summed loss and "stop requested" of all processes, so all take the same decisions
-        shared = torch.tensor([float(sums.sum()), float(signals.signum is not None)],
-                              dtype=torch.float64, device=device)
-        if world > 1:
-            dist.all_reduce(shared)
-            _reduce_gradients(params)
-        loss = shared[0].item() / max(n_targets, 1)
-        stop_requested = shared[1].item() > 0
-
-        penalty = 0.0
-        if ewc is not None:  # after the reduction, so every process adds it exactly once
-            pen = ewc.penalty(model)
-            pen.backward()
-            penalty = pen.item()
-
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()
-                if grads else 0.0)
-        problem = _nonfinite_problem(step, loss, norm, sums, mine, params, run)
-        if problem:
-            if config.nonfinite == "stop":
-                raise NonFiniteError(problem + f"; {_last_checkpoint_hint(run)} "
-                                     "(nonfinite='skip' skips such steps instead)")
-            run.progress.say(problem + "; skipping this step (nonfinite='skip')")
-            result.skipped_steps.append(step)
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            coef = config.max_grad_norm / (norm + 1e-6) if config.max_grad_norm else 1.0
-            if coef < 1.0:  # the same rule as torch.nn.utils.clip_grad_norm_
-                torch._foreach_mul_(grads, coef)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        loss, norm, penalty, n_tokens, stop_requested = _train_step(
+            run, step, chunk, ewc, autocast, signals, device, max_length, world)
         lr = max(g["lr"] for g in optimizer.param_groups)   # the top group's: lr * schedule
-        scheduler.step()
+        run.scheduler.step()
         result.step = step
         result.train_loss.append(loss)
         steps_here += 1
@@ -928,7 +870,8 @@ def _loop(run: _Run, train_data, val_data, n_steps, ewc, unfreezing, autocast, s
         tokens_per_s = window_tokens / max(now - window_start, 1e-9)
         eta = (now - t_start) / steps_here * (n_steps - step)
         run.progress.update(step, loss, lr, tokens_per_s, eta)
-        record = {"step": step, "epoch": run.epoch, "loss": loss, "lr": lr, "grad_norm": norm}
+        epoch = run.epoch + run.batch / batches_per_epoch   # fractional: 1.5 = half-way through epoch 2
+        record = {"step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr, "grad_norm": norm}
         if ewc is not None:
             record["ewc_penalty"] = penalty
         if step % config.log_every == 0 or step == n_steps:
@@ -941,7 +884,7 @@ def _loop(run: _Run, train_data, val_data, n_steps, ewc, unfreezing, autocast, s
         evaluated = val_data is not None and (step % config.eval_every == 0 or step == n_steps)
         if evaluated:
             val_loss = evaluate_loss(model, val_data, eval_batch, config.pad_token_id, max_length,
-                                     autocast, rank, world)
+                                     autocast, run.rank, world)
             run.es(val_loss)
             result.evals.append({"step": step, "val_loss": val_loss})
             if run.es.improved:
@@ -972,6 +915,60 @@ def _loop(run: _Run, train_data, val_data, n_steps, ewc, unfreezing, autocast, s
             break
     else:
         result.stopped = "max_steps" if config.max_steps is not None else "epochs"
+    run.save()   # no-op if this step is saved already
+
+
+def _train_step(run: _Run, step, chunk, ewc, autocast, signals, device, max_length, world):
+    """One optimizer step on `chunk`, the step's micro-batches [(epoch, index, examples)]:
+    forward/backward with token-count normalisation, gradient reduction across processes,
+    EWC, the non-finite guard, clipping and the AdamW update. The scheduler is left to
+    the caller. Returns (loss, grad norm, EWC penalty, input tokens, stop requested)."""
+    config, model, optimizer = run.config, run.model, run.optimizer
+    mine = chunk[run.rank::world]          # this process's share: micro-batches rank, rank + world, ...
+    batches = [_to(collate(ex, config.pad_token_id, max_length), device) for _, _, ex in mine]
+    counts = torch.tensor([sum(count_targets(b) for b in batches),
+                           sum(int(b["attention_mask"].sum()) for b in batches)],
+                          dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(counts)
+    n_targets, n_tokens = int(counts[0]), int(counts[1])
+
+    params = [p for _, p in run.trainable if p.requires_grad]
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):   # the caller's RNG is left as it was
+        seeds = [_microbatch_seed(config.seed, step, j) for j in range(run.rank, len(chunk), world)]
+        sums = accumulate_gradients(model, batches, max(n_targets, 1), autocast, seeds)
+    # summed loss and "stop requested" of all processes, so all take the same decisions
+    shared = torch.tensor([float(sums.sum()), float(signals.signum is not None)],
+                          dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(shared)
+        _reduce_gradients(params)
+    loss = shared[0].item() / max(n_targets, 1)
+
+    penalty = 0.0
+    if ewc is not None:  # after the reduction, so it is added exactly once
+        pen = ewc.penalty(model)
+        pen.backward()
+        penalty = pen.item()
+
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()
+            if grads else 0.0)                                  # global L2 norm
+    problem = _nonfinite_problem(step, loss, norm, sums, mine, params, run)
+    if problem and config.nonfinite == "stop":
+        raise NonFiniteError(f"{problem}; {_last_checkpoint_hint(run)} "
+                             "(nonfinite='skip' skips such steps instead)")
+    if problem:
+        run.progress.say(problem + "; skipping this step (nonfinite='skip')")
+        run.result.skipped_steps.append(step)
+    else:
+        coef = config.max_grad_norm / (norm + 1e-6) if config.max_grad_norm else 1.0
+        if coef < 1.0:  # the same rule as torch.nn.utils.clip_grad_norm_
+            torch._foreach_mul_(grads, coef)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, norm, penalty, n_tokens, shared[1].item() > 0
 
 
 def _nonfinite_problem(step, loss, norm, sums, mine, params, run) -> str | None:

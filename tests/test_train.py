@@ -4,7 +4,6 @@ schedule wiring, early stopping, resume, checkpoints, signals, non-finite guards
 Run as a script (`python tests/test_train.py OUT STEPS KILL_AT`), this file is the worker
 that the SIGKILL test starts in a subprocess.
 """
-import copy
 import gc
 import io
 import json
@@ -13,7 +12,6 @@ import random
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -315,6 +313,18 @@ def test_signal_finishes_the_step_checkpoints_and_resumes(tmp_path, signum):
     assert max_diff(weights(straight), weights(resumed)) <= 1e-7
 
 
+def test_second_sigint_aborts_at_once_and_extra_sigterms_are_ignored():
+    from minift.train import _StopSignals
+    said = []
+    with _StopSignals(said.append) as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)            # e.g. torchrun forwarding: ignored
+        assert signals.signum == signal.SIGTERM and len(said) == 1
+        with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 class PoisonedLoss(torch.nn.Module):
     """GPT whose loss is nan on any batch holding token `poison` (a NaN injected in data)."""
 
@@ -429,6 +439,26 @@ def test_partial_fine_tuning_trains_only_the_trainable_subset(tmp_path):
     saved = load_file(str(tmp_path / "checkpoints" / "step-000003" / "trainable.safetensors"))
     assert set(saved) == {n for n in before if n.startswith("transformer.h.1.")}
     assert all(torch.equal(saved[n], after[n]) for n in saved)
+
+
+def test_lora_model_trains_only_adapters_and_resumes_exactly(tmp_path):
+    from minift.peft import LoraConfig, TaskType, get_peft_model
+
+    def lora_model():
+        return get_peft_model(tiny_model(dropout=0.1),
+                              LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8,
+                                         lora_dropout=0.1))
+    data = pattern_data(12, seed=24)
+    conf = dict(max_steps=8, save_every=4, lr=1e-2, output_dir=str(tmp_path))
+    straight, part, resumed = lora_model(), lora_model(), lora_model()
+    before = weights(straight)
+    train(straight, data, config=cfg(**{**conf, "output_dir": None}))
+    after = weights(straight)
+    for n in before:
+        assert torch.equal(before[n], after[n]) != ("lora_" in n), n   # only LoRA moves
+    train(part, data, config=cfg(**conf), callback=stop_at(4))
+    train(resumed, data, config=cfg(**conf, resume=True))
+    assert max_diff(after, weights(resumed)) <= 1e-7
 
 
 def test_dropout_override_and_gradient_checkpointing_are_explicit_and_restored():
