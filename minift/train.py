@@ -19,6 +19,17 @@ under its own seeded RNG (`torch.random.fork_rng`, so the caller's RNG is untouc
 A resumed run, or N processes versus one with N times the accumulation, therefore
 computes the same numbers, dropout included.
 
+Data-parallel (under torchrun, WORLD_SIZE > 1): process r takes micro-batches r, r + world,
+... of each step; the target count and summed loss are all-reduced, and the gradients of
+the trainable parameters are summed by one all_reduce over a flat buffer. There is no DDP
+wrapper, so frozen parameters and a trainable set that changes (gradual unfreezing) need
+no special care; the price is no overlap of communication with the backward pass. Every
+rank reads a checkpoint on resume, so output_dir must be on a filesystem all ranks see.
+
+SIGINT / SIGTERM finish the current step, write a checkpoint and raise TrainingInterrupted
+(exit_code 130 / 143). A nan/inf loss or gradient raises NonFiniteError naming the step
+and the batch or parameter (nonfinite="skip" drops that step instead).
+
 Files in `output_dir` (rank 0 writes, other ranks only read):
     run.json                  the config of the run (marks the folder as a run)
     metrics.jsonl             one JSON object per log / eval event
@@ -73,16 +84,16 @@ class TrainConfig:
     seed: int = 0                     # data order and dropout masks
     # -- how long
     max_steps: int | None = None      # optimizer steps; when set, `epochs` is ignored
-    epochs: int = 1
+    epochs: int = 1                   # passes over train_data when max_steps is None
     # -- batches
     batch_size: int = 8               # examples per micro-batch, per process
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, per process
     max_length: int | None = None     # truncate examples; None = the model's n_positions
     pad_token_id: int = 0             # any valid id: padding is masked out and has label -100
     # -- optimizer (AdamW, Loshchilov & Hutter 2019) and learning-rate schedule
-    lr: float = 5e-5
+    lr: float = 5e-5                  # full fine-tuning of GPT-2; LoRA / prompts want ~1e-3
     weight_decay: float = 0.01        # decoupled; never on biases, LayerNorm or embeddings
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # Adam's defaults (Kingma & Ba 2015)
     adam_eps: float = 1e-8
     max_grad_norm: float | None = 1.0  # clip the global L2 norm of the gradient; None = off
     schedule: str = "linear"          # after warmup: "linear" or "cosine" decay to 0, or "constant"
@@ -91,22 +102,23 @@ class TrainConfig:
     # -- evaluation and early stopping (needs val_data)
     eval_every: int = 100             # steps between evaluations; the last step is always evaluated
     eval_batch_size: int | None = None  # None = batch_size
-    patience: int | None = None       # stop after this many evaluations without improvement; None = never
+    patience: int | None = None       # stop after this many evaluations without improvement
     min_delta: float = 0.0            # an improvement must lower the val loss by more than this
     restore_best: bool = False        # end with the trainable weights of the best evaluation
     # -- logging and checkpoints
-    log_every: int = 10               # steps between metrics.jsonl lines (and progress lines off a TTY)
+    log_every: int = 10               # steps between metrics.jsonl lines (stderr lines off a TTY)
     save_every: int | None = None     # steps between checkpoints; None = eval_every
     keep_last: int = 3                # checkpoints kept (older ones deleted); best/ is kept apart
-    nonfinite: str = "stop"           # on a nan/inf loss or gradient: "stop" (raise) or "skip" the step
+    nonfinite: str = "stop"           # on a nan/inf loss or gradient: "stop" (raise) or "skip"
     # -- regularisation (regularize.py)
-    ewc_lambda: float = 0.0           # EWC strength (Kirkpatrick et al. 2017); > 0 needs reference_data
-    unfreeze_every: int | None = None  # gradual unfreezing: one more block every N steps (ULMFiT §3.3)
+    ewc_lambda: float = 0.0           # EWC strength; > 0 needs reference_data. F is small
+                                      # (per-token mean loss), so useful values are ~1e4-1e6
+    unfreeze_every: int | None = None  # gradual unfreezing: a block more every N steps (ULMFiT 3.3)
     layer_decay: float | None = None  # discriminative lr: lr * layer_decay**depth (ULMFiT §3.2)
     # -- speed and memory
     compile: bool = False             # torch.compile the blocks in place (model.compile_blocks)
-    gradient_checkpointing: bool = False  # recompute activations in backward (sets model.gradient_checkpointing)
-    device: str | None = None         # None: CUDA if available (cuda:LOCAL_RANK under torchrun), else CPU
+    gradient_checkpointing: bool = False  # True sets model.gradient_checkpointing during train()
+    device: str | None = None         # None: CUDA if available (cuda:LOCAL_RANK under torchrun)
     bf16: bool | None = None          # bf16 autocast; None = on for CUDA devices that support it
 
     def __post_init__(self):
@@ -142,12 +154,14 @@ class TrainConfig:
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
              "must be None or > 0")
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
-        need(self.nonfinite in NONFINITE_POLICIES, "nonfinite", f"must be one of {NONFINITE_POLICIES}")
+        need(self.nonfinite in NONFINITE_POLICIES, "nonfinite",
+             f"must be one of {NONFINITE_POLICIES}")
         need(self.dropout is None or 0 <= self.dropout < 1, "dropout", "must be None or in [0, 1)")
         need(self.min_delta >= 0, "min_delta", "must be >= 0")
         need(self.ewc_lambda >= 0, "ewc_lambda", "must be >= 0")
         need(self.layer_decay is None or self.layer_decay > 0, "layer_decay", "must be None or > 0")
-        need(not (self.resume and self.overwrite), "overwrite", "cannot be combined with resume=True")
+        need(not (self.resume and self.overwrite), "overwrite",
+             "cannot be combined with resume=True")
         need(self.output_dir is not None or not self.resume, "resume", "needs an output_dir")
 
 
@@ -167,7 +181,8 @@ class EarlyStopping:
 
     def __init__(self, patience: int | None = 5, min_delta: float = 0.0):
         if patience is not None and (not isinstance(patience, int) or patience < 1):
-            raise ValueError(f"EarlyStopping: patience must be None or an integer >= 1, got {patience!r}")
+            raise ValueError("EarlyStopping: patience must be None or an integer >= 1, "
+                             f"got {patience!r}")
         if min_delta < 0:
             raise ValueError(f"EarlyStopping: min_delta must be >= 0, got {min_delta!r}")
         self.patience, self.min_delta = patience, float(min_delta)
@@ -556,13 +571,12 @@ def make_optimizer(model: nn.Module, config: TrainConfig, num_training_steps: in
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
     optimizer = AdamW(groups, lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps,
                       weight_decay=config.weight_decay)
+    warmup = config.warmup_steps
     if config.schedule == "constant":
-        scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
-    elif config.schedule == "cosine":
-        scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, num_training_steps)
-    else:
-        scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, num_training_steps)
-    return optimizer, scheduler
+        return optimizer, get_constant_schedule_with_warmup(optimizer, warmup)
+    if config.schedule == "cosine":
+        return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, num_training_steps)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, num_training_steps)
 
 
 def total_steps(n_examples: int, config: TrainConfig, world_size: int = 1) -> int:
@@ -576,7 +590,8 @@ class _Run:
     """The mutable state of one training run and the files that record it."""
 
     def __init__(self, model, config, optimizer, scheduler, trainable, out, rank, progress):
-        self.model, self.config, self.optimizer, self.scheduler = model, config, optimizer, scheduler
+        self.model, self.config = model, config
+        self.optimizer, self.scheduler = optimizer, scheduler
         self.trainable = trainable                    # [(name, param)] at the start of train()
         self.out, self.rank, self.progress = out, rank, progress
         self.epoch, self.batch = 0, 0                 # position of the next micro-batch
@@ -719,7 +734,8 @@ class _Run:
 
 
 def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | None = None, *,
-          reference_data=None, callback: Callable[[dict], bool | None] | None = None) -> TrainResult:
+          reference_data=None, callback: Callable[[dict], bool | None] | None = None
+          ) -> TrainResult:
     """Fine-tune `model` in place on `train_data` (a list of {"input_ids", "labels"}).
 
     model: a GPT, a PEFT-wrapped GPT or any module with GPT's forward; only parameters with
@@ -747,9 +763,9 @@ def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | Non
     if config.ewc_lambda > 0:
         _check_examples(reference_data, "reference_data", vocab)
 
-    want = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(want)
-    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1       # by torchrun
+    if device.type == "cuda" and device.index is None and launched:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if config.bf16 and device.type != "cuda":
         raise ValueError("TrainConfig.bf16=True needs a CUDA device (CPU trains in fp32)")
@@ -850,7 +866,8 @@ def _loop(run: _Run, train_data, val_data, n_steps, ewc, unfreezing, autocast, s
         if unfreezing is not None:
             newly = unfreezing.apply(step - 1)
             if newly and step > 1:
-                run.progress.say(f"step {step}: unfreezing {len(newly)} more tensors, e.g. {newly[0]}")
+                run.progress.say(f"step {step}: unfreezing {len(newly)} more tensors, "
+                                 f"e.g. {newly[0]}")
         chunk = list(itertools.islice(stream, per_step))
         if not chunk:
             result.stopped = "epochs"
@@ -870,14 +887,14 @@ def _loop(run: _Run, train_data, val_data, n_steps, ewc, unfreezing, autocast, s
         tokens_per_s = window_tokens / max(now - window_start, 1e-9)
         eta = (now - t_start) / steps_here * (n_steps - step)
         run.progress.update(step, loss, lr, tokens_per_s, eta)
-        epoch = run.epoch + run.batch / batches_per_epoch   # fractional: 1.5 = half-way through epoch 2
+        epoch = run.epoch + run.batch / batches_per_epoch   # 1.5 = half-way through the 2nd
         record = {"step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr, "grad_norm": norm}
         if ewc is not None:
             record["ewc_penalty"] = penalty
         if step % config.log_every == 0 or step == n_steps:
             since = result.train_loss[(step - 1) // config.log_every * config.log_every:]
-            run.log({"event": "train", **record, "loss": sum(since) / len(since),  # mean since last line
-                     "tokens_per_s": tokens_per_s})
+            run.log({"event": "train", **record, "tokens_per_s": tokens_per_s,
+                     "loss": sum(since) / len(since)})              # mean since the last line
             window_tokens, window_start = 0, now
 
         # -- evaluation, early stopping
@@ -924,7 +941,7 @@ def _train_step(run: _Run, step, chunk, ewc, autocast, signals, device, max_leng
     EWC, the non-finite guard, clipping and the AdamW update. The scheduler is left to
     the caller. Returns (loss, grad norm, EWC penalty, input tokens, stop requested)."""
     config, model, optimizer = run.config, run.model, run.optimizer
-    mine = chunk[run.rank::world]          # this process's share: micro-batches rank, rank + world, ...
+    mine = chunk[run.rank::world]   # this process's share: micro-batches rank, rank + world, ...
     batches = [_to(collate(ex, config.pad_token_id, max_length), device) for _, _, ex in mine]
     counts = torch.tensor([sum(count_targets(b) for b in batches),
                            sum(int(b["attention_mask"].sum()) for b in batches)],

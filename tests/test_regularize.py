@@ -47,7 +47,8 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_its_gradient_is_lambda_f_delta():
     pen = ewc.penalty(model)
     pen.backward()
     params = dict(model.named_parameters())
-    expected = sum(0.5 * 7.0 * (ewc.fisher[n].double() * (params[n].double() - ewc.anchor[n].double()) ** 2).sum()
+    expected = sum(0.5 * 7.0 * (ewc.fisher[n].double()
+                                * (params[n].double() - ewc.anchor[n].double()) ** 2).sum()
                    for n in ewc.fisher)
     assert pen.item() == pytest.approx(expected.item(), rel=1e-5)
     for n, f in ewc.fisher.items():
@@ -79,8 +80,11 @@ def test_ewc_keeps_domain_a_better_than_plain_fine_tuning():
 def test_gradual_unfreezing_stages_and_frozen_weights_stay_bit_identical():
     model = tiny_model()
     unfreezing = GradualUnfreezing(model, every=2)
-    block = lambda i: {n for n, _ in model.named_parameters() if n.startswith(f"transformer.h.{i}.")}  # noqa: E731
-    assert set(unfreezing.stages[0]) == block(1) | {"transformer.ln_f.weight", "transformer.ln_f.bias"}
+
+    def block(i):
+        return {n for n, _ in model.named_parameters() if n.startswith(f"transformer.h.{i}.")}
+    ln_f = {"transformer.ln_f.weight", "transformer.ln_f.bias"}
+    assert set(unfreezing.stages[0]) == block(1) | ln_f
     assert set(unfreezing.stages[1]) == block(0)
     assert set(unfreezing.stages[2]) == {"transformer.wte.weight", "transformer.wpe.weight"}
     assert [unfreezing.num_unfrozen(s) for s in range(7)] == [1, 1, 2, 2, 3, 3, 3]
@@ -110,7 +114,8 @@ def test_gradual_unfreezing_skips_empty_stages_and_adamw_skips_frozen():
     opt = AdamW([p, q], lr=0.1, weight_decay=0.5)
     unfreezing.apply(0)
     before = p.detach().clone()
-    model(**{"input_ids": torch.tensor([[1, 2, 3]]), "labels": torch.tensor([[1, 2, 3]])}).loss.backward()
+    ids = torch.tensor([[1, 2, 3]])
+    model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     assert p.grad is None and torch.equal(p, before) and p not in opt.state
     unfreezing.restore()

@@ -348,7 +348,8 @@ def test_nan_loss_in_a_batch_names_the_step_and_batch():
             for i, ex in enumerate(data)]
     order = [ex for b in shuffled_batches(data, 4, seed=0, epoch=0) for ex in b]
     batch = order.index(data[poisoned]) // 4           # the reference: the data order function
-    with pytest.raises(NonFiniteError, match=rf"step {batch + 1}: the loss is nan .*epoch 0, batch {batch}\)"):
+    expected = rf"step {batch + 1}: the loss is nan .*epoch 0, batch {batch}\)"
+    with pytest.raises(NonFiniteError, match=expected):
         train(PoisonedLoss(tiny_model(), 96), data, config=cfg(max_steps=4))
 
 
