@@ -330,7 +330,9 @@ def compile_blocks(model: nn.Module, dynamic: bool = True, **compile_kwargs) -> 
     One compilation serves all blocks: they run the same `Block.forward` on same-shaped
     weights, and dynamo passes a module's parameters to the graph as inputs rather than
     baking them in as constants, so block 0's compiled code passes the guards of blocks
-    1..n-1. `dynamic=True` makes the sequence length (and the batch size) symbolic, so a
+    1..n-1. (When nothing below block 0 trains, as with LoRA, its input needs no gradient
+    while the others' do: the guards tell the two apart, so there are two compilations,
+    block 0's and one shared by all the rest.) `dynamic=True` makes the sequence length (and the batch size) symbolic, so a
     batch of a new length reuses that code instead of recompiling; only sizes 0 and 1 are
     specialised by torch (e.g. one-token decoding compiles its own graph). LoRA and adapter
     layers inside a block are compiled with it (LoRA's op is one autograd.Function with no

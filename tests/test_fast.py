@@ -1,19 +1,137 @@
-"""The fast path: compiled blocks (and later the fused LoRA op) against plain eager PyTorch.
+"""The fast path against plain eager PyTorch: the fused LoRA op, compiled blocks, and the
+FLOP count scripts/bench.py divides by.
 
 Correctness only; timings live in scripts/bench.py. Compiling costs ~10-20 s per graph on
 a small CPU, so the compiled checks share one module-scoped compiled model.
 """
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from minift import GPT, GPTConfig
 from minift.model import Block, compile_blocks
+from minift.peft import LoraConfig, LoraLinear, PrefixTuningConfig, get_peft_model
+from minift.peft.lora import LoraLinearFunction, lora_linear
+
 
 # Dropout off: inductor draws its own random numbers, so only a dropout-free step can be
 # compared number for number with eager.
 TINY = dict(n_layer=3, n_head=2, n_embd=32, vocab_size=97, n_positions=64,
             embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+
+
+# ------------------------------------------------------------------ the fused LoRA op
+def plain_lora(x, W, b, A, B, s, keep=None, p=0.0):
+    """The unfused composition, module by module: W x + b + s * B (A dropout(x))."""
+    d = x if keep is None else x * keep / (1 - p)
+    return F.linear(x, W, b) + F.linear(F.linear(d, A), B) * s
+
+
+def lora_inputs(dtype, seed=0, dims=(2, 5), n_in=12, n_out=18, r=4):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)
+    x = rand(*dims, n_in).requires_grad_()
+    W, b = rand(n_out, n_in), rand(n_out)
+    A, B = rand(r, n_in).requires_grad_(), rand(n_out, r).requires_grad_()  # B != 0: a real test
+    keep = torch.rand(*dims, n_in, generator=g) >= 0.3
+    return x, W, b, A, B, keep
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("train_base", [False, True])
+def test_fused_lora_gradcheck(dropout, train_base):
+    x, W, b, A, B, keep = lora_inputs(torch.float64)
+    W.requires_grad_(train_base)
+    b.requires_grad_(train_base)
+    keep, q = (keep, 1 / 0.7) if dropout else (None, 1.0)
+    f = lambda x, W, b, A, B: LoraLinearFunction.apply(x, W, b, A, B, 2.0, keep, q)
+    assert torch.autograd.gradcheck(f, (x, W, b, A, B))
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_fused_lora_equals_plain_composition_float32(dropout):
+    x, W, b, A, B, keep = lora_inputs(torch.float32, seed=1, dims=(3, 7), n_in=64, n_out=96)
+    p = 0.3 if dropout else 0.0
+    keep = keep if dropout else None
+    y_ref = plain_lora(x, W, b, A, B, 0.5, keep, p)
+    y = LoraLinearFunction.apply(x, W, b, A, B, 0.5, keep, 1 / (1 - p))
+    assert (y - y_ref).abs().max() <= 1e-5
+    g = torch.randn_like(y)
+    ref = torch.autograd.grad(y_ref, (x, A, B), g)
+    got = torch.autograd.grad(y, (x, A, B), g)
+    for a, c in zip(got, ref):
+        assert (a - c).abs().max() <= 1e-4 * c.abs().max()
+
+
+def test_fused_lora_saves_x_mask_and_u_only():
+    """No dropped-out copy of x and nothing for the frozen W is kept for the backward."""
+    x, W, b, A, B, keep = lora_inputs(torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        LoraLinearFunction.apply(x, W, b, A, B, 2.0, keep, 1 / 0.7)
+    kinds = sorted((tuple(t.shape), str(t.dtype)) for t in saved)
+    f32, shape = str(torch.float32), tuple(x.shape)
+    assert kinds == sorted([(shape, f32), (shape, str(torch.bool)), ((2, 5, 4), f32),  # x, mask, u
+                            (tuple(W.shape), f32), (tuple(A.shape), f32),             # parameters,
+                            (tuple(B.shape), f32)])                                   # by reference
+    assert saved[0] is x and any(t is W for t in saved)  # x and W themselves, not copies
+
+
+def test_lora_layer_dropout_draws_one_bernoulli_mask():
+    """In training, LoraLinear's output is the plain composition under a Bernoulli(1 - p)
+    mask drawn from torch's generator; in eval mode no mask at all."""
+    torch.manual_seed(0)
+    layer = LoraLinear(torch.nn.Linear(12, 18), r=4, lora_alpha=8, lora_dropout=0.25)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 5, 12)
+    W, b, A, B = (layer.base_layer.weight, layer.base_layer.bias, layer.lora_A.weight,
+                  layer.lora_B.weight)
+    torch.manual_seed(7)
+    y = layer.train()(x)
+    torch.manual_seed(7)
+    keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(0.75)
+    assert 0 < keep.sum() < keep.numel()
+    assert (y - plain_lora(x, W, b, A, B, 2.0, keep, 0.25)).abs().max() <= 1e-5
+    assert (layer.eval()(x) - plain_lora(x, W, b, A, B, 2.0)).abs().max() <= 1e-5
+
+
+def test_merged_layer_equals_unmerged():
+    torch.manual_seed(0)
+    layer = LoraLinear(torch.nn.Linear(12, 18), r=4, lora_alpha=8, lora_dropout=0.1).eval()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 5, 12)
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        merged = layer(x)  # one matmul with W + s B A
+        layer.unmerge()
+    assert (merged - unmerged).abs().max() <= 1e-5
+    assert torch.equal(layer(x).detach(), unmerged)
+
+
+def test_explain_lora_op_and_lora_block_have_no_graph_break():
+    x, W, b, A, B, _ = lora_inputs(torch.float32)
+    out = torch._dynamo.explain(lora_linear)(x, W, b, A, B, 2.0, 0.1)
+    assert out.graph_break_count == 0 and out.graph_count == 1, out.break_reasons
+    model = get_peft_model(GPT(GPTConfig(**TINY)), LoraConfig(r=4, lora_dropout=0.1)).train()
+    block = model.get_base_model().transformer.h[1]
+    h = torch.randn(2, 7, TINY["n_embd"], requires_grad=True)
+    out = torch._dynamo.explain(block)(h)
+    assert out.graph_break_count == 0 and out.graph_count == 1, out.break_reasons
+
+# ------------------------------------------------------------------ compiled blocks
+def lora_gpt(seed=0):
+    """A tiny GPT with LoRA on c_attn; B made non-zero so every gradient is a real test."""
+    torch.manual_seed(seed)
+    model = get_peft_model(GPT(GPTConfig(**TINY)), LoraConfig(r=4, lora_alpha=8))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model.train()
 
 
 def loss_and_grads(model, ids, labels):
@@ -25,7 +143,7 @@ def loss_and_grads(model, ids, labels):
 
 
 def assert_close_grads(a, b, tol=1e-5):
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and a
     for name in a:
         assert (a[name] - b[name]).abs().max() <= tol, name
 
@@ -40,13 +158,10 @@ def batch(T, seed=0, B=2):
 
 @pytest.fixture(scope="module")
 def eager_and_compiled():
-    torch.manual_seed(0)
-    eager = GPT(GPTConfig(**TINY)).train()
-    compiled = GPT(GPTConfig(**TINY)).train()
-    compiled.load_state_dict(eager.state_dict())
+    """The same LoRA GPT twice, the second with compiled blocks (one compilation, below)."""
     torch._dynamo.reset()  # start from empty caches so the counts below are ours
     counters.clear()
-    return eager, compile_blocks(compiled)
+    return lora_gpt(), compile_blocks(lora_gpt())
 
 
 def test_explain_block_has_no_graph_break():
@@ -58,26 +173,29 @@ def test_explain_block_has_no_graph_break():
 
 def test_compiled_step_equals_eager_and_new_length_does_not_recompile(eager_and_compiled):
     eager, compiled = eager_and_compiled
-    for T in (16, 23, 40):  # the first length compiles; the others must reuse that graph
+    for T in (16, 23, 40):  # the first length compiles; the others must reuse its graphs
         ids, labels = batch(T, seed=T)
         l_e, g_e = loss_and_grads(eager, ids, labels)
         l_c, g_c = loss_and_grads(compiled, ids, labels)
         assert abs(l_e - l_c) <= 1e-5
         assert_close_grads(g_e, g_c)
-    # one frame compiled for all n_layer blocks and all three lengths
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
-    assert counters["frames"]["total"] == 1, dict(counters["frames"])
+        if T == 16:
+            compiled_after_first = dict(counters["stats"])
+    assert dict(counters["stats"]) == compiled_after_first  # no recompilation
+    # Two graphs for n_layer = 3 blocks: block 0's input (frozen embeddings) needs no
+    # gradient, which the guards tell apart; blocks 1 and 2 share the second graph.
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
 
 
 def test_compiled_with_checkpointing_equals_eager(eager_and_compiled):
     eager, compiled = eager_and_compiled
     ids, labels = batch(20, seed=5)
     l_e, g_e = loss_and_grads(eager, ids, labels)
-    compiled.gradient_checkpointing = True
+    compiled.get_base_model().gradient_checkpointing = True
     try:
         l_c, g_c = loss_and_grads(compiled, ids, labels)
     finally:
-        compiled.gradient_checkpointing = False
+        compiled.get_base_model().gradient_checkpointing = False
     assert abs(l_e - l_c) <= 1e-5
     assert_close_grads(g_e, g_c)
 
@@ -85,3 +203,31 @@ def test_compiled_with_checkpointing_equals_eager(eager_and_compiled):
 def test_compile_blocks_needs_blocks():
     with pytest.raises(ValueError, match="no transformer Block"):
         compile_blocks(torch.nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------ the bench's FLOP count
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench  # noqa: E402  (scripts/bench.py)
+
+
+@pytest.mark.parametrize("case", bench.CASES)
+def test_bench_flop_count_equals_torch_flop_counter(case, tmp_path):
+    """scripts/bench.py's analytic count equals torch's FlopCounterMode on one real step of
+    each stack (full-square attention: the math kernel under dropout computes it all), so
+    both stacks do the same matmuls apart from the LM head, which transformers runs at
+    every position and minift at target positions only."""
+    from torch.utils.flop_counter import FlopCounterMode
+    shape = bench.Shape(2, 2, 32, 97, 64)
+    bench.save_reference_model(shape, tmp_path)
+    ids, labels = bench.make_batch(shape.vocab_size, 2, 16, case)
+    n_target = int((labels[:, 1:] != -100).sum())
+    for stack, head_tokens in (("minift", n_target), ("hf", ids.numel())):
+        torch.manual_seed(0)
+        if stack == "hf":
+            _, loss_fn = bench.build_hf(tmp_path, case)
+        else:
+            _, loss_fn = bench.build_minift(tmp_path, case, compiled=False)
+        with FlopCounterMode(display=False) as counter:
+            loss_fn(ids, labels).backward()
+        expected = bench.matmul_flops(shape, case, 2, 16, n_target, head_tokens, causal=False)
+        assert counter.get_total_flops() == expected, stack

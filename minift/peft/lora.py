@@ -22,28 +22,29 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .config import PeftError, check_task_type, find_targets, swap_module
 
 
 @dataclass
 class LoraConfig:
-    task_type: str | None = "CAUSAL_LM"        # PEFT's field; causal LM is all minift does
-    inference_mode: bool = False               # True: the adapter is frozen too (saved files say True)
+    task_type: str | None = "CAUSAL_LM"   # PEFT's field; causal LM is all minift does
+    inference_mode: bool = False          # True: the adapter is frozen too (saved files say True)
     base_model_name_or_path: str | None = None  # recorded in adapter_config.json, never opened
-    r: int = 8                                 # rank of the update (PEFT's default)
-    lora_alpha: float = 8                      # the update is scaled by lora_alpha / r (PEFT's default)
-    lora_dropout: float = 0.0                  # dropout on the LoRA branch's input only
+    r: int = 8                            # rank of the update (PEFT's default)
+    lora_alpha: float = 8                 # the update is scaled by lora_alpha / r (PEFT's default)
+    lora_dropout: float = 0.0             # dropout on the LoRA branch's input only
     # Module names matched as PEFT does: an entry hits a name equal to it or ending in "." + it
     # ("c_proj" hits attn.c_proj and mlp.c_proj); a str is a regex the full name must match.
     # GPT-2's linears: c_attn, attn.c_proj, c_fc, mlp.c_proj (and lm_head, tied to wte).
-    target_modules: list[str] | str = field(default_factory=lambda: ["c_attn"])  # PEFT's GPT-2 default
+    target_modules: list[str] | str = field(default_factory=lambda: ["c_attn"])  # PEFT's default
     layers_to_transform: list[int] | int | None = None  # only these blocks (None: every block)
     layers_pattern: list[str] | str | None = None  # name before the block number ("h"); None: found
-    use_rslora: bool = False                   # scale by lora_alpha / sqrt(r) (rsLoRA)
-    bias: str = "none"                         # biases stay frozen; PEFT's "all"/"lora_only" are refused
-    init_lora_weights: bool | str = True       # True: A Kaiming-uniform, B zero; "gaussian": A ~ N(0, 1/r),
-                                               # B zero; False: both nn.Linear's init (not a no-op; tests)
+    use_rslora: bool = False              # scale by lora_alpha / sqrt(r) (rsLoRA)
+    bias: str = "none"                    # biases stay frozen; PEFT's "all"/"lora_only" are refused
+    init_lora_weights: bool | str = True  # True: A Kaiming-uniform, B = 0; "gaussian": A ~ N(0, 1/r),
+                                          # B = 0; False: nn.Linear's init for both (not a no-op)
     peft_type: ClassVar[str] = "LORA"
 
     def __post_init__(self):
@@ -54,8 +55,8 @@ class LoraConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise PeftError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.bias != "none":
-            raise PeftError(f"bias={self.bias!r} is not supported; minift's LoRA keeps biases frozen "
-                            "(bias='none')")
+            raise PeftError(f"bias={self.bias!r} is not supported; minift's LoRA keeps biases "
+                            "frozen (bias='none')")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise PeftError(f"init_lora_weights={self.init_lora_weights!r} is not supported; use "
                             "True, False or 'gaussian'")
@@ -76,11 +77,86 @@ class LoraConfig:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
+class LoraLinearFunction(torch.autograd.Function):
+    """The LoRA hot path as one op (Hu et al. 2021, §4.1, with dropout on the LoRA input):
+
+        u = (x * keep) A^T / (1 - p)            (..., r)    keep: bool dropout mask or None
+        y = x W^T + b + s u B^T                 (..., out)  s = scaling
+
+    Saved for the backward: x, the 1-byte mask and the thin u, plus references to W, A, B.
+    Not the dropped-out copy of x, and nothing for W, which is frozen: its gradient
+    (and b's) is computed only if asked for. The backward, with g = dL/dy (N, out):
+
+        dB = s g^T u            (out, r)
+        du = s g B              (N, r)
+        dA = du^T (x * keep) / (1 - p)                       (r, in)
+        dx = g W + ((du A) * keep) / (1 - p)                 (N, in)
+
+    The scalars are applied to the thin (N, r) / (r, in) tensors, not to (N, in) ones.
+    Plain tensor ops only, so torch.compile traces it without a graph break and fuses the
+    mask, the scalings and the adds into the surrounding kernels. Adapters kept in float32
+    over a float16/bfloat16 base compute the LoRA branch in float32 (the `.to`s are no-ops
+    otherwise), as LoraLinear always did.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, keep, keep_scale: float):
+        # x (..., in); weight (out, in); bias (out,) or None; lora_A (r, in); lora_B (out, r)
+        base = F.linear(x, weight, bias)                                  # (..., out)
+        xa = x.to(lora_A.dtype)
+        u = F.linear(xa if keep is None else xa * keep, lora_A) * keep_scale  # (..., r)
+        y = torch.add(base, F.linear(u, lora_B), alpha=scaling).to(base.dtype)
+        ctx.save_for_backward(x, keep, u, weight, lora_A, lora_B)
+        ctx.scaling, ctx.keep_scale = scaling, keep_scale
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, keep, u, weight, lora_A, lora_B = ctx.saved_tensors
+        s, q = ctx.scaling, ctx.keep_scale
+        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        g = g.reshape(-1, g.shape[-1])                                    # (N, out)
+        x2 = x.reshape(-1, x.shape[-1])                                   # (N, in)
+        keep2 = None if keep is None else keep.reshape(-1, keep.shape[-1])
+        ga = g.to(lora_B.dtype)
+        du = (ga @ lora_B) * s                                            # (N, r)
+        dx = dw = db = dA = dB = None
+        if need_x:
+            back = (du * q) @ lora_A                                      # (N, in)
+            if keep2 is not None:
+                back = back * keep2
+            dx = (g @ weight.to(g.dtype) + back.to(g.dtype)).reshape(x.shape).to(x.dtype)
+        if need_A:
+            xa = x2.to(lora_A.dtype)
+            dA = (du.t() @ (xa if keep2 is None else xa * keep2)) * q     # (r, in)
+        if need_B:
+            dB = (ga.t() @ u.reshape(-1, u.shape[-1]).to(ga.dtype)) * s   # (out, r)
+        if need_w:  # only when the base weight was unfrozen on purpose
+            dw = (g.t() @ x2.to(g.dtype)).to(weight.dtype)                # (out, in)
+        if need_b:
+            db = g.sum(0).to(weight.dtype)                                # (out,)
+        return dx, dw, db, dA, dB, None, None, None
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0):
+    """`x W^T + b + scaling * (dropout(x) A^T) B^T` through LoraLinearFunction.
+
+    dropout_p > 0 draws a fresh mask (keep with probability 1 - p), as nn.Dropout in
+    training mode does; pass 0 in evaluation."""
+    keep = None
+    if dropout_p > 0:
+        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - dropout_p)  # (..., in)
+    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, keep,
+                                    1.0 / (1.0 - dropout_p))
+
+
 class LoraLinear(nn.Module):
     """`base_layer(x) + scaling * lora_B(lora_A(dropout(x)))` with `base_layer` frozen.
 
     Adapter weights live in float32 when the base is float16/bfloat16 (as PEFT), so the
     optimizer updates them at full precision; the output keeps the base layer's dtype.
+    The forward is one LoraLinearFunction; after an explicit merge() it is the base layer's
+    single matmul (the path for evaluation and generation once training is done).
     """
 
     def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout=0.0,
@@ -107,11 +183,12 @@ class LoraLinear(nn.Module):
             nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)                    # (..., out), frozen W x + b
-        if self.merged:                                # B A already folded into W
-            return result
-        x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        return (result + self.lora_B(self.lora_A(x)) * self.scaling).to(result.dtype)  # (..., r) -> (..., out)
+        if self.merged:                                # B A already folded into W: one matmul
+            return self.base_layer(x)                  # (..., out)
+        drop = self.lora_dropout
+        p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+        return lora_linear(x, self.base_layer.weight, self.base_layer.bias,  # (..., out)
+                           self.lora_A.weight, self.lora_B.weight, self.scaling, p)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A, (out, in): what merging adds to base_layer.weight."""
