@@ -783,8 +783,7 @@ def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | Non
     was_training = model.training
     gpts = [m for m in model.modules() if isinstance(m, GPT)]
     old_checkpointing = [m.gradient_checkpointing for m in gpts]
-    old_dropout = None
-    unfreezing = None
+    old_dropout = unfreezing = progress = None
     max_length = config.max_length or getattr(getattr(model, "config", None), "n_positions", None)
     try:
         if out is not None:
@@ -835,6 +834,8 @@ def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | Non
                         p.copy_(run.best_state[n])
         return run.result
     finally:
+        if progress is not None:
+            progress.close()   # end a \r status line before any error message
         if unfreezing is not None:
             unfreezing.restore()
         if old_dropout is not None:
