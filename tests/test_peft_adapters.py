@@ -59,7 +59,8 @@ def test_near_identity_at_init(hf_tiny):
     assert 0 < (near - base).abs().max() < 1e-3
 
 
-@pytest.mark.parametrize("kw, blocks, norms", [(dict(), L, True), (dict(train_layer_norms=False), L, False),
+@pytest.mark.parametrize("kw, blocks, norms", [(dict(), L, True),
+                                               (dict(train_layer_norms=False), L, False),
                                                (dict(layers_to_transform=[1]), 1, True)])
 def test_parameter_count_by_formula(hf_tiny, kw, blocks, norms, capsys):
     folder, _ = hf_tiny
@@ -118,7 +119,8 @@ def test_save_load_roundtrip_and_generation(hf_tiny, tmp_path):
 def test_partial_fine_tuning_counts_by_formula(hf_tiny):
     folder, _ = hf_tiny
     model = GPT.from_pretrained(folder)
-    block = 12 * D * D + 13 * D   # c_attn 3d²+3d, c_proj d²+d, c_fc 4d²+4d, mlp.c_proj 4d²+d, 2 LNs 4d
+    # c_attn 3d²+3d, attn.c_proj d²+d, c_fc 4d²+4d, mlp.c_proj 4d²+d, ln_1 and ln_2 4d
+    block = 12 * D * D + 13 * D
     assert freeze_all_but_top(model, 1) == block + 2 * D
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.named_parameters()

@@ -80,7 +80,8 @@ def test_files_interoperate_with_peft(hf_tiny, tmp_path, name):
     assert_close(loaded(ids, attention_mask=mask).logits,
                  theirs(input_ids=ids, attention_mask=mask).logits)
     assert loaded.num_parameters(trainable_only=True) == 0
-    again = PeftModel.from_pretrained(GPT.from_pretrained(folder), tmp_path / "ours", is_trainable=True)
+    again = PeftModel.from_pretrained(GPT.from_pretrained(folder), tmp_path / "ours",
+                                      is_trainable=True)
     assert again.num_parameters(trainable_only=True) == a["prompt_embeddings"].numel()
 
 
@@ -106,7 +107,8 @@ def test_generation_kv_cache_and_peft(hf_tiny, name):
     ours, theirs = make_pair(folder, name)
     ids, mask, _ = batch()
     cached = ours.generate(ids, attention_mask=mask, max_new_tokens=5)
-    assert torch.equal(cached, ours.generate(ids, attention_mask=mask, max_new_tokens=5, use_cache=False))
+    uncached = ours.generate(ids, attention_mask=mask, max_new_tokens=5, use_cache=False)
+    assert torch.equal(cached, uncached)
     # a left-padded row continues exactly like the same row unpadded (positions follow the mask)
     assert torch.equal(cached[0, 2:], ours.generate(ids[:1, 2:], max_new_tokens=5)[0])
     # PEFT's generate with use_cache=False, which equals greedy decoding with its forward. Its
@@ -188,7 +190,8 @@ def test_hand_written_prompt_tuning_loop(hf_tiny):
 def test_prompt_config_errors(hf_tiny):
     folder, _ = hf_tiny
     model = GPT.from_pretrained(folder)
-    for config in (PromptTuningConfig(num_virtual_tokens=64), PromptEncoderConfig(num_virtual_tokens=100)):
+    for config in (PromptTuningConfig(num_virtual_tokens=64),
+                   PromptEncoderConfig(num_virtual_tokens=100)):
         with pytest.raises(PeftError, match="n_positions=64"):
             get_peft_model(model, config)
     with pytest.raises(PeftError, match="num_virtual_tokens"):

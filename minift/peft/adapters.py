@@ -35,27 +35,29 @@ from .config import PeftError, check_task_type, find_targets, swap_module
 
 @dataclass
 class AdapterConfig:
-    task_type: str | None = "CAUSAL_LM"        # PEFT's field; causal LM is all minift does
-    inference_mode: bool = False               # True: the adapter is frozen too (saved files say True)
+    task_type: str | None = "CAUSAL_LM"   # PEFT's field; causal LM is all minift does
+    inference_mode: bool = False          # True: the adapter is frozen too (saved files say True)
     base_model_name_or_path: str | None = None  # recorded in adapter_config.json, never opened
-    bottleneck_size: int = 64                  # m: each adapter adds 2 m d + d + m parameters
-    non_linearity: str = "gelu"                # between down and up: one of model.ACTIVATIONS
+    bottleneck_size: int = 64             # m: each adapter adds 2 m d + d + m parameters
+    non_linearity: str = "gelu"           # between down and up: one of model.ACTIVATIONS
     # after the attention output and after the MLP (§2.1); names matched as LoraConfig's
     target_modules: list[str] | str = field(default_factory=lambda: ["attn.c_proj", "mlp.c_proj"])
     layers_to_transform: list[int] | int | None = None  # only these blocks (None: every block)
     layers_pattern: list[str] | str | None = None
-    init_std: float = 1e-2                     # N(0, init_std) truncated at +-2 std (§3.6)
-    init_up_zero: bool = False                 # True: up = 0, so the model starts exactly at the base
-    train_layer_norms: bool = True             # "we also train new layer normalization parameters" (§2.1)
+    init_std: float = 1e-2                # N(0, init_std) truncated at +-2 std (§3.6)
+    init_up_zero: bool = False            # True: up = 0, so the model starts exactly at the base
+    train_layer_norms: bool = True        # "we also train new layer normalization parameters" §2.1
     peft_type: ClassVar[str] = "HOULSBY_ADAPTER"
 
     def __post_init__(self):
         check_task_type(self.task_type)
         self.task_type = "CAUSAL_LM"
         if not isinstance(self.bottleneck_size, int) or self.bottleneck_size <= 0:
-            raise PeftError(f"bottleneck_size must be a positive integer, got {self.bottleneck_size!r}")
+            raise PeftError(f"bottleneck_size must be a positive integer, "
+                            f"got {self.bottleneck_size!r}")
         if self.non_linearity not in ACTIVATIONS:
-            raise PeftError(f"non_linearity={self.non_linearity!r}; choose one of {sorted(ACTIVATIONS)}")
+            raise PeftError(f"non_linearity={self.non_linearity!r}; choose one of "
+                            f"{sorted(ACTIVATIONS)}")
         if self.init_std < 0:
             raise PeftError(f"init_std must be >= 0, got {self.init_std}")
         if not isinstance(self.target_modules, str):
@@ -124,7 +126,9 @@ class AdapterModel(nn.Module):
 
     def is_adapter_parameter(self, name: str) -> bool:
         """Trained and saved: the adapters, and the LayerNorms when train_layer_norms."""
-        return ".adapter." in name or (self.config.train_layer_norms and is_layer_norm_parameter(name))
+        if ".adapter." in name:
+            return True
+        return self.config.train_layer_norms and is_layer_norm_parameter(name)
 
     def unload(self) -> nn.Module:
         """Swap every LinearWithAdapter back for its base_layer; return the GPT. LayerNorms

@@ -33,8 +33,8 @@ from ..model import CausalLMOutput, generate
 from .adapters import AdapterConfig, AdapterModel
 from .config import AdapterFileNotFoundError, PeftError, config_from_dict, config_to_dict
 from .lora import LoraConfig, LoraModel
-from .prompts import (PROMPT_CONFIGS, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
-                      build_prompt_encoder, fit_to_model, prefix_key_values)
+from .prompts import (PROMPT_CONFIGS, PrefixTuningConfig, PromptEmbedding, build_prompt_encoder,
+                      fit_to_model, prefix_key_values)
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
@@ -48,7 +48,9 @@ class PeftModel(nn.Module):
         (nothing when config.inference_mode). `model` is changed in place, as in PEFT."""
         super().__init__()
         if not isinstance(peft_config, tuple(CONFIGS.values())):
-            raise PeftError(f"unsupported config type {type(peft_config).__name__}")
+            names, kind = ", ".join(c.__name__ for c in CONFIGS.values()), type(peft_config)
+            raise PeftError(f"expected a minift.peft config ({names}), got "
+                            f"{kind.__module__}.{kind.__name__}")
         # Every check (targets exist, shapes fit) runs before the model is touched.
         if isinstance(peft_config, PROMPT_CONFIGS):
             peft_config = fit_to_model(peft_config, model.config)
@@ -125,7 +127,7 @@ class PeftModel(nn.Module):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         ref = input_ids if input_ids is not None else inputs_embeds
         B, n, device = ref.shape[0], self.peft_config.num_virtual_tokens, ref.device
-        if attention_mask is not None:                      # (B, P + T) -> (B, n + P + T)
+        if attention_mask is not None:  # the caller's mask never covers the n virtual tokens
             ones = torch.ones(B, n, dtype=attention_mask.dtype, device=device)
             attention_mask = torch.cat([ones, attention_mask], dim=1)
         if position_ids is not None:
@@ -228,6 +230,9 @@ class PeftModel(nn.Module):
     def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source="state dict"):
         """Copy adapter tensors in; every key and shape is checked before anything is copied."""
         if self.is_prompt_learning:
+            if not isinstance(self.prompt_encoder, PromptEmbedding):
+                raise PeftError("saved prompt_embeddings are an encoder's output; load them with "
+                                "PeftModel.from_pretrained, not into a training-form encoder")
             targets = {"prompt_embeddings": self.prompt_encoder.embedding.weight}
         else:
             targets = {n: p for n, p in self.named_parameters() if self.is_adapter_parameter(n)}

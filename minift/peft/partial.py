@@ -2,8 +2,9 @@
 
 Partial fine-tuning trains only the top k blocks: the lower blocks hold the more general
 features and the top ones the more task-specific (Yosinski et al. 2014, "How transferable are
-features in deep neural networks?"; gradual unfreezing builds on it, see regularize.py). Only parameters with requires_grad get gradients and optimizer state,
-so pass `[p for p in model.parameters() if p.requires_grad]` to the optimizer.
+features in deep neural networks?"; gradual unfreezing builds on it, see regularize.py).
+Only parameters with requires_grad get gradients and optimizer state, so pass
+`[p for p in model.parameters() if p.requires_grad]` to the optimizer.
 
 Note: GPT-2 ties lm_head.weight to transformer.wte.weight (one tensor). Training the head
 therefore also trains the input embeddings, and freezing either freezes both.

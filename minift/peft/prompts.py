@@ -140,9 +140,8 @@ def fit_to_model(config, gpt_config):
     if config.num_virtual_tokens >= gpt_config.n_positions:
         raise PeftError(f"num_virtual_tokens={config.num_virtual_tokens} fills the model's whole "
                         f"context (n_positions={gpt_config.n_positions}); use fewer")
-    for name in ("encoder_hidden_size",):
-        if hasattr(config, name) and getattr(config, name) is None:
-            values[name] = gpt_config.n_embd
+    if getattr(config, "encoder_hidden_size", 0) is None:   # P-tuning / prefix MLP width
+        values["encoder_hidden_size"] = gpt_config.n_embd
     return replace(config, num_transformer_submodules=1, **values)
 
 
