@@ -3,12 +3,17 @@ from .data import DataError, collate, load_dataset, load_jsonl, load_text
 from .model import GPT, CausalLMOutput, GPTConfig
 from .optim import (AdamW, build_param_groups, get_constant_schedule_with_warmup,
                     get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup)
+from .regularize import EWC, GradualUnfreezing
 from .tokenizer import Tokenizer
+from .train import (EarlyStopping, NonFiniteError, TrainConfig, TrainingInterrupted, TrainResult,
+                    train)
 
 __all__ = [
     "GPT", "GPTConfig", "CausalLMOutput", "Tokenizer",
     "AdamW", "build_param_groups", "get_linear_schedule_with_warmup",
     "get_cosine_schedule_with_warmup", "get_constant_schedule_with_warmup",
     "DataError", "load_dataset", "load_jsonl", "load_text", "collate",
+    "TrainConfig", "train", "TrainResult", "EarlyStopping", "TrainingInterrupted",
+    "NonFiniteError", "EWC", "GradualUnfreezing",
 ]
 __version__ = "0.1.0"
