@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -91,9 +92,18 @@ class CausalSelfAttention(nn.Module):
             k = torch.cat([past[0].to(k.dtype), k], dim=2)
             v = torch.cat([past[1].to(v.dtype), v], dim=2)
         # mask: None means plain causal over T == P + T keys; else bool (B, 1, T, P + T), True = attend
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn_pdrop if self.training else 0.0,
-            is_causal=mask is None and past is None)  # T == 1 included: one key, nothing to hide
+        dropout_p = self.attn_pdrop if self.training else 0.0
+        attend = partial(F.scaled_dot_product_attention, attn_mask=mask, dropout_p=dropout_p,
+                         is_causal=mask is None and past is None)  # T == 1: one key, nothing to hide
+        if dropout_p > 0 and x.device.type == "cpu" and torch.is_grad_enabled():
+            # With dropout, SDPA's CPU kernel is the math one, which keeps the (B, nh, T, P + T)
+            # scores, probabilities and dropout output for the backward (42 MB a layer for
+            # GPT-2 small at 4 x 256). Recompute them in the backward instead, from q, k, v:
+            # "selective activation recomputation" (Korthikanti et al. 2022, §4.3), a few %
+            # more attention FLOPs; checkpoint restores the RNG state, so the mask is the same.
+            y = checkpoint(attend, q, k, v, use_reentrant=False)
+        else:
+            y = attend(q, k, v)                                       # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y)), ((k, v) if use_cache else None)
 
@@ -147,8 +157,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     The forward also computes both gradients chunk by chunk (the softmax's gradient is
     `softmax - onehot`), so no (N, V) logits are ever kept for the backward: peak extra
-    memory is one (chunk, V) block instead of the full logits and their softmax.
-    Same three matmuls as the plain forward + backward, so no extra compute.
+    memory is one (chunk, V) block, worked on in place, instead of the full logits and
+    their softmax. Same three matmuls as the plain forward + backward, so no extra compute.
     """
 
     @staticmethod
@@ -160,27 +170,39 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=h.device)
         for i in range(0, h.shape[0], chunk_size):
             hc, yc = h[i:i + chunk_size], y[i:i + chunk_size]
-            logits = (hc @ weight.t()).to(acc)                         # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)                      # (n,)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
-            g = logits.sub_(lse[:, None]).exp_()                       # softmax, in place
+            z = (hc @ weight.t()).to(acc)                              # (n, V) logits
+            z_y = z.gather(1, yc[:, None])                             # (n, 1) target logits
+            z_max = z.amax(dim=-1, keepdim=True)                       # (n, 1)
+            g = z.sub_(z_max).exp_()                                   # exp(z - max), in place
+            norm = g.sum(dim=-1, keepdim=True)                         # (n, 1)
+            total += (z_max + norm.log() - z_y).sum()                  # logsumexp(z) - z_y
+            g.div_(norm)                                               # softmax, in place
             g[torch.arange(len(yc), device=g.device), yc] -= 1.0       # d loss / d logits
             g = g.to(h.dtype)
             grad_h[i:i + chunk_size] = g @ weight                      # (n, C)
-            if need_w:
-                grad_w += (g.t() @ hc).to(acc)                         # (V, C)
-        ctx.save_for_backward(grad_h, grad_w if need_w else None)
+            if need_w and g.dtype == acc:
+                torch.addmm(grad_w, g.t(), hc, out=grad_w)             # (V, C) +=, no temporary
+            elif need_w:
+                grad_w += (g.t() @ hc).to(acc)
+        ctx.save_for_backward(grad_h)
+        # Not in save_for_backward: the backward scales it in place (it is ours alone),
+        # which saves a (V, C) copy at the moment memory peaks.
+        ctx.grad_w = grad_w
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        gw = None if grad_w is None else (grad_w * grad_total).to(grad_h.dtype)
+        grad_h, = ctx.saved_tensors
+        grad_w, ctx.grad_w = ctx.grad_w, None
+        if grad_w is None and ctx.needs_input_grad[1]:
+            raise RuntimeError("masked_lm_loss: backward ran twice through the same graph; "
+                               "its weight gradient was handed over in place the first time")
+        gw = None if grad_w is None else grad_w.mul_(grad_total).to(grad_h.dtype)
         return grad_h * grad_total.to(grad_h.dtype), gw, None, None
 
 
 def masked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                   chunk_size: int = 1024) -> torch.Tensor:
+                   chunk_size: int = 256) -> torch.Tensor:
     """Mean next-token cross-entropy computing the LM head only where a target exists.
 
     hidden (B, T, C), labels (B, T) unshifted as in transformers: position t predicts

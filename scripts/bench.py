@@ -93,6 +93,13 @@ def make_batch(vocab_size, batch, seq, case):
 
 
 # ---------------------------------------------------------------------------- FLOPs
+def attention_flops(s: Shape, case: str, batch: int, seq: int, causal: bool = True) -> int:
+    """One layer's QK^T and AV FLOPs over all heads, over the (query, key) pairs computed."""
+    P = N_PREFIX if case == "prefix" else 0
+    pairs = batch * (seq * P + (seq * (seq + 1) // 2 if causal else seq * seq))
+    return 2 * 2 * s.n_embd * pairs
+
+
 def matmul_flops(s: Shape, case: str, batch: int, seq: int, n_target: int,
                  head_tokens: int | None = None, causal: bool = True) -> int:
     """Matmul FLOPs (2 per multiply-add) of one training step, forward + backward.
@@ -109,8 +116,7 @@ def matmul_flops(s: Shape, case: str, batch: int, seq: int, n_target: int,
     head_tokens = n_target if head_tokens is None else head_tokens
     P = N_PREFIX if case == "prefix" else 0
     uses_lora = case in ("lora", "masked")
-    pairs = batch * (seq * P + (seq * (seq + 1) // 2 if causal else seq * seq))
-    attn = 2 * 2 * C * pairs                               # QK^T and AV over all heads
+    attn = attention_flops(s, case, batch, seq, causal)    # one layer's forward
     proj = 2 * N * (3 * C * C + C * C + 2 * 4 * C * C)     # c_attn, attn.c_proj, c_fc, mlp.c_proj
     lora = 2 * N * r * (C + 3 * C) if uses_lora else 0     # (x A^T) B^T on c_attn (in C, out 3C)
     head = 2 * head_tokens * C * V

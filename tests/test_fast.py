@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from minift import GPT, GPTConfig
-from minift.model import Block, compile_blocks
+from minift.model import Block, CausalSelfAttention, compile_blocks
 from minift.peft import LoraConfig, LoraLinear, PrefixTuningConfig, get_peft_model
 from minift.peft.lora import LoraLinearFunction, lora_linear
 
@@ -200,6 +200,30 @@ def test_compiled_with_checkpointing_equals_eager(eager_and_compiled):
     assert_close_grads(g_e, g_c)
 
 
+def test_attention_recomputation_keeps_the_dropout_mask():
+    """Training on CPU with attention dropout recomputes the attention core in the backward
+    (model.py); gradients equal SDPA's own backward under the same random numbers, and no
+    (B, nh, T, T) tensor is kept."""
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(GPTConfig(**{**TINY, "attn_pdrop": 0.5})).train()
+    x = torch.randn(2, 9, TINY["n_embd"], requires_grad=True)
+    saved = []
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = attn(x)[0]
+    got = torch.autograd.grad(y.square().sum(), (x, attn.c_attn.weight))
+    assert not any(t.dim() == 4 and t.shape[-1] == t.shape[-2] == 9 for t in saved)
+
+    torch.manual_seed(1)  # the same computation, SDPA called directly
+    q, k, v = (t.view(2, 9, 2, 16).transpose(1, 2) for t in attn.c_attn(x).split(32, dim=2))
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, is_causal=True)
+    ref_y = attn.c_proj(o.transpose(1, 2).reshape(2, 9, 32))
+    ref = torch.autograd.grad(ref_y.square().sum(), (x, attn.c_attn.weight))
+    assert torch.equal(y, ref_y)
+    for a, b in zip(got, ref):
+        assert (a - b).abs().max() <= 1e-6
+
+
 def test_compile_blocks_needs_blocks():
     with pytest.raises(ValueError, match="no transformer Block"):
         compile_blocks(torch.nn.Linear(2, 2))
@@ -215,7 +239,9 @@ def test_bench_flop_count_equals_torch_flop_counter(case, tmp_path):
     """scripts/bench.py's analytic count equals torch's FlopCounterMode on one real step of
     each stack (full-square attention: the math kernel under dropout computes it all), so
     both stacks do the same matmuls apart from the LM head, which transformers runs at
-    every position and minift at target positions only."""
+    every position and minift at target positions only, and minift's recomputation of
+    the attention core in the backward (one more QK^T per layer: checkpoint stops before
+    AV, whose output the backward does not need)."""
     from torch.utils.flop_counter import FlopCounterMode
     shape = bench.Shape(2, 2, 32, 97, 64)
     bench.save_reference_model(shape, tmp_path)
@@ -230,4 +256,6 @@ def test_bench_flop_count_equals_torch_flop_counter(case, tmp_path):
         with FlopCounterMode(display=False) as counter:
             loss_fn(ids, labels).backward()
         expected = bench.matmul_flops(shape, case, 2, 16, n_target, head_tokens, causal=False)
+        if stack == "minift":
+            expected += shape.n_layer * bench.attention_flops(shape, case, 2, 16, False) // 2
         assert counter.get_total_flops() == expected, stack
