@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -75,6 +74,60 @@ class CausalLMOutput:
     past_key_values: KeyValues | None = None     # when use_cache=True
 
 
+def _attention_probs(q, k, mask):
+    """softmax(q k^T / sqrt(hs)) over the keys `mask` allows (bool, broadcast to (B, nh, T, S),
+    or None: all); a query allowed no key at all (left padding) gets zeros, as in SDPA."""
+    scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(q.shape[-1]))    # (B, nh, T, S)
+    if mask is None:
+        return scores.softmax(-1)
+    probs = scores.masked_fill_(~mask, float("-inf")).softmax(-1)
+    return probs.masked_fill_(~mask.any(-1, keepdim=True), 0.0)
+
+
+class _AttentionDropout(torch.autograd.Function):
+    """Attention with dropout on the probabilities (Vaswani et al. 2017, §3.2.1 and §5.4):
+
+        y = ((softmax(q k^T / sqrt(hs)) * keep) / (1 - p)) v         keep: bool (B, nh, T, S)
+
+    For training on CPU, where SDPA under dropout falls back to its math kernel, which keeps
+    the (B, nh, T, S) scores, probabilities and dropped probabilities for the backward:
+    42 MB a layer for GPT-2 small at 4 x 256. This keeps q, k, v (views of c_attn's output)
+    and the 1-byte mask, and recomputes the probabilities in the backward: "selective
+    activation recomputation" (Korthikanti et al. 2022, §4.3), one more QK^T per layer.
+    With the mask saved, no random numbers are drawn twice. The backward, with P the
+    probabilities and D = P * keep / (1 - p):
+
+        dv = D^T dy      dP = (dy v^T) * keep / (1 - p)      dS = P * (dP - rowsum(dP * P))
+        dq = dS k / sqrt(hs)      dk = dS^T q / sqrt(hs)
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, keep, p: float):
+        # q (B, nh, T, hs); k, v (B, nh, S, hs); mask bool broadcast to (B, nh, T, S) or None
+        probs = _attention_probs(q, k, mask)                               # (B, nh, T, S)
+        y = probs.mul_(keep) @ v * (1.0 / (1.0 - p))                       # (B, nh, T, hs)
+        ctx.save_for_backward(q, k, v, mask, keep)
+        ctx.p = p
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v, mask, keep = ctx.saved_tensors
+        scale, drop_scale = 1.0 / math.sqrt(q.shape[-1]), 1.0 / (1.0 - ctx.p)
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        probs = _attention_probs(q, k, mask)                               # recomputed
+        dq = dk = dv = None
+        if need_v:
+            dv = (probs * keep).transpose(-2, -1) @ dy * drop_scale        # (B, nh, S, hs)
+        d_probs = (dy @ v.transpose(-2, -1)).mul_(keep).mul_(drop_scale)   # (B, nh, T, S)
+        d_scores = probs.mul_(d_probs - (d_probs * probs).sum(-1, keepdim=True))  # softmax'
+        if need_q:  # not in block 0 under prefix tuning: nothing below it trains
+            dq = d_scores @ k * scale                                      # (B, nh, T, hs)
+        if need_k:
+            dk = d_scores.transpose(-2, -1) @ q * scale                    # (B, nh, S, hs)
+        return dq, dk, dv, None, None, None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -93,17 +146,17 @@ class CausalSelfAttention(nn.Module):
             v = torch.cat([past[1].to(v.dtype), v], dim=2)
         # mask: None means plain causal over T == P + T keys; else bool (B, 1, T, P + T), True = attend
         dropout_p = self.attn_pdrop if self.training else 0.0
-        attend = partial(F.scaled_dot_product_attention, attn_mask=mask, dropout_p=dropout_p,
-                         is_causal=mask is None and past is None)  # T == 1: one key, nothing to hide
         if dropout_p > 0 and x.device.type == "cpu" and torch.is_grad_enabled():
-            # With dropout, SDPA's CPU kernel is the math one, which keeps the (B, nh, T, P + T)
-            # scores, probabilities and dropout output for the backward (42 MB a layer for
-            # GPT-2 small at 4 x 256). Recompute them in the backward instead, from q, k, v:
-            # "selective activation recomputation" (Korthikanti et al. 2022, §4.3), a few %
-            # more attention FLOPs; checkpoint restores the RNG state, so the mask is the same.
-            y = checkpoint(attend, q, k, v, use_reentrant=False)
+            # SDPA's CPU kernel under dropout is its math one, which keeps (B, nh, T, T)
+            # tensors for the backward; see _AttentionDropout.
+            if mask is None and past is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # causal
+            keep = torch.rand(*q.shape[:-1], k.shape[2], device=x.device) >= dropout_p
+            y = _AttentionDropout.apply(q, k, v, mask, keep, dropout_p)   # (B, nh, T, hs)
         else:
-            y = attend(q, k, v)                                       # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(                           # (B, nh, T, hs)
+                q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                is_causal=mask is None and past is None)  # T == 1: one key, nothing to hide
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y)), ((k, v) if use_cache else None)
 

@@ -81,9 +81,9 @@ def test_fused_lora_saves_x_mask_and_u_only():
     assert saved[0] is x and any(t is W for t in saved)  # x and W themselves, not copies
 
 
-def test_lora_layer_dropout_draws_one_bernoulli_mask():
+def test_lora_layer_dropout_draws_one_mask():
     """In training, LoraLinear's output is the plain composition under a Bernoulli(1 - p)
-    mask drawn from torch's generator; in eval mode no mask at all."""
+    mask drawn from torch's generator (uniform draws >= p); in eval mode no mask at all."""
     torch.manual_seed(0)
     layer = LoraLinear(torch.nn.Linear(12, 18), r=4, lora_alpha=8, lora_dropout=0.25)
     torch.nn.init.normal_(layer.lora_B.weight)
@@ -93,7 +93,7 @@ def test_lora_layer_dropout_draws_one_bernoulli_mask():
     torch.manual_seed(7)
     y = layer.train()(x)
     torch.manual_seed(7)
-    keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(0.75)
+    keep = torch.rand_like(x) >= 0.25
     assert 0 < keep.sum() < keep.numel()
     assert (y - plain_lora(x, W, b, A, B, 2.0, keep, 0.25)).abs().max() <= 1e-5
     assert (layer.eval()(x) - plain_lora(x, W, b, A, B, 2.0)).abs().max() <= 1e-5
@@ -200,10 +200,50 @@ def test_compiled_with_checkpointing_equals_eager(eager_and_compiled):
     assert_close_grads(g_e, g_c)
 
 
-def test_attention_recomputation_keeps_the_dropout_mask():
-    """Training on CPU with attention dropout recomputes the attention core in the backward
-    (model.py); gradients equal SDPA's own backward under the same random numbers, and no
-    (B, nh, T, T) tensor is kept."""
+def attention_inputs(dtype, B=2, nh=2, T=6, P=0, hs=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, nh, T, hs, generator=g, dtype=dtype).requires_grad_()
+    k, v = (torch.randn(B, nh, P + T, hs, generator=g, dtype=dtype).requires_grad_()
+            for _ in range(2))
+    keep = torch.rand(B, nh, T, P + T, generator=g) >= 0.3
+    return q, k, v, keep
+
+
+def plain_attention(q, k, v, mask, keep, p):
+    scores = (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).masked_fill(~mask, float("-inf"))
+    probs = torch.nan_to_num(scores.softmax(-1))  # a row with no key: zeros
+    return (probs * keep / (1 - p)) @ v
+
+
+def padding_mask(T, P=0):
+    """Causal + padding, batch 2: row 1 left-padded by 2 (its first two queries see no key)."""
+    real = torch.ones(2, P + T, dtype=torch.long)
+    real[1, P:P + 2] = 0
+    from minift.model import attention_mask_4d
+    return attention_mask_4d(real, T)
+
+
+@pytest.mark.parametrize("masking", ["causal", "padding"])
+def test_attention_dropout_gradcheck_and_plain_composition(masking):
+    from minift.model import _AttentionDropout
+    q, k, v, keep = attention_inputs(torch.float64)
+    mask = torch.ones(6, 6, dtype=torch.bool).tril() if masking == "causal" else padding_mask(6)
+    f = lambda q, k, v: _AttentionDropout.apply(q, k, v, mask, keep, 0.3)
+    assert torch.autograd.gradcheck(f, (q, k, v))
+    y, ref = f(q, k, v), plain_attention(q, k, v, mask, keep, 0.3)
+    assert (y - ref).abs().max() <= 1e-12
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert (a - b).abs().max() <= 1e-12
+    # no dropout: SDPA's own numbers (a fully padded row is all zeros in both)
+    ones = torch.ones_like(keep)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (_AttentionDropout.apply(q, k, v, mask, ones, 0.0) - sdpa).abs().max() <= 1e-12
+
+
+def test_attention_in_training_keeps_no_square_tensor():
+    """CausalSelfAttention in training on CPU: output = the plain composition under the mask
+    drawn from torch's generator, and nothing (B, nh, T, T)-sized in float is kept."""
     torch.manual_seed(0)
     attn = CausalSelfAttention(GPTConfig(**{**TINY, "attn_pdrop": 0.5})).train()
     x = torch.randn(2, 9, TINY["n_embd"], requires_grad=True)
@@ -211,17 +251,13 @@ def test_attention_recomputation_keeps_the_dropout_mask():
     torch.manual_seed(1)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = attn(x)[0]
-    got = torch.autograd.grad(y.square().sum(), (x, attn.c_attn.weight))
-    assert not any(t.dim() == 4 and t.shape[-1] == t.shape[-2] == 9 for t in saved)
-
-    torch.manual_seed(1)  # the same computation, SDPA called directly
+    square = [t for t in saved if t.dim() == 4 and t.shape[-2:] == (9, 9)]
+    assert [t.dtype for t in square] == [torch.bool]  # the dropout mask only
+    torch.manual_seed(1)
     q, k, v = (t.view(2, 9, 2, 16).transpose(1, 2) for t in attn.c_attn(x).split(32, dim=2))
-    o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, is_causal=True)
-    ref_y = attn.c_proj(o.transpose(1, 2).reshape(2, 9, 32))
-    ref = torch.autograd.grad(ref_y.square().sum(), (x, attn.c_attn.weight))
-    assert torch.equal(y, ref_y)
-    for a, b in zip(got, ref):
-        assert (a - b).abs().max() <= 1e-6
+    keep = torch.rand(2, 2, 9, 9) >= 0.5
+    o = plain_attention(q, k, v, torch.ones(9, 9, dtype=torch.bool).tril(), keep, 0.5)
+    assert (y - attn.c_proj(o.transpose(1, 2).reshape(2, 9, 32))).abs().max() <= 1e-6
 
 
 def test_compile_blocks_needs_blocks():
