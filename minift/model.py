@@ -75,11 +75,14 @@ class CausalLMOutput:
 
 
 def _attention_probs(q, k, mask):
-    """softmax(q k^T / sqrt(hs)) over the keys `mask` allows (bool, broadcast to (B, nh, T, S),
-    or None: all); a query allowed no key at all (left padding) gets zeros, as in SDPA."""
-    scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(q.shape[-1]))    # (B, nh, T, S)
+    """softmax(q k^T / sqrt(hs)) over the keys `mask` allows (bool, broadcast to (B, nh, T, S))
+    or, for mask None, over keys j <= query i (causal, T == S). A query allowed no key at all
+    (left padding) gets zeros, as in SDPA."""
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)   # (B, nh, T, S)
     if mask is None:
-        return scores.softmax(-1)
+        T, S = scores.shape[-2:]
+        future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu_(1)
+        return scores.masked_fill_(future, float("-inf")).softmax(-1)
     probs = scores.masked_fill_(~mask, float("-inf")).softmax(-1)
     return probs.masked_fill_(~mask.any(-1, keepdim=True), 0.0)
 
@@ -103,7 +106,8 @@ class _AttentionDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, keep, p: float):
-        # q (B, nh, T, hs); k, v (B, nh, S, hs); mask bool broadcast to (B, nh, T, S) or None
+        # q (B, nh, T, hs); k, v (B, nh, S, hs); mask bool broadcast to (B, nh, T, S), or
+        # None for causal; keep bool (B, nh, T, S)
         probs = _attention_probs(q, k, mask)                               # (B, nh, T, S)
         y = probs.mul_(keep) @ v * (1.0 / (1.0 - p))                       # (B, nh, T, hs)
         ctx.save_for_backward(q, k, v, mask, keep)
@@ -119,8 +123,10 @@ class _AttentionDropout(torch.autograd.Function):
         dq = dk = dv = None
         if need_v:
             dv = (probs * keep).transpose(-2, -1) @ dy * drop_scale        # (B, nh, S, hs)
-        d_probs = (dy @ v.transpose(-2, -1)).mul_(keep).mul_(drop_scale)   # (B, nh, T, S)
-        d_scores = probs.mul_(d_probs - (d_probs * probs).sum(-1, keepdim=True))  # softmax'
+        d_probs = (dy * drop_scale) @ v.transpose(-2, -1)                  # (B, nh, T, S)
+        d_probs.mul_(keep)
+        # softmax's backward, P * (dP - rowsum(dP * P)), in one pass
+        d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)
         if need_q:  # not in block 0 under prefix tuning: nothing below it trains
             dq = d_scores @ k * scale                                      # (B, nh, T, hs)
         if need_k:
@@ -149,8 +155,8 @@ class CausalSelfAttention(nn.Module):
         if dropout_p > 0 and x.device.type == "cpu" and torch.is_grad_enabled():
             # SDPA's CPU kernel under dropout is its math one, which keeps (B, nh, T, T)
             # tensors for the backward; see _AttentionDropout.
-            if mask is None and past is None:
-                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # causal
+            if mask is None and past is not None:  # one new token: every key is allowed
+                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device)
             keep = torch.rand(*q.shape[:-1], k.shape[2], device=x.device) >= dropout_p
             y = _AttentionDropout.apply(q, k, v, mask, keep, dropout_p)   # (B, nh, T, hs)
         else:

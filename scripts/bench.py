@@ -7,9 +7,10 @@
 Both stacks load the same random GPT-2 small (GPT2Config() defaults, written once with
 transformers' save_pretrained to a temporary folder), in fp32, in train mode with GPT-2's
 dropouts (0.1), and train on the same batch (4 x 256 random tokens, labels = inputs) with
-the same adapter and the same optimizer (torch.optim.AdamW, lr 1e-4, weight decay 0.01, on
-the trainable parameters only). Every run is its own process, so its peak resident memory
-(ru_maxrss: model loading included) is its own. The cases:
+the same adapter and the same optimizer (torch.optim.AdamW(fused=True), lr 1e-4, weight
+decay 0.01, on the trainable parameters only; transformers' Trainer defaults to this fused
+AdamW too; --optimizer picks another). Every run is its own process, so its peak resident
+memory (ru_maxrss: model loading included) is its own. The cases:
 
   lora    LoRA r=8, alpha=16, dropout 0.1 on c_attn (Hu et al. 2021, §4.1)
   full    every parameter trained
@@ -198,8 +199,9 @@ def worker_run(args) -> dict:
     if args.optimizer == "minift" and stack == "minift":
         from minift import AdamW
         opt = AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
-    else:
-        opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
+    else:  # "minift" keeps torch's for the reference
+        opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY,
+                                fused=args.optimizer == "torch-fused")
 
     times, losses = [], []
     for _ in range(args.warmup + args.steps):
@@ -318,8 +320,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile included)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--optimizer", choices=("torch", "minift"), default="torch",
-                    help="minift: minift.AdamW on the minift side (the reference keeps torch's)")
+    ap.add_argument("--optimizer", choices=("torch-fused", "torch", "minift"),
+                    default="torch-fused",
+                    help="torch-fused / torch: torch.optim.AdamW(fused=True / False) on both "
+                         "sides; minift: minift.AdamW on the minift side, torch's for the reference")
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 step: a smoke test")
     ap.add_argument("--warm-cache", action="store_true",
                     help="keep inductor's on-disk cache (default: compile cold in a fresh one)")

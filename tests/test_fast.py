@@ -165,7 +165,8 @@ def eager_and_compiled():
 
 
 def test_explain_block_has_no_graph_break():
-    block = Block(GPTConfig(**TINY)).train()
+    dropouts = dict(attn_pdrop=0.1, resid_pdrop=0.1)  # attention takes _AttentionDropout on CPU
+    block = Block(GPTConfig(**{**TINY, **dropouts})).train()
     x = torch.randn(2, 7, TINY["n_embd"], requires_grad=True)
     out = torch._dynamo.explain(block)(x)
     assert out.graph_break_count == 0 and out.graph_count == 1, out.break_reasons
@@ -223,12 +224,13 @@ def padding_mask(T, P=0):
     return attention_mask_4d(real, T)
 
 
-@pytest.mark.parametrize("masking", ["causal", "padding"])
+@pytest.mark.parametrize("masking", ["implicit causal", "causal", "padding"])
 def test_attention_dropout_gradcheck_and_plain_composition(masking):
     from minift.model import _AttentionDropout
     q, k, v, keep = attention_inputs(torch.float64)
-    mask = torch.ones(6, 6, dtype=torch.bool).tril() if masking == "causal" else padding_mask(6)
-    f = lambda q, k, v: _AttentionDropout.apply(q, k, v, mask, keep, 0.3)
+    mask = torch.ones(6, 6, dtype=torch.bool).tril() if "causal" in masking else padding_mask(6)
+    given = None if masking == "implicit causal" else mask  # None: the op builds the causal mask
+    f = lambda q, k, v: _AttentionDropout.apply(q, k, v, given, keep, 0.3)
     assert torch.autograd.gradcheck(f, (q, k, v))
     y, ref = f(q, k, v), plain_attention(q, k, v, mask, keep, 0.3)
     assert (y - ref).abs().max() <= 1e-12

@@ -143,7 +143,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
 
     dropout_p > 0 draws a fresh mask (keep with probability 1 - p), as nn.Dropout in
     training mode does; pass 0 in evaluation. The mask compares uniform draws with p, which
-    on CPU takes half the time of bernoulli_ (the RNG, not the matmuls, dominates here)."""
+    on CPU takes half the time of bernoulli_ (drawing the numbers is the cost here)."""
     keep = None
     if dropout_p > 0:
         keep = torch.rand_like(x, dtype=torch.float32) >= dropout_p  # (..., in), P(keep) = 1 - p
