@@ -262,6 +262,25 @@ def test_attention_in_training_keeps_no_square_tensor():
     assert (y - attn.c_proj(o.transpose(1, 2).reshape(2, 9, 32))).abs().max() <= 1e-6
 
 
+def test_train_with_compile_equals_eager(eager_and_compiled):
+    """TrainConfig.compile=True (train.py calls compile_blocks): the same losses and weights.
+    Runs after the fixture compiled the same block code, so no new compilation is needed."""
+    from minift.train import TrainConfig, train
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randint(0, TINY["vocab_size"], (8, 16), generator=g).tolist()
+    data = [{"input_ids": r, "labels": r} for r in rows]  # one length: no padding mask
+    runs = []
+    for compile_ in (False, True):
+        model, losses = lora_gpt(seed=1), []
+        config = TrainConfig(max_steps=2, batch_size=4, lr=1e-2, compile=compile_,
+                             log_every=100, eval_every=100)
+        train(model, data, config=config, callback=lambda rec: losses.append(rec["loss"]))
+        runs.append((losses, [p.detach() for p in model.parameters() if p.requires_grad]))
+    (l_e, p_e), (l_c, p_c) = runs
+    assert len(l_e) == 2 and max(abs(a - b) for a, b in zip(l_e, l_c)) <= 1e-5
+    assert max((a - b).abs().max() for a, b in zip(p_e, p_c)) <= 1e-5
+
+
 def test_compile_blocks_needs_blocks():
     with pytest.raises(ValueError, match="no transformer Block"):
         compile_blocks(torch.nn.Linear(2, 2))
