@@ -3,8 +3,10 @@
 The corpus is `pydoc_data.topics` (the language reference behind `help("assert")`) and the
 docstrings of scripts/stdlib_corpus.py's PRETRAIN_MODULES, each written as source:
 
-    def textwrap.dedent(text):
-        \"\"\"Remove any common leading whitespace from every line in `text`.
+    def string.capwords(s, sep=None):
+        \"\"\"capwords(s [,sep]) -> string
+
+        Split the argument into words using split, capitalize each
         ...
 
 Every 20th document is held out, never trained on (not even by the tokenizer), and written
@@ -12,7 +14,7 @@ to minift/assets/task/reference.txt: its perplexity before and after fine-tuning
 forgetting. The script then trains a byte-level BPE tokenizer (minift.Tokenizer) and a
 4-layer GPT-2 on the rest, and writes a Hugging Face folder to minift/assets/minift-tiny/:
 
-    python scripts/pretrain_tiny.py      # ~15 minutes on 2 CPU cores
+    python scripts/pretrain_tiny.py      # ~15 minutes on 2 idle CPU cores (24 on busy ones)
 
 Each training document is followed by <|endoftext|>, and the documents are concatenated
 into one token stream. The validation perplexity is minift.evaluate.perplexity on the text
@@ -94,7 +96,7 @@ def main():
     t0 = time.time()
 
     # 1. The text: train / held-out documents. The held-out slice is written first, and
-    #    nothing below sees it except evaluate().
+    #    nothing below sees it except perplexity().
     train_docs, reference_docs = split_documents(documents())
     train_text, reference_text = "\n\n".join(train_docs), "\n\n".join(reference_docs)
     lines = {line.strip() for line in train_text.splitlines()}
