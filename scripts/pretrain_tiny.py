@@ -9,9 +9,9 @@ docstrings of scripts/stdlib_corpus.py's PRETRAIN_MODULES, each written as sourc
         Split the argument into words using split, capitalize each
         ...
 
-Every 20th document is held out, never trained on (not even by the tokenizer), and written
-to minift/assets/task/reference.txt: its perplexity before and after fine-tuning measures
-forgetting. The script then trains a byte-level BPE tokenizer (minift.Tokenizer) and a
+Every 20th document (bar those sharing a long line with the rest) is held out, never
+trained on (not even by the tokenizer), and written to minift/assets/task/reference.txt:
+its perplexity before and after fine-tuning measures forgetting. The script then trains a byte-level BPE tokenizer (minift.Tokenizer) and a
 4-layer GPT-2 on the rest, and writes a Hugging Face folder to minift/assets/minift-tiny/:
 
     python scripts/pretrain_tiny.py      # ~15 minutes on 2 idle CPU cores (24 on busy ones)
