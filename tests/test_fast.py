@@ -281,6 +281,34 @@ def test_train_with_compile_equals_eager(eager_and_compiled):
     assert max((a - b).abs().max() for a, b in zip(p_e, p_c)) <= 1e-5
 
 
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu", "relu"])
+def test_act_linear_gradcheck_and_mlp_equals_plain(activation):
+    """The MLP's c_proj(act(h)) keeping only h (full fine-tuning) against autograd's own."""
+    from minift.model import ACTIVATIONS, MLP, _ActLinear
+    act = ACTIVATIONS[activation]
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, w, b: _ActLinear.apply(h, w, b, act), (h, w, b))
+
+    torch.manual_seed(0)
+    mlp = MLP(GPTConfig(**{**TINY, "activation_function": activation})).train()
+    x = torch.randn(2, 5, TINY["n_embd"], requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = mlp(x)
+    wide = [t for t in saved if t.dim() == 3 and t.shape[-1] == 4 * TINY["n_embd"]]
+    assert len(wide) == 1  # h, not act(h)
+    params = (x, mlp.c_fc.weight, mlp.c_proj.weight, mlp.c_proj.bias)
+    got = torch.autograd.grad(y.square().sum(), params)
+    ref_y = mlp.c_proj(mlp.act(mlp.c_fc(x)))
+    ref = torch.autograd.grad(ref_y.square().sum(), params)
+    assert torch.equal(y, ref_y)
+    for a, c in zip(got, ref):
+        assert (a - c).abs().max() <= 1e-6
+
+
 def test_compile_blocks_needs_blocks():
     with pytest.raises(ValueError, match="no transformer Block"):
         compile_blocks(torch.nn.Linear(2, 2))
