@@ -1,0 +1,4 @@
+"""`python -m minift ...` runs the `minift` command (see minift/cli.py)."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1064 @@
+"""The `minift` command: fine-tune, generate, evaluate, merge and compare from a shell.
+
+    minift finetune                        # LoRA on the built-in task with minift-tiny
+    minift finetune --method full --max-steps 200 --output-dir runs/full
+    minift generate --run runs/full --prompt 'def f(x):'
+    minift eval --run runs/full --json
+    minift merge --run runs/lora --out merged
+    minift compare --quick                 # every method, one table
+
+Options of `finetune` come in three layers, later ones winning: the defaults (Opt's and
+TrainConfig's, then RECIPE and METHOD_DEFAULTS below), a --config file (TOML or JSON, keys
+= option names), the command line. Every TrainConfig field is a flag generated from the
+dataclass, with its source comment as help, so the two never drift. The resolved options
+are saved as config.json in the run folder: `--config` on it repeats the run, `--resume`
+continues it.
+
+Exit codes: 0 success; 2 usage errors (argparse's convention; also unknown keys and bad
+values in a config file); 1 other errors a user can cause (files, data, models); 130 / 143
+when SIGINT / SIGTERM stopped training after a checkpoint. Errors are one line on stderr;
+MINIFT_DEBUG=1 shows the traceback instead. Under torchrun only rank 0 prints or writes.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import typing
+from dataclasses import MISSING, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .data import DataError, load_dataset, load_text, train_val_split
+from .evaluate import (bias_probe, evaluate_generation, forgetting_report, format_table,
+                       generate_completions, perplexity, task_metrics)
+from .model import GPT
+from .peft import (AdapterConfig, LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig,
+                   PromptTuningConfig, freeze_all_but_top, get_peft_model, unfreeze_all)
+from .peft.model import CONFIG_NAME, adapter_folder, load_adapter_config
+from .report import (METRIC_NAMES, MemoryProbe, StepTimer, compare_markdown, compare_rows,
+                     finetune_markdown, loss_curves, metrics_rows, plot_losses, read_metrics,
+                     write_json)
+from .tokenizer import Tokenizer
+from .train import (RUN_FILES, NonFiniteError, TrainConfig, TrainingInterrupted, evaluate_loss,
+                    train)
+
+TASK = Path(__file__).parent / "assets" / "task"   # the built-in task (see its README.md)
+METHODS = {
+    "lora": "LoRA, low-rank updates of linear layers (Hu et al. 2021)",
+    "full": "full fine-tuning, every weight",
+    "partial": "the top --top-k-blocks blocks and the final LayerNorm",
+    "adapter": "Houlsby bottleneck adapters after attention and MLP (Houlsby et al. 2019)",
+    "prefix": "prefix tuning, trained keys/values at every layer (Li & Liang 2021)",
+    "prompt": "prompt tuning, trained input embeddings (Lester et al. 2021)",
+    "ptuning": "P-tuning, input embeddings from a prompt-encoder MLP (Liu et al. 2021)",
+}
+VIRTUAL = ("prefix", "prompt", "ptuning")  # methods whose virtual tokens take context room
+# The CLI's training defaults over TrainConfig's: `minift finetune` with no arguments takes
+# about 2-3 minutes on 2 CPU cores (300 steps of 16 examples, about 6 epochs of the task)
+# and ends with the weights of its best evaluation.
+RECIPE = dict(max_steps=300, batch_size=16, eval_every=50, warmup_steps=20, restore_best=True)
+# Per method: a learning rate that worked on the built-in task (each a small sweep), and
+# LoRA on every linear layer, which learns the task much better than PEFT's attention-only
+# default here (as Dettmers et al. 2023, QLoRA §4, found on larger models).
+METHOD_DEFAULTS = {
+    "lora": dict(lr=2e-3, target_modules=["c_attn", "c_proj", "c_fc"]),
+    "full": dict(lr=3e-4), "partial": dict(lr=5e-4), "adapter": dict(lr=3e-3),
+    "prefix": dict(lr=3e-2), "prompt": dict(lr=3e-2), "ptuning": dict(lr=3e-3),
+}
+COMPARE_METHODS = ["full", "partial", "adapter", "lora", "prefix", "prompt", "ptuning", "full+ewc"]
+QUICK = dict(max_steps=50, eval_every=25, eval_samples=32)  # `compare --quick`
+EWC_LAMBDA = 1e4   # full+ewc in `compare`
+MANAGED = {"output_dir", "resume", "overwrite"}  # TrainConfig fields the CLI sets itself
+RANK = int(os.environ.get("RANK", "0"))          # torchrun's process rank; only 0 talks
+
+
+class UsageError(Exception):
+    """A wrong option, on the command line or in a config file: exit code 2."""
+
+
+# ----------------------------------------------------------------------------- options
+@dataclass
+class Opt:
+    """One option of `finetune`: the flag --name-with-dashes and the config key `name`."""
+    name: str
+    kind: str                  # "int", "float", "str", "bool", "list" (comma-separated), "pair"
+    default: object
+    help: str
+    optional: bool = False     # "none" gives None
+    choices: tuple = ()
+    methods: tuple = ()        # the methods it applies to; () = all
+    metavar: str | None = None
+
+
+def convert(opt: Opt, value, where: str):
+    """A value from the command line (a string) or a config file (a TOML/JSON value) ->
+    the option's type. Raises UsageError naming `where`."""
+    if opt.optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
+        return None
+    if isinstance(value, str) and opt.kind != "str":  # command-line text
+        try:
+            value = {"int": int, "float": float, "bool": _parse_bool,
+                     "list": lambda s: [v.strip() for v in s.split(",") if v.strip()],
+                     "pair": lambda s: [float(v) for v in s.replace(",", " ").split()],
+                     }[opt.kind](value)
+        except ValueError:
+            raise UsageError(f"{where}: expected {_kind_name(opt)}, got {value!r}") from None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {"int": number and isinstance(value, int), "float": number,
+          "str": isinstance(value, str), "bool": isinstance(value, bool),
+          "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
+          "pair": isinstance(value, (list, tuple)) and len(value) == 2 and all(
+              isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)}[opt.kind]
+    if not ok:
+        raise UsageError(f"{where}: expected {_kind_name(opt)}, got {value!r}")
+    if opt.kind == "float":
+        value = float(value)
+    elif opt.kind == "pair":
+        value = (float(value[0]), float(value[1]))
+    if opt.choices and value not in opt.choices:
+        raise UsageError(f"{where}: {value!r} is not one of {', '.join(opt.choices)}")
+    return value
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("true", "yes", "on", "1"):
+        return True
+    if text.lower() in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(text)
+
+
+def _kind_name(opt: Opt) -> str:
+    name = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+            "list": "comma-separated names", "pair": "two numbers"}[opt.kind]
+    return name + (" or none" if opt.optional else "")
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """{field: its comment} from a dataclass's source: `name: type = x  # why`, continued by
+    comment lines starting in the same column."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source shipped: flags without help
+        return {}
+    comments, last, column = {}, None, None
+    for line in source.splitlines():
+        if re.match(r"^\s+def ", line):  # the fields are over
+            break
+        field = re.match(r"^\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        more = re.match(r"^(\s+)#\s*(.*)$", line)
+        if field:
+            last, column = field.group(1), line.index("#")
+            comments[last] = field.group(2).strip()
+        elif more and last and len(more.group(1)) == column:
+            comments[last] += " " + more.group(2).strip()
+        else:
+            last = None
+    return comments
+
+
+def _type_kind(name: str, hint) -> tuple[str, bool]:
+    """A type annotation -> (kind, optional); e.g. `int | None` -> ("int", True)."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        rest = [a for a in args if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else None
+    if typing.get_origin(hint) is tuple and all(a in (int, float) for a in typing.get_args(hint)):
+        return "pair", optional
+    kinds = {bool: "bool", int: "int", float: "float", str: "str"}
+    if hint not in kinds:
+        raise TypeError(f"minift.cli has no command-line form for TrainConfig.{name}: {hint}")
+    return kinds[hint], optional
+
+
+# Help for the TrainConfig fields whose source line has no comment.
+TRAIN_HELP = {"epochs": "passes over the training data (when max_steps is none)",
+              "lr": "peak learning rate, reached after warmup",
+              "adam_betas": "AdamW's decay rates of the first and second moments",
+              "adam_eps": "AdamW's epsilon, added to the denominator"}
+
+
+def train_options() -> list[Opt]:
+    """One Opt per TrainConfig field (but MANAGED), with the field's comment as help."""
+    hints = typing.get_type_hints(TrainConfig)
+    comments = {**TRAIN_HELP, **_field_comments(TrainConfig)}
+    opts = []
+    for f in fields(TrainConfig):
+        if f.name not in MANAGED:
+            kind, optional = _type_kind(f.name, hints[f.name])
+            default = f.default if f.default is not MISSING else f.default_factory()
+            opts.append(Opt(f.name, kind, default, comments.get(f.name, f"TrainConfig.{f.name}"),
+                            optional))
+    return opts
+
+
+RUN_OPTIONS = [
+    Opt("model", "str", "minift-tiny", "a Hugging Face GPT-2 folder, a hub id in the local "
+        "Hugging Face cache, or minift-tiny (embedded)", metavar="PATH"),
+    Opt("data", "str", None, "training data: .jsonl (one {\"prompt\", \"completion\"} or "
+        "{\"text\"} per line) or .txt (packed); none = the built-in task", True, metavar="FILE"),
+    Opt("val_data", "str", None, "validation data; none = the built-in task's validation split, "
+        "or --val-fraction of --data", True, metavar="FILE"),
+    Opt("test_data", "str", None, "prompts for the task metrics; none = the built-in task's test "
+        "split, or the validation data", True, metavar="FILE"),
+    Opt("val_fraction", "float", 0.1, "share of --data held out for validation when there is no "
+        "--val-data (seeded by --seed)"),
+    Opt("forgetting", "bool", True, "perplexity on --reference before and after training "
+        "(catastrophic forgetting)"),
+    Opt("reference", "str", None, "pre-training-like text for forgetting and EWC's Fisher; none "
+        "= the built-in reference.txt (minift-tiny's held-out pre-training text)", True,
+        metavar="FILE"),
+    Opt("eval_samples", "int", 64, "task metrics on the first N prompts of the test data (a "
+        "subset, for speed)"),
+    Opt("max_new_tokens", "int", 48, "generation length for the task metrics and samples"),
+    Opt("num_samples", "int", 4, "before/after generations to print and report"),
+    Opt("eval_before", "bool", True, "evaluate the base model before training"),
+    Opt("output_dir", "str", None, "the run folder; none = runs/<method>-<date>-<time>", True,
+        metavar="DIR"),
+    Opt("method", "str", "lora", "what to train: " + ", ".join(METHODS), choices=tuple(METHODS)),
+    Opt("r", "int", 8, "LoRA rank", methods=("lora",)),
+    Opt("lora_alpha", "float", 16.0, "LoRA scale: the update is multiplied by lora_alpha / r",
+        methods=("lora",)),
+    Opt("lora_dropout", "float", 0.05, "dropout on the LoRA branch's input", methods=("lora",)),
+    Opt("target_modules", "list", None, "linear layers to adapt, comma-separated, matched by "
+        "name suffix (c_attn, c_proj = attn.c_proj and mlp.c_proj, c_fc); none = the library's "
+        "default (attn.c_proj,mlp.c_proj for adapter)", True, methods=("lora", "adapter")),
+    Opt("bottleneck_size", "int", 32, "Houlsby adapter width m (each adapter adds 2 m d + d + m "
+        "parameters)", methods=("adapter",)),
+    Opt("num_virtual_tokens", "int", 20, "virtual tokens (prompt or prefix length)",
+        methods=VIRTUAL),
+    Opt("prefix_projection", "bool", False, "prefix tuning through a tanh MLP (Li & Liang §4.3)",
+        methods=("prefix",)),
+    Opt("encoder_hidden_size", "int", None, "width of the P-tuning encoder / prefix projection; "
+        "none = the model's n_embd", True, methods=("ptuning", "prefix")),
+    Opt("prompt_tuning_init", "str", "SAMPLE_VOCAB", "initial virtual tokens: RANDOM, or "
+        "SAMPLE_VOCAB (embeddings of random vocabulary tokens)",
+        choices=("RANDOM", "SAMPLE_VOCAB"), methods=("prompt",)),
+    Opt("top_k_blocks", "int", 2, "partial fine-tuning: train the top k blocks",
+        methods=("partial",)),
+]
+TRAIN_OPTIONS = train_options()
+OPTIONS = {o.name: o for o in RUN_OPTIONS + TRAIN_OPTIONS}
+MODEL_KEYS = {"model", "method"} | {o.name for o in RUN_OPTIONS if o.methods}  # fixed on resume
+
+
+def defaults(method: str) -> dict:
+    """Every option that applies to `method`, at its default."""
+    d = {o.name: o.default for o in OPTIONS.values() if not o.methods or method in o.methods}
+    return {**d, **RECIPE, **METHOD_DEFAULTS[method], "method": method}
+
+
+def _show(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+# ----------------------------------------------------------------------------- parsers
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), raised as UsageError for main()."""
+    commands: dict = {}  # the top parser's {name: subparser}, set by build_parser
+
+    def error(self, message):
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            bad = next((a.split("=")[0] for a in message.split()[2:] if a.startswith("--")), "")
+            close = difflib.get_close_matches(bad, list(self._option_string_actions), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+        raise UsageError(f"{message}{hint} (see '{self.prog} --help')")
+
+
+def _add_option(group, opt: Opt, shown_default: str) -> None:
+    """--name for `opt`. Its default is SUPPRESS: a flag that is not given stays out of the
+    namespace, so it cannot override the config file; defaults are merged in later."""
+    flag = "--" + opt.name.replace("_", "-")
+    text = f"{opt.help} (default: {shown_default})".replace("%", "%%")
+    if opt.kind == "bool":
+        group.add_argument(flag, dest=opt.name, action=argparse.BooleanOptionalAction, help=text,
+                           default=argparse.SUPPRESS)
+        return
+    metavar = opt.metavar or ("{" + ",".join(opt.choices) + "}" if opt.choices else
+                              {"int": "N", "float": "X", "str": "TEXT", "list": "A,B",
+                               "pair": "X"}[opt.kind])
+    group.add_argument(flag, dest=opt.name, metavar=metavar, help=text,
+                       nargs=2 if opt.kind == "pair" else None, default=argparse.SUPPRESS,
+                       type=lambda s, o=opt: _cli_value(o, s))
+
+
+def _cli_value(opt: Opt, text: str):
+    try:
+        return convert(opt, text, "")
+    except UsageError as e:  # argparse prefixes "argument --name: "
+        raise argparse.ArgumentTypeError(str(e).removeprefix(": ")) from None
+
+
+TOP_EPILOG = """examples:
+  minift finetune                           LoRA on the built-in task (about 2-3 minutes)
+  minift finetune --method adapter --max-steps 500 --output-dir runs/adapter
+  minift generate --run runs/adapter --prompt $'def os.getcwd():\\n    \"\"\"'
+  minift eval --run runs/adapter --forgetting --bias
+  minift merge --run runs/lora-20250101-120000 --out merged
+  minift compare --quick                    every method on the same budget, one table
+
+'minift COMMAND --help' shows each command's options. Exit codes: 0 ok, 1 error,
+2 usage error, 130/143 training stopped by SIGINT/SIGTERM (after a checkpoint)."""
+
+FINETUNE_EPILOG = """examples:
+  minift finetune
+  minift finetune --method full --lr 1e-4 --max-steps 500 --output-dir runs/full
+  minift finetune --data my.jsonl --val-data my-val.jsonl --r 16 --target-modules c_attn,c_fc
+  minift finetune --config run.toml --lr 3e-3          flags override the file
+  minift finetune --resume runs/full --max-steps 800   continue (or extend) a run
+  torchrun --nproc_per_node=2 -m minift finetune --method full
+
+config file (TOML or JSON; keys are the option names, with _ or -):
+  method = "lora"
+  r = 16
+  max_steps = 500
+  target_modules = ["c_attn", "c_fc"]
+  patience = "none"          # "none" where an option takes none
+
+the run folder: config.json (all options), metrics.jsonl, adapter/ (PEFT format) or
+model/ (full, partial: a Hugging Face folder), each with the tokenizer; report.md,
+report.json, loss.png (with matplotlib); checkpoints/, best/, run.json (for --resume)."""
+
+GENERATE_EPILOG = """examples:
+  minift generate --prompt 'The os module'
+  minift generate --run runs/lora-20250101-120000 --prompt $'def os.getcwd():\\n    \"\"\"'
+  minift generate --model gpt2 --adapter my-adapter --prompt Hi --do-sample --top-p 0.9 --seed 1
+  echo 'some prompt' | minift generate --prompt -
+Sampling is on with --do-sample, or when --temperature, --top-k or --top-p is given."""
+
+EVAL_EPILOG = """examples:
+  minift eval                                   minift-tiny on the built-in test split
+  minift eval --run runs/lora-20250101-120000 --forgetting --bias
+  minift eval --model gpt2 --adapter my-adapter --data test.jsonl --json
+Prints loss and perplexity on --data (every target token), task metrics (exact match,
+token F1, ROUGE-L of greedy answers) when its lines are {"prompt", "completion"},
+reference perplexity with --forgetting (and the base model's, for an adapter or a run),
+and the log-likelihood gaps of minift's minimal pairs with --bias."""
+
+MERGE_EPILOG = """examples:
+  minift merge --run runs/lora-20250101-120000 --out merged
+  minift merge --model gpt2 --adapter my-lora --out gpt2-merged
+The output is a Hugging Face folder (model + tokenizer) that transformers and minift load.
+Only LoRA merges into the weights; other adapters are refused."""
+
+COMPARE_EPILOG = """examples:
+  minift compare --quick                          about 3 minutes on 2 CPU cores
+  minift compare --methods lora,full,full+ewc --max-steps 200
+methods: """ + ", ".join(COMPARE_METHODS) + """ (full+ewc: full fine-tuning with
+an EWC penalty whose Fisher comes from the reference text). Each method is a `minift
+finetune` in its own process (honest peak memory, for about 3 s of start-up each), on the
+same data, step budget, batch size and seed, with its own learning rate. Writes report.md,
+report.json, loss_curves.png and one run folder per method."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    top = _Parser(prog="minift", description="Fine-tune GPT-2-style language models.",
+                  epilog=TOP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                  allow_abbrev=False)
+    top.add_argument("--version", action="version", version=f"minift {__version__}")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+    top.commands = sub.choices
+
+    def command(name, help, epilog, func):
+        p = sub.add_parser(name, help=help, description=help, epilog=epilog, allow_abbrev=False,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("finetune", "fine-tune a model and write a run folder", FINETUNE_EPILOG,
+                cmd_finetune)
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON file of options")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR with its config.json (flags override it)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run in --output-dir")
+    shown = defaults("lora")
+    run, method = p.add_argument_group("model, data, evaluation"), p.add_argument_group("method")
+    for o in RUN_OPTIONS:
+        d = "lora " + _show(shown[o.name]) if o.name == "target_modules" else _show(o.default)
+        _add_option(method if o.name == "method" or o.methods else run, o, d)
+    group = p.add_argument_group("training (TrainConfig fields)")
+    for o in TRAIN_OPTIONS:
+        d = ", ".join(f"{m} {v['lr']:g}" for m, v in METHOD_DEFAULTS.items()) if o.name == "lr" \
+            else _show(shown[o.name])
+        _add_option(group, o, d)
+
+    for name, help, epilog, func in (
+            ("generate", "continue a prompt", GENERATE_EPILOG, cmd_generate),
+            ("eval", "evaluate a model, an adapter or a run", EVAL_EPILOG, cmd_eval),
+            ("merge", "fold a LoRA adapter into a full Hugging Face model folder", MERGE_EPILOG,
+             cmd_merge)):
+        p = command(name, help, epilog, func)
+        p.add_argument("--model", help="base model: folder, cached hub id or minift-tiny "
+                       "(default: minift-tiny)")
+        p.add_argument("--adapter", metavar="DIR", help="adapter folder (PEFT format)")
+        p.add_argument("--run", metavar="RUN_DIR", help="a finetune run: its model and adapter")
+        if name == "merge":
+            p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+            p.add_argument("--overwrite", action="store_true", help="replace a model in --out")
+            continue
+        p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+        if name == "generate":
+            p.add_argument("--prompt", required=True, help="the text to continue; - reads stdin")
+            p.add_argument("--max-new-tokens", type=int, default=50, help="(default: 50)")
+            p.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
+            p.add_argument("--temperature", type=float, help="sampling temperature (1.0)")
+            p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+            p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set of mass p")
+            p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+        else:
+            p.add_argument("--data", help="a .jsonl or .txt file (default: the built-in test split)")
+            p.add_argument("--eval-samples", type=int, default=64,
+                           help="task metrics on the first N prompts (default: 64)")
+            p.add_argument("--max-new-tokens", type=int, default=48, help="(default: 48)")
+            p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"],
+                           help=f"(default: {RECIPE['batch_size']}, as finetune's evaluations)")
+            p.add_argument("--forgetting", action="store_true",
+                           help="perplexity on --reference, and the base model's for comparison")
+            p.add_argument("--reference", metavar="FILE",
+                           help="text for --forgetting (default: the built-in reference.txt)")
+            p.add_argument("--bias", action="store_true", help="run the minimal-pairs bias probe")
+            p.add_argument("--bias-pairs", metavar="FILE",
+                           help="JSONL of {category, a, b} pairs (default: minift's 40)")
+            p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = command("compare", "train every method on the same budget; one table", COMPARE_EPILOG,
+                cmd_compare)
+    p.add_argument("--quick", action="store_true", help=f"a short budget: {QUICK['max_steps']} "
+                   f"steps, task metrics on {QUICK['eval_samples']} prompts")
+    p.add_argument("--methods", default=",".join(COMPARE_METHODS),
+                   help="comma-separated subset (default: all)")
+    p.add_argument("--max-steps", type=int,
+                   help=f"per method (default: {RECIPE['max_steps']}, --quick {QUICK['max_steps']})")
+    p.add_argument("--eval-every", type=int, help=f"steps between evaluations (default: "
+                   f"{RECIPE['eval_every']}, --quick {QUICK['eval_every']})")
+    p.add_argument("--eval-samples", type=int, help="prompts for the task metrics (default: 64, "
+                   f"--quick {QUICK['eval_samples']})")
+    p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"],
+                   help=f"(default: {RECIPE['batch_size']})")
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p.add_argument("--ewc-lambda", type=float, default=EWC_LAMBDA,
+                   help=f"EWC strength of full+ewc (default: {EWC_LAMBDA:g})")
+    for o in ("model", "data", "val_data", "test_data", "reference"):
+        p.add_argument("--" + o.replace("_", "-"), metavar=OPTIONS[o].metavar,
+                       help=OPTIONS[o].help.replace("%", "%%"))
+    p.add_argument("--output-dir", metavar="DIR", help="(default: runs/compare-<date>-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous comparison")
+    return top
+
+
+# ----------------------------------------------------------------------------- resolving
+def read_config_file(path: str | Path) -> dict:
+    """A TOML or JSON file of options -> {name: converted value}; unknown keys are refused."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such config file") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    elif path.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise UsageError(f"{path}: reading TOML needs Python >= 3.11 or the tomli "
+                                 "package; or write the options as JSON") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from None
+    else:
+        raise UsageError(f"{path}: a config file must end in .toml or .json")
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a table of options")
+    options = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name == "minift_version":  # run folders' config.json records it
+            continue
+        if name not in OPTIONS:
+            close = difflib.get_close_matches(name, list(OPTIONS), n=1)
+            raise UsageError(f"{path}: unknown key {key!r}"
+                             + (f"; did you mean {close[0]!r}?" if close else ""))
+        if isinstance(value, dict):
+            raise UsageError(f"{path}: {key} is a table; options are plain keys (no sections)")
+        options[name] = convert(OPTIONS[name], value, f"{path}: {key}")
+    return options
+
+
+def resolve_finetune(args) -> dict:
+    """All options of a finetune run: defaults < --config file (or the resumed run's own
+    config.json) < flags. Paths that exist become absolute, so a saved run keeps working."""
+    given = {k: v for k, v in vars(args).items() if k in OPTIONS}
+    resume = getattr(args, "resume", None)
+    if resume:
+        if getattr(args, "config", None):
+            raise UsageError("--resume continues with the run's own config.json; drop --config")
+        saved = read_run_config(Path(resume))
+        changed = sorted(k for k in given if k in MODEL_KEYS and given[k] != saved.get(k))
+        if changed:
+            raise UsageError(f"--resume cannot change {', '.join(changed)}: the checkpoints "
+                             "belong to the saved model and method")
+        out = given.pop("output_dir", None)
+        if out is not None and Path(out).resolve() != Path(resume).resolve():
+            raise UsageError("--resume continues in RUN_DIR; drop --output-dir")
+        merged = {**saved, **given}
+    else:
+        merged = {**(read_config_file(args.config) if getattr(args, "config", None) else {}),
+                  **given}
+    method = merged.get("method", "lora")
+    for name in merged:
+        if OPTIONS[name].methods and method not in OPTIONS[name].methods:
+            raise UsageError(f"--{name.replace('_', '-')} applies to --method "
+                             f"{' or '.join(OPTIONS[name].methods)}, not {method}")
+    if "epochs" in merged and "max_steps" not in merged:
+        merged["max_steps"] = None  # --epochs alone means epochs (the recipe counts steps)
+    opts = {**defaults(method), **merged}
+    for name in ("model", "data", "val_data", "test_data", "reference"):
+        if opts[name] is not None and Path(opts[name]).expanduser().exists():
+            opts[name] = str(Path(opts[name]).expanduser().resolve())
+    if resume:
+        opts["output_dir"] = str(resume)
+    elif opts["output_dir"] is None:
+        opts["output_dir"] = str(Path("runs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return opts
+
+
+def read_run_config(run: Path) -> dict:
+    if not (run / "config.json").is_file():
+        raise FileNotFoundError(f"{run}: no config.json, so not a minift finetune run folder")
+    return read_config_file(run / "config.json")
+
+
+def train_config(opts: dict, resume: bool, overwrite: bool) -> TrainConfig:
+    try:
+        return TrainConfig(**{o.name: opts[o.name] for o in TRAIN_OPTIONS},
+                           output_dir=opts["output_dir"], resume=resume, overwrite=overwrite)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def method_config(opts: dict):
+    """The PEFT config of the method (None for full and partial); bad values are usage errors."""
+    o, common = opts, {"base_model_name_or_path": opts["model"]}
+    targets = {"target_modules": o["target_modules"]} if o.get("target_modules") else {}
+    try:
+        if o["method"] == "lora":
+            return LoraConfig(r=o["r"], lora_alpha=o["lora_alpha"], lora_dropout=o["lora_dropout"],
+                              **targets, **common)
+        if o["method"] == "adapter":
+            return AdapterConfig(bottleneck_size=o["bottleneck_size"], **targets, **common)
+        if o["method"] == "prefix":
+            return PrefixTuningConfig(num_virtual_tokens=o["num_virtual_tokens"],
+                                      prefix_projection=o["prefix_projection"],
+                                      encoder_hidden_size=o["encoder_hidden_size"], **common)
+        if o["method"] == "prompt":
+            return PromptTuningConfig(num_virtual_tokens=o["num_virtual_tokens"],
+                                      prompt_tuning_init=o["prompt_tuning_init"], **common)
+        if o["method"] == "ptuning":
+            return PromptEncoderConfig(num_virtual_tokens=o["num_virtual_tokens"],
+                                       encoder_hidden_size=o["encoder_hidden_size"], **common)
+    except ValueError as e:  # PeftError
+        raise UsageError(str(e)) from None
+    return None
+
+
+def apply_method(model: GPT, method: str, opts: dict, peft_config):
+    """Make the method's parameters trainable: a PeftModel, or the GPT with requires_grad set."""
+    if method == "full":
+        unfreeze_all(model)
+        return model
+    if method == "partial":
+        freeze_all_but_top(model, opts["top_k_blocks"])
+        return model
+    return get_peft_model(model, peft_config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total), each shared tensor (tied lm_head / wte) counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# ----------------------------------------------------------------------------- data
+def context_length(n_positions: int, n_virtual: int) -> tuple[int, int]:
+    """(longest example, reference perplexity block) for a model of n_positions context whose
+    adapter puts n_virtual tokens in front. The reference text is scored in blocks of half
+    the context (128 tokens for minift-tiny) whatever the method, so that virtual tokens fit
+    and every method's perplexity compares with the base model's."""
+    context = n_positions - n_virtual
+    if context < 2:
+        raise ValueError(f"{n_virtual} virtual tokens leave no room in the model's context "
+                         f"n_positions={n_positions}")
+    return context, min(n_positions // 2, context)
+
+
+@dataclass
+class TaskData:
+    train: list                # tokenised examples
+    val: list
+    records: list[dict]        # {"prompt", "completion"} for the task metrics (may be empty)
+    reference: str | None      # text for forgetting (None: off)
+    reference_block: int       # ... scored in non-overlapping blocks of this many tokens
+    reference_examples: list | None  # ... in max_length blocks, for EWC's Fisher
+    reference_name: str | None
+    max_length: int            # longest example, in tokens
+    detail: str                # for the reports
+    eval_detail: str
+
+
+def _records(path: Path) -> list[dict]:
+    """The lines of a JSONL file that load_dataset has already checked, one per example
+    (a .txt file has none)."""
+    if path.suffix.lower() != ".jsonl":
+        return []
+    text = path.read_text(encoding="utf-8-sig")
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
+
+
+def load_task_data(opts: dict, tok, n_positions: int) -> TaskData:
+    builtin = opts["data"] is None
+    n_virtual = opts["num_virtual_tokens"] if opts["method"] in VIRTUAL else 0
+    context, block = context_length(n_positions, n_virtual)
+    max_len = min(opts["max_length"] or context, context)
+    train_path = TASK / "train.jsonl" if builtin else Path(opts["data"])
+    val_path = Path(opts["val_data"]) if opts["val_data"] else (
+        TASK / "validation.jsonl" if builtin else None)
+    test_path = Path(opts["test_data"]) if opts["test_data"] else (
+        TASK / "test.jsonl" if builtin else None)
+
+    def load(path):
+        return load_dataset(path, tok, block_size=max_len, max_length=max_len)
+
+    train_data = load(train_path)
+    if val_path is not None:
+        val, val_records = load(val_path), _records(val_path)
+        split = f"validation {len(val)} ({val_path.name})"
+    else:  # the same seeded split of the examples and of the lines they came from
+        train_data, val = train_val_split(train_data, opts["val_fraction"], opts["seed"])
+        lines = _records(train_path)
+        val_records = train_val_split(lines, opts["val_fraction"], opts["seed"])[1] if lines else []
+        split = f"validation {len(val)} (a {opts['val_fraction']:g} split of it)"
+    if test_path is not None:
+        load(test_path)  # checks every line
+        records, where = _records(test_path), f"test ({test_path.name})"
+    else:
+        records, where = val_records, "validation"
+    records = [r for r in records if "prompt" in r]
+    n_all = len(records)
+    room = context - opts["max_new_tokens"]  # the answer must fit in the context too
+    records = [r for r in records if len(tok.encode(r["prompt"])) <= room][:opts["eval_samples"]]
+    eval_detail = (f"the first {len(records)} of {n_all} {where} prompts" if records else
+                   "no prompts (the data has no {\"prompt\", \"completion\"} lines)")
+
+    ref_path = Path(opts["reference"]) if opts["reference"] else TASK / "reference.txt"
+    reference = ref_examples = ref_name = None
+    if opts["forgetting"]:
+        try:
+            reference = ref_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{ref_path}: no such reference text file") from None
+        ref_name = str(ref_path) if opts["reference"] else "the built-in reference.txt"
+    if opts["ewc_lambda"] > 0:
+        ref_examples = load_text(ref_path, tok, max_len)
+    name = "the built-in task" if builtin else str(train_path)
+    return TaskData(train_data, val, records, reference, block, ref_examples, ref_name, max_len,
+                    f"{name}: train {len(train_data)}, {split}", eval_detail)
+
+
+# ----------------------------------------------------------------------------- finetune
+RUN_OUTPUTS = ("config.json", "adapter", "model", "report.md", "report.json", "loss.png")
+
+
+def _say(*lines) -> None:
+    """Progress for a human, on stderr (stdout carries the results); rank 0 only."""
+    if RANK == 0:
+        print(*lines, sep="\n", file=sys.stderr, flush=True)
+
+
+def _print(*lines) -> None:
+    if RANK == 0:
+        print(*lines, sep="\n", flush=True)
+
+
+def evaluate_model(model, tok, data: TaskData, batch_size: int, max_new_tokens: int):
+    """({val_loss, val_ppl, exact_match, f1, rouge_l, n, reference_ppl}, greedy answers)."""
+    val_loss = evaluate_loss(model, data.val, batch_size)
+    metrics = {"val_loss": val_loss, "val_ppl": math.exp(val_loss)}
+    preds = []
+    if data.records:
+        preds = generate_completions(model, tok, [r["prompt"] for r in data.records],
+                                     max_new_tokens, batch_size)
+        metrics.update(task_metrics(preds, [r["completion"] for r in data.records]))
+    if data.reference is not None:
+        metrics["reference_ppl"] = perplexity(model, data.reference, tok, batch_size,
+                                              data.reference_block)
+    return metrics, preds
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder holding a run unless resuming or overwriting (then ours are deleted
+    here; train() deletes its own)."""
+    if resume and overwrite:
+        raise UsageError("--resume continues a run and --overwrite replaces it; pick one")
+    existing = [f for f in (*RUN_FILES, *RUN_OUTPUTS) if (out / f).exists()]
+    if existing and not (resume or overwrite):
+        raise ValueError(f"{out} already holds a run ({', '.join(existing[:3])}); pass "
+                         "--overwrite to replace it or --resume to continue it")
+    if overwrite and RANK == 0:
+        for f in RUN_OUTPUTS:
+            path = out / f
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def cmd_finetune(args) -> int:
+    resume, overwrite = bool(getattr(args, "resume", None)), args.overwrite
+    opts = resolve_finetune(args)
+    config = train_config(opts, resume, overwrite)   # checks every training option now
+    peft_config = method_config(opts)
+    out = Path(opts["output_dir"])
+    prepare_run_dir(out, resume, overwrite)
+    for name in ("data", "val_data", "test_data", "reference"):  # fail before any loading
+        if opts[name] is not None and not Path(opts[name]).is_file():
+            raise DataError(f"{opts[name]}: no such file (--{name.replace('_', '-')})")
+
+    _say(f"loading {opts['model']} and the data ...")
+    model, tok = GPT.from_pretrained(opts["model"]), Tokenizer.from_pretrained(opts["model"])
+    data = load_task_data(opts, tok, model.config.n_positions)
+    config = replace(config, max_length=data.max_length)
+    model.to(opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if RANK == 0:  # before training, so that an interrupted run can be resumed
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", {"minift_version": __version__,
+                                         **{k: v for k, v in opts.items() if k != "output_dir"}})
+    eval_args = (tok, data, opts["eval_batch_size"] or opts["batch_size"], opts["max_new_tokens"])
+    before, before_preds = None, []
+    if opts["eval_before"] and RANK == 0:
+        _say("evaluating the base model ...")
+        before, before_preds = evaluate_model(model, *eval_args)
+        _print("before fine-tuning:", format_table(
+            {name: before[k] for k, name in METRIC_NAMES.items() if k in before}), "")
+
+    torch.manual_seed(opts["seed"])  # the adapter's random initialisation
+    model = apply_method(model, opts["method"], opts, peft_config)
+    trainable, total = count_parameters(model)
+    _say(f"{opts['method']}: {trainable:,d} of {total:,d} parameters trainable "
+         f"({100 * trainable / total:.3g}%); training in {out} ...")
+    timer = StepTimer()
+    t0 = time.perf_counter()
+    try:
+        with MemoryProbe() as memory:
+            result = train(model, data.train, data.val, config,
+                           reference_data=data.reference_examples, callback=timer)
+    except TrainingInterrupted as e:
+        raise TrainingInterrupted(f"{e}\ncontinue with: minift finetune --resume {out}",
+                                  e.signum) from None
+    seconds = time.perf_counter() - t0
+    if torch.distributed.is_initialized():  # train() joined torchrun's group and left it to us
+        torch.distributed.destroy_process_group()
+    if RANK != 0:
+        return 0
+
+    artifact = "model" if opts["method"] in ("full", "partial") else "adapter"
+    model.save_pretrained(out / artifact)
+    tok.save_pretrained(out / artifact)
+    _say("evaluating the fine-tuned model ...")
+    after, after_preds = evaluate_model(model, *eval_args)
+    samples = [{"prompt": r["prompt"], "reference": r["completion"],
+                **({"before": before_preds[i]} if before_preds else {}), "after": after_preds[i]}
+               for i, r in enumerate(data.records[:opts["num_samples"]])]
+    plotted = plot_losses({opts["method"]: loss_curves(read_metrics(out / "metrics.jsonl"))},
+                          out / "loss.png", f"minift finetune: {opts['method']} on {opts['model']}")
+    method_options = ", ".join(f"{k}={_show(getattr(peft_config, k, opts[k]))}"
+                               for k in opts if OPTIONS[k].methods)
+    summary = {
+        "method": opts["method"], "model": opts["model"], "lr": opts["lr"],
+        "method_detail": METHODS[opts["method"]] + (f"; {method_options}" if method_options
+                                                     else ""),
+        "data_detail": data.detail, "eval_detail": data.eval_detail,
+        "reference": data.reference_name, "reference_block": data.reference_block,
+        "trainable_params": trainable, "total_params": total,
+        "before": before, "after": after, "samples": samples,
+        "forgetting": forgetting_report(before["reference_ppl"], after["reference_ppl"])
+        if before and "reference_ppl" in before else None,
+        "train": {"steps": result.step, "stopped": result.stopped, "best_step": result.best_step,
+                  "best_val_loss": result.best_val_loss, "seconds": seconds,
+                  "seconds_per_step": timer.median(), "peak_rss_mb": memory.peak_mb,
+                  "rss_growth_mb": memory.growth_mb},
+        "artifact": artifact, "plot": "loss.png" if plotted else None,
+    }
+    write_json(out / "report.json", summary)
+    (out / "report.md").write_text(finetune_markdown(summary), encoding="utf-8")
+
+    _print("before and after fine-tuning:", format_table(
+        [{k: "-" if v is None else v for k, v in r.items()} for r in metrics_rows(before, after)]),
+        "")
+    if samples:
+        _print("samples:", format_table([{k: v or "(empty)" for k, v in r.items()}
+                                         for r in samples], max_width=36), "")
+    _print(f"run folder: {out} (report.md, {artifact}/, metrics.jsonl, config.json)"
+           + ("" if plotted else "; no loss.png: install matplotlib (pip install minift[plot])"))
+    return 0
+
+
+# ----------------------------------------------------------------------------- inference
+def load_for_inference(args):
+    """(model, tokenizer, base model id, adapter folder or None) from --model/--adapter or
+    --run. A run's model/ folder (full, partial) is loaded as the model itself."""
+    if args.run is not None:
+        if args.model or args.adapter:
+            raise UsageError("--run names the model and adapter already; drop --model/--adapter")
+        run = Path(args.run)
+        base = read_run_config(run)["model"]
+        if (run / "model").is_dir():
+            return (GPT.from_pretrained(run / "model").eval(),
+                    Tokenizer.from_pretrained(run / "model"), base, None)
+        adapter = run / "adapter"
+        if not adapter.is_dir():
+            raise FileNotFoundError(f"{run}: no adapter/ or model/ folder yet (training did not "
+                                    f"finish); continue it with: minift finetune --resume {run}")
+    else:
+        base = args.model or "minift-tiny"
+        adapter = Path(args.adapter) if args.adapter else None
+    model = GPT.from_pretrained(base)
+    has_tokenizer = adapter is not None and any(
+        (adapter / f).is_file() for f in ("tokenizer.json", "vocab.json"))
+    tok = Tokenizer.from_pretrained(adapter if has_tokenizer else base)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval(), tok, base, adapter  # eval(): the adapter's new modules start in training
+
+
+def _device(args) -> str:
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_generate(args) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise UsageError("--prompt is empty; the model needs at least one token to continue")
+    model, tok, _, _ = load_for_inference(args)
+    model.to(_device(args))
+    sample = args.do_sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p))
+    ids = torch.tensor([tok.encode(prompt)], device=model.device)
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=sample,
+                         temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+                         eos_token_id=tok.eos_token_id, seed=args.seed)
+    new = out[0, ids.shape[1]:].tolist()
+    if tok.eos_token_id in new:
+        new = new[:new.index(tok.eos_token_id)]
+    print(prompt + tok.decode(new))
+    return 0
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        elif v is not None:
+            flat[prefix + k] = v
+    return flat
+
+
+def cmd_eval(args) -> int:
+    model, tok, base, adapter = load_for_inference(args)
+    model.to(_device(args))
+    n_virtual = model.peft_config.num_virtual_tokens if getattr(
+        model, "is_prompt_learning", False) else 0
+    context, block = context_length(model.config.n_positions, n_virtual)
+    path = Path(args.data) if args.data else TASK / "test.jsonl"
+    examples = load_dataset(path, tok, block_size=context, max_length=context)
+    ppl = perplexity(model, examples, batch_size=args.batch_size)
+    result = {"model": base, "adapter": str(adapter) if adapter else None, "data": str(path),
+              "examples": len(examples), "loss": math.log(ppl), "perplexity": ppl}
+    room = context - args.max_new_tokens
+    records = [r for r in _records(path) if "prompt" in r and len(tok.encode(r["prompt"])) <= room]
+    if records:
+        result["task"] = evaluate_generation(model, tok, records[:args.eval_samples],
+                                             args.max_new_tokens, args.batch_size)
+    if args.forgetting:
+        ref_path = Path(args.reference) if args.reference else TASK / "reference.txt"
+        try:
+            text = ref_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{ref_path}: no such reference text file") from None
+        ppl_ref = perplexity(model, text, tok, args.batch_size, block)
+        result["reference"] = {"file": str(ref_path), "perplexity": ppl_ref}
+        if adapter is not None or args.run:  # the base model, for comparison
+            base_model = GPT.from_pretrained(base).to(_device(args))
+            result["reference"]["forgetting"] = forgetting_report(
+                perplexity(base_model, text, tok, args.batch_size, block), ppl_ref)
+    if args.bias:
+        probe = bias_probe(model, tok, args.bias_pairs, args.batch_size)
+        result["bias"] = {k: v for k, v in probe.items() if k != "pairs"}
+    print(json.dumps(result, indent=2) if args.json else
+          format_table(_flatten(result), max_width=60))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    out = Path(args.out)
+    if args.run and (Path(args.run) / "model").is_dir():
+        raise ValueError(f"{args.run} fine-tuned the model's own weights; its model/ folder is "
+                         "already a full Hugging Face model, with nothing to merge")
+    adapter = Path(args.run) / "adapter" if args.run else args.adapter and Path(args.adapter)
+    if adapter is None:
+        raise UsageError("merge needs --run RUN_DIR, or --model M --adapter DIR")
+    if (adapter / CONFIG_NAME).is_file():  # refuse before loading anything
+        kind = load_adapter_config(adapter_folder(adapter)).peft_type
+        if kind != "LORA":
+            raise ValueError(f"{adapter} holds a {kind} adapter; only LoRA folds into the "
+                             "weights (the others add computation, so they stay adapters)")
+    if (out / "config.json").exists() and not args.overwrite:
+        raise ValueError(f"{out} already holds a model; pass --overwrite to replace it")
+    model, tok, _, _ = load_for_inference(args)
+    model.merge_and_unload().save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"merged {adapter} into the weights: {out} (a Hugging Face folder; GPT.from_pretrained "
+          "and transformers' AutoModelForCausalLM load it)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- compare
+def cmd_compare(args) -> int:
+    """Each method is `python -m minift finetune ...` in its own process, so its peak memory
+    is its own; this process evaluates the base model once, the "before" of every method."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in COMPARE_METHODS]
+    if unknown or not methods:
+        raise UsageError(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from "
+                         f"{','.join(COMPARE_METHODS)}")
+    preset = QUICK if args.quick else {**RECIPE, "eval_samples": 64}
+    steps = args.max_steps or preset["max_steps"]
+    n_eval = args.eval_samples or preset["eval_samples"]
+    out = Path(args.output_dir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    if any((out / f).exists() for f in ("report.json", *methods)) and not args.overwrite:
+        raise ValueError(f"{out} already holds a comparison; pass --overwrite to replace it")
+
+    common = ["--max-steps", steps, "--eval-every", min(args.eval_every or preset["eval_every"],
+                                                        steps),
+              "--eval-samples", n_eval, "--batch-size", args.batch_size, "--seed", args.seed,
+              "--no-eval-before"]
+    paths = {o: getattr(args, o) for o in ("model", "data", "val_data", "test_data", "reference")}
+    for o, v in paths.items():
+        common += [f"--{o.replace('_', '-')}", v] if v else []
+    opts = {**defaults("lora"), **paths, "model": args.model or "minift-tiny",
+            "seed": args.seed, "eval_samples": n_eval}
+    _say(f"evaluating the base model {opts['model']} ...")
+    model, tok = GPT.from_pretrained(opts["model"]), Tokenizer.from_pretrained(opts["model"])
+    data = load_task_data(opts, tok, model.config.n_positions)
+    base, _ = evaluate_model(model, tok, data, args.batch_size, opts["max_new_tokens"])
+    del model
+
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(  # the children run this same minift
+        [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+    rows, curves = [], {}
+    for i, m in enumerate(methods, 1):
+        argv = [sys.executable, "-m", "minift", "finetune", "--output-dir", out / m, *common,
+                "--method", "full" if m == "full+ewc" else m]
+        argv += ["--ewc-lambda", args.ewc_lambda] if m == "full+ewc" else []
+        argv += ["--overwrite"] if args.overwrite else []
+        _say(f"[{i}/{len(methods)}] {m}: {steps} steps ...")
+        (out / m).mkdir(exist_ok=True)
+        t0 = time.perf_counter()
+        with open(out / m / "log.txt", "w", encoding="utf-8") as log:
+            code = subprocess.run(list(map(str, argv)), stdout=log, stderr=subprocess.STDOUT,
+                                  env=env).returncode
+        if code in (130, 143, -signal.SIGINT, -signal.SIGTERM):
+            raise KeyboardInterrupt
+        if code != 0:
+            lines = (out / m / "log.txt").read_text(encoding="utf-8").splitlines()
+            error = next((ln.split("error: ", 1)[1] for ln in reversed(lines)
+                          if ln.startswith("minift: error:")), f"exit code {code}")
+            rows.append({"method": m, "error": error})
+            _say(f"    failed: {error} (log: {out / m / 'log.txt'})")
+            continue
+        r = json.loads((out / m / "report.json").read_text(encoding="utf-8"))
+        r["method"] = m
+        if "reference_ppl" in base:
+            r["forgetting"] = forgetting_report(base["reference_ppl"], r["after"]["reference_ppl"])
+        rows.append(r)
+        curves[m] = loss_curves(read_metrics(out / m / "metrics.jsonl"))
+        _say(f"    {time.perf_counter() - t0:.1f} s, validation loss {r['after']['val_loss']:.4f}")
+
+    plotted = plot_losses(curves, out / "loss_curves.png", f"minift compare ({steps} steps)")
+    summary = {"model": opts["model"], "data_detail": data.detail, "eval_detail": data.eval_detail,
+               "reference": data.reference_name, "max_steps": steps,
+               "batch_size": args.batch_size, "seed": args.seed, "base": base, "methods": rows,
+               "plot": "loss_curves.png" if plotted else None}
+    write_json(out / "report.json", summary)
+    (out / "report.md").write_text(compare_markdown(summary), encoding="utf-8")
+    print(format_table(compare_rows(summary), max_width=44))
+    print(f"\nreport: {out / 'report.md'}" + ("" if plotted else
+          " (no loss_curves.png: install matplotlib, pip install minift[plot])"))
+    failed = [r["method"] for r in rows if "error" in r]
+    if failed:
+        raise ValueError(f"{', '.join(failed)} failed; see their log.txt in {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+def _error(e: BaseException) -> None:
+    if RANK == 0:
+        message = " ".join(str(e).split("\n")).strip() or type(e).__name__
+        print(f"minift: error: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `minift` console script and `python -m minift`; returns the exit code."""
+    parser = build_parser()
+    debug = bool(os.environ.get("MINIFT_DEBUG"))
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the subcommand's parser: its name, its options
+            parser.commands.get(args.command, parser).error(
+                f"unrecognized arguments: {' '.join(extra)}")
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return args.func(args)
+    except UsageError as e:
+        if debug:
+            raise
+        _error(e)
+        return 2
+    except TrainingInterrupted as e:
+        if RANK == 0:
+            print("\n".join(f"minift: {line}" for line in str(e).split("\n")), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if RANK == 0:
+            print("minift: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, NonFiniteError) as e:  # DataError, PeftError, TOML errors too
+        if debug:
+            raise
+        _error(e)
+        return 1

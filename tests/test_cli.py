@@ -1,0 +1,314 @@
+"""The `minift` command end to end: subprocesses with tiny step budgets on the built-in task
+and minift-tiny, one shared LoRA run for generate / eval / merge / resume, and in-process
+calls of `main()` for option handling and user errors (fast: they stop before training)."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+
+from minift import GPT, Tokenizer
+from minift.checkpoint import resolve_source
+from minift.cli import MANAGED, build_parser, main, read_config_file, resolve_finetune
+from minift.peft import AdapterConfig, PeftModel, get_peft_model
+from minift.train import TrainConfig
+
+MODEL = "minift-tiny"
+# Budgets: 30 steps learn something; evaluation on a handful of prompts keeps it quick.
+SMALL = ["--eval-samples", "8", "--num-samples", "2", "--max-new-tokens", "16"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+
+
+def minift(*args, check=True, timeout=600, **kwargs):
+    """Run `python -m minift ARGS`; returns the CompletedProcess (text mode)."""
+    proc = subprocess.run([sys.executable, "-m", "minift", *map(str, args)], capture_output=True,
+                          text=True, env=ENV, timeout=timeout, **kwargs)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """main() in this process -> (exit code, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err: str, *fragments):
+    """The user sees exactly one line, `minift: error: ...`, and no traceback."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("minift: error: "), err
+    assert "Traceback" not in err
+    assert sum(ln.startswith("minift: error") for ln in lines) == 1, err
+    for f in fragments:
+        assert f in lines[-1], (f, lines[-1])
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """One `minift finetune` (LoRA, the default) on the built-in task, shared by the tests."""
+    out = tmp_path_factory.mktemp("cli") / "lora"
+    proc = minift("finetune", "--model", MODEL, "--max-steps", 30, "--eval-every", 15,
+                  "--log-every", 5, "--output-dir", out, *SMALL)
+    return out, proc
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+# ----------------------------------------------------------------------------- finetune
+def test_finetune_writes_a_run_folder_and_learns(lora_run):
+    out, proc = lora_run
+    for name in ("config.json", "metrics.jsonl", "report.md", "report.json",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "adapter/tokenizer.json"):
+        assert (out / name).is_file(), name
+    pytest.importorskip("matplotlib")
+    assert (out / "loss.png").stat().st_size > 1000
+
+
+def test_finetune_validation_loss_goes_down(lora_run):
+    out, proc = lora_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["after"]["val_loss"] < report["before"]["val_loss"] - 0.05
+    evals = [r["val_loss"] for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "eval"]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    # what the command printed: both evaluations, the samples and where the run is
+    assert "before and after fine-tuning" in proc.stdout and "samples" in proc.stdout
+    assert "validation loss" in proc.stdout and str(out) in proc.stdout
+    assert "step 30/30" in proc.stderr  # the progress line
+    md = (out / "report.md").read_text()
+    for text in ("exact match", "ROUGE-L", "reference perplexity", "## Samples", "loss.png"):
+        assert text in md
+
+
+def test_finetune_report_numbers_are_consistent(lora_run):
+    out, _ = lora_run
+    r = json.loads((out / "report.json").read_text())
+    a = r["after"]
+    assert a["val_ppl"] == pytest.approx(math.exp(a["val_loss"]), rel=1e-12)
+    assert 0 < r["trainable_params"] < r["total_params"]
+    f = r["forgetting"]
+    assert f["change"] == pytest.approx(a["reference_ppl"] - r["before"]["reference_ppl"])
+    assert r["train"]["steps"] == 30 and r["train"]["seconds_per_step"] > 0
+    last_eval = [m for m in read_jsonl(out / "metrics.jsonl") if m["event"] == "eval"][-1]
+    assert a["val_loss"] == pytest.approx(last_eval["val_loss"], rel=1e-6)  # restore_best: best = last
+
+
+def test_saved_config_repeats_the_run(lora_run):
+    out, _ = lora_run
+    saved = read_config_file(out / "config.json")
+    assert saved["max_steps"] == 30 and saved["method"] == "lora" and saved["eval_samples"] == 8
+    args = build_parser().parse_args(["finetune", "--config", str(out / "config.json")])
+    opts = resolve_finetune(args)
+    assert {k: v for k, v in opts.items() if k != "output_dir"} == saved
+
+
+def test_adapter_loads_in_peft_with_equal_logits(lora_run):
+    peft = pytest.importorskip("peft")
+    from transformers import GPT2LMHeadModel
+    out, _ = lora_run
+    base = resolve_source(MODEL)
+    theirs = peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), out / "adapter")
+    ours = PeftModel.from_pretrained(GPT.from_pretrained(MODEL), out / "adapter").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs.eval()(input_ids=ids).logits,
+                                   rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- generate, eval, merge
+def test_generate_from_a_run_equals_the_library(lora_run):
+    out, _ = lora_run
+    prompt = 'def os.getcwd():\n    """'
+    proc = minift("generate", "--run", out, "--prompt", prompt, "--max-new-tokens", 12)
+    model = PeftModel.from_pretrained(GPT.from_pretrained(MODEL), out / "adapter").eval()
+    tok = Tokenizer.from_pretrained(out / "adapter")
+    ids = torch.tensor([tok.encode(prompt)])
+    new = model.generate(ids, max_new_tokens=12, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:]
+    new = new.tolist()
+    new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+    assert proc.stdout == prompt + tok.decode(new) + "\n"
+
+
+def test_eval_json_matches_the_finetune_report(lora_run):
+    out, _ = lora_run
+    proc = minift("eval", "--run", out, "--json", "--eval-samples", 4, "--max-new-tokens", 8,
+                  "--forgetting", "--bias")
+    r = json.loads(proc.stdout)
+    report = json.loads((out / "report.json").read_text())
+    assert r["loss"] == pytest.approx(math.log(r["perplexity"]), rel=1e-12)
+    assert r["task"]["n"] == 4 and 0 <= r["task"]["rouge_l"] <= 1
+    # the same text, blocks, batches and weights as the run's own evaluations
+    assert r["reference"]["perplexity"] == pytest.approx(report["after"]["reference_ppl"], rel=1e-6)
+    assert r["reference"]["forgetting"]["before"] == pytest.approx(
+        report["before"]["reference_ppl"], rel=1e-6)
+    assert r["bias"]["n"] == 40
+
+
+def test_merge_loads_in_transformers_with_the_merged_logits(lora_run, tmp_path, capsys):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+    out, _ = lora_run
+    minift("merge", "--run", out, "--out", tmp_path / "merged")
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    merged = PeftModel.from_pretrained(GPT.from_pretrained(MODEL), out / "adapter").merge_and_unload()
+    ids = torch.randint(0, merged.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
+    tok = Tokenizer.from_pretrained(out / "adapter")
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged")("def f(x):")["input_ids"] == \
+        tok.encode("def f(x):")
+    # the folder is a model folder now: a second merge into it is refused
+    code, _, err = run_main(capsys, "merge", "--run", out, "--out", tmp_path / "merged")
+    assert code == 1
+    assert_one_line_error(err, "--overwrite")
+
+
+def test_merge_refuses_other_adapters(tmp_path, capsys):
+    peft_model = get_peft_model(GPT.from_pretrained(MODEL), AdapterConfig(bottleneck_size=4))
+    peft_model.save_pretrained(tmp_path / "houlsby")
+    code, _, err = run_main(capsys, "merge", "--model", MODEL, "--adapter", tmp_path / "houlsby",
+                            "--out", tmp_path / "out")
+    assert code == 1 and not (tmp_path / "out").exists()
+    assert_one_line_error(err, "HOULSBY_ADAPTER", "only LoRA")
+
+
+# ----------------------------------------------------------------------------- resume, signals
+def test_resume_extends_a_finished_run(lora_run, tmp_path):
+    src, _ = lora_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    proc = minift("finetune", "--resume", run, "--max-steps", 34, "--no-eval-before")
+    assert "resumed from" in proc.stderr and "step 34/34" in proc.stderr
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "eval"]
+    assert steps == [15, 30, 34]
+    assert json.loads((run / "config.json").read_text())["max_steps"] == 34
+    assert json.loads((run / "report.json").read_text())["train"]["steps"] == 34
+
+
+def test_sigint_checkpoints_exits_130_and_resume_finishes(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "minift", "finetune", "--model", MODEL, "--max-steps", 1000,
+           "--log-every", 1, "--eval-every", 1000, "--output-dir", str(run), "--no-eval-before",
+           "--no-forgetting", *SMALL]
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "SIGINT" in err and "minift finetune --resume" in err and "Traceback" not in err
+    step = json.loads((run / "report.json").read_text())["train"]["steps"] if \
+        (run / "report.json").exists() else None
+    assert step is None  # interrupted runs have no report yet
+    done = minift("finetune", "--resume", run, "--max-steps", 4, "--no-eval-before")
+    assert "resumed from" in done.stderr
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- compare
+def test_compare_quick_has_a_row_for_every_method(tmp_path):
+    out = tmp_path / "cmp"
+    proc = minift("compare", "--quick", "--max-steps", 2, "--eval-every", 2, "--eval-samples", 2,
+                  "--output-dir", out)
+    report = json.loads((out / "report.json").read_text())
+    methods = ["full", "partial", "adapter", "lora", "prefix", "prompt", "ptuning", "full+ewc"]
+    assert [r["method"] for r in report["methods"]] == methods
+    md = (out / "report.md").read_text()
+    for r in report["methods"]:
+        assert "error" not in r, r
+        assert r["train"]["steps"] == 2 and r["trainable_params"] > 0
+        assert f"| {r['method']} |" in md
+        assert "change" in r["forgetting"]
+    shares = {r["method"]: r["trainable_params"] / r["total_params"] for r in report["methods"]}
+    assert shares["full"] == 1.0 and shares["lora"] < shares["partial"] < 1.0
+    for m in methods:
+        assert m in proc.stdout
+    pytest.importorskip("matplotlib")
+    assert (out / "loss_curves.png").is_file()
+
+
+# ----------------------------------------------------------------------------- options and errors
+def test_help_has_examples_and_every_train_option(capsys):
+    for cmd in ([], ["finetune"], ["generate"], ["eval"], ["merge"], ["compare"]):
+        with pytest.raises(SystemExit) as e:
+            main([*cmd, "--help"])
+        assert e.value.code == 0
+        assert "examples:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = capsys.readouterr().out
+    for f in fields(TrainConfig):
+        if f.name not in MANAGED:
+            assert "--" + f.name.replace("_", "-") in text, f.name
+
+
+def test_config_file_layers(tmp_path):
+    (tmp_path / "run.toml").write_text('method = "lora"\nr = 4\nmax-steps = 7\n'
+                                       'target_modules = ["c_attn", "c_fc"]\npatience = "none"\n'
+                                       'adam_betas = [0.8, 0.99]\n')
+    parse = build_parser().parse_args
+    opts = resolve_finetune(parse(["finetune", "--config", str(tmp_path / "run.toml"), "--r", "2"]))
+    assert opts["r"] == 2 and opts["max_steps"] == 7 and opts["patience"] is None   # flag > file
+    assert opts["target_modules"] == ["c_attn", "c_fc"] and opts["adam_betas"] == (0.8, 0.99)
+    assert opts["lr"] == 2e-3 and opts["batch_size"] == 16   # the CLI's recipe for LoRA
+    full = resolve_finetune(parse(["finetune", "--method", "full"]))
+    assert full["lr"] == 3e-4 and "r" not in full
+    epochs = resolve_finetune(parse(["finetune", "--epochs", "2"]))
+    assert epochs["max_steps"] is None and epochs["epochs"] == 2   # epochs alone counts epochs
+
+
+@pytest.mark.parametrize("args, code, fragments", [
+    (["finetune", "--no-such-option"], 2, ["unrecognized arguments: --no-such-option"]),
+    (["finetune", "--max-step", "3"], 2, ["did you mean --max-steps?"]),
+    (["finetune", "--method", "qlora"], 2, ["'qlora' is not one of"]),
+    (["finetune", "--lr", "fast"], 2, ["--lr", "expected a number"]),
+    (["finetune", "--r", "4", "--method", "full"], 2, ["--r applies to --method lora"]),
+    (["finetune", "--max-steps", "0"], 2, ["max_steps"]),
+    (["finetune", "--data", "{tmp}/missing.jsonl", "--output-dir", "{tmp}/o"], 1,
+     ["missing.jsonl: no such file"]),
+    (["finetune", "--config", "{tmp}/bad.toml"], 2, ["bad.toml: unknown key 'max_stpes'",
+                                                     "did you mean 'max_steps'?"]),
+    (["finetune", "--config", "{tmp}/broken.toml"], 1, ["not valid TOML"]),
+    (["finetune", "--data", "{tmp}/bad.jsonl", "--output-dir", "{tmp}/o"], 1,
+     ["bad.jsonl line 2: invalid JSON"]),
+    (["finetune", "--resume", "{tmp}", "--config", "{tmp}/bad.toml"], 2, ["drop --config"]),
+    (["generate", "--model", "{tmp}/no-model", "--prompt", "x"], 1, ["no-model"]),
+    (["compare", "--methods", "lora,qlora"], 2, ["unknown qlora"]),
+    (["eval", "--data", "{tmp}/data.csv"], 1, ["unknown file type '.csv'"]),
+])
+def test_user_errors_are_one_line(tmp_path, capsys, args, code, fragments):
+    (tmp_path / "bad.toml").write_text("max_stpes = 3\n")
+    (tmp_path / "broken.toml").write_text("max_steps = = 3\n")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
+    (tmp_path / "data.csv").write_text("a,b\n")
+    got, _, err = run_main(capsys, *[a.format(tmp=tmp_path) for a in args])
+    assert got == code, err
+    assert_one_line_error(err, *fragments)
+
+
+def test_an_existing_run_is_refused_unless_overwrite(lora_run, capsys):
+    out, _ = lora_run
+    code, _, err = run_main(capsys, "finetune", "--output-dir", out)
+    assert code == 1
+    assert_one_line_error(err, "already holds a run", "--overwrite")
+    code, _, err = run_main(capsys, "finetune", "--resume", out, "--method", "full")
+    assert code == 2
+    assert_one_line_error(err, "--resume cannot change method")
+
+
+def test_console_errors_have_no_traceback(tmp_path):
+    proc = minift("finetune", "--data", tmp_path / "missing.jsonl", check=False, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.startswith("minift: error: ")
+    assert proc.stderr.count("\n") == 1
