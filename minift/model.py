@@ -451,13 +451,14 @@ def compile_blocks(model: nn.Module, dynamic: bool = True, **compile_kwargs) -> 
     baking them in as constants, so block 0's compiled code passes the guards of blocks
     1..n-1. (When nothing below block 0 trains, as with LoRA, its input needs no gradient
     while the others' do: the guards tell the two apart, so there are two compilations,
-    block 0's and one shared by all the rest.) `dynamic=True` makes the sequence length (and the batch size) symbolic, so a
-    batch of a new length reuses that code instead of recompiling; only sizes 0 and 1 are
-    specialised by torch (e.g. one-token decoding compiles its own graph). LoRA and adapter
-    layers inside a block are compiled with it (LoRA's op is one autograd.Function with no
-    graph break), prefix key/values and padding masks get their own graph, and
-    `model.gradient_checkpointing` recomputes a block by calling the compiled code again.
-    On CPU inductor emits C++ (a C++ compiler is needed); on CUDA, Triton.
+    block 0's and one shared by all the rest.) `dynamic=True` makes the sequence length
+    (and the batch size) symbolic, so a batch of a new length reuses that code instead of
+    recompiling; only sizes 0 and 1 are specialised by torch (e.g. one-token decoding
+    compiles its own graph). LoRA and adapter layers inside a block are compiled with it
+    (LoRA's op is one autograd.Function with no graph break), prefix key/values and
+    padding masks get their own graph, and `model.gradient_checkpointing` recomputes a
+    block by calling the compiled code again. On CPU inductor emits C++ (a C++ compiler
+    is needed); on CUDA, Triton.
     """
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     if not blocks:

@@ -286,7 +286,10 @@ def report(results: dict, meta: dict) -> list[str]:
 
 def check_targets(results: dict) -> list[str]:
     lines = ["", "targets (issue 5):"]
-    ok = lambda b: "met" if b else "MISSED"
+
+    def say(case, name, what, good):
+        lines.append(f"  {case:6} {name:16} {what}: {'met' if good else 'MISSED'}")
+
     for case, (speed_t, mem_t) in TARGETS.items():
         runs = results.get(case, {})
         ref = runs.get(REFERENCE, {})
@@ -296,19 +299,20 @@ def check_targets(results: dict) -> list[str]:
                 continue
             if speed_t is not None:
                 x = r["tokens_per_s"] / ref["tokens_per_s"]
-                lines.append(f"  {case:6} {name:16} tokens/s {x:.2f}x ref (>= {speed_t}x): {ok(x >= speed_t)}")
+                say(case, name, f"tokens/s {x:.2f}x ref (>= {speed_t}x)", x >= speed_t)
             if mem_t is not None:
                 x = r["peak_rss_gb"] / ref["peak_rss_gb"]
-                lines.append(f"  {case:6} {name:16} peak RSS {x:.2f}x ref (<= {mem_t}x): {ok(x <= mem_t)}")
+                say(case, name, f"peak RSS {x:.2f}x ref (<= {mem_t}x)", x <= mem_t)
             if case == "lora":
-                lines.append(f"  {case:6} {name:16} {r['of_bound']:.0%} of the matmul bound "
-                             f"(>= {BOUND_TARGET:.0%}): {ok(r['of_bound'] >= BOUND_TARGET)}")
+                say(case, name, f"{r['of_bound']:.0%} of the matmul bound (>= {BOUND_TARGET:.0%})",
+                    r["of_bound"] >= BOUND_TARGET)
             if name == "minift compiled":
                 o = r["first_step_overhead_s"]
+                say(case, name, f"compile overhead {o:.1f}s (<= {COMPILE_TARGET_S:.0f}s)",
+                    o <= COMPILE_TARGET_S)
                 d = abs(r["eval_loss_compiled"] - r["eval_loss_eager"])
-                lines.append(f"  {case:6} {name:16} compile overhead {o:.1f}s (<= {COMPILE_TARGET_S:.0f}s): "
-                             f"{ok(o <= COMPILE_TARGET_S)}; |loss compiled - eager| {d:.1e} "
-                             f"(<= {LOSS_TOL:g}): {ok(d <= LOSS_TOL)}")
+                say(case, name, f"|eval loss compiled - eager| {d:.1e} (<= {LOSS_TOL:g})",
+                    d <= LOSS_TOL)
     return lines
 
 
@@ -322,8 +326,11 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--optimizer", choices=("torch-fused", "torch", "minift"),
                     default="torch-fused",
-                    help="torch-fused / torch: torch.optim.AdamW(fused=True / False) on both "
-                         "sides; minift: minift.AdamW on the minift side, torch's for the reference")
+                    help="torch-fused / torch: torch.optim.AdamW(fused=True / False) on "
+                         "both sides; minift: minift.AdamW on the minift side, torch's for "
+                         "the reference")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every case this many times, interleaved; keep each run's fastest")
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 step: a smoke test")
     ap.add_argument("--warm-cache", action="store_true",
                     help="keep inductor's on-disk cache (default: compile cold in a fresh one)")
@@ -367,27 +374,37 @@ def main():
         folder = Path(tmp) / "gpt2-random"
         save_reference_model(shape, folder)
         meta.update(spawn(["--worker", "matmul", "--matmul-reps", str(args.matmul_reps)]))
-        for case in cases:
-            ids, labels = make_batch(shape.vocab_size, args.batch, args.seq, case)
-            n_target = int((labels[:, 1:] != -100).sum())
-            for name in runs:
-                env = {}
-                if RUNS[name][1] and not args.warm_cache:
-                    env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / f"inductor-{case}")
-                print(f"running {case} / {name} ...", file=sys.stderr, flush=True)
-                r = spawn(["--worker", "run", "--run", name, "--case", case,
-                           "--model-dir", str(folder), *common], env)
-                if "error" not in r:
-                    # the bound counts the work the task needs: the head at target tokens only
-                    r["flops_per_token"] = matmul_flops(shape, case, args.batch, args.seq,
-                                                        n_target) / (args.batch * args.seq)
-                    r["bound_tokens_per_s"] = meta["matmul_flops_per_s"] / r["flops_per_token"]
-                    r["of_bound"] = r["tokens_per_s"] / r["bound_tokens_per_s"]
-                    r["flops_per_token_as_run"] = matmul_flops(
-                        shape, case, args.batch, args.seq, n_target,
-                        head_tokens=args.batch * args.seq if RUNS[name][0] == "hf" else None,
-                    ) / (args.batch * args.seq)
-                results.setdefault(case, {})[name] = r
+        for case, rep, name in ((c, i, n) for c in cases for i in range(args.repeat)
+                                for n in runs):
+            env = {}
+            if RUNS[name][1] and not args.warm_cache:  # a fresh, empty cache: a cold compile
+                env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / f"inductor-{case}-{rep}")
+            print(f"running {case} / {name} ({rep + 1}/{args.repeat}) ...", file=sys.stderr,
+                  flush=True)
+            r = spawn(["--worker", "run", "--run", name, "--case", case,
+                       "--model-dir", str(folder), *common], env)
+            kept = results.setdefault(case, {}).get(name)
+            if kept is None or r.get("tokens_per_s", 0) > kept.get("tokens_per_s", 0):
+                results[case][name] = kept = {**r, "all_tokens_per_s": (kept or {}).get(
+                    "all_tokens_per_s", [])}
+            kept["all_tokens_per_s"].append(r.get("tokens_per_s"))
+        # the machine's rate, measured again at the end: the best of both (less load noise)
+        rate = spawn(["--worker", "matmul", "--matmul-reps", str(args.matmul_reps)])
+        meta["matmul_flops_per_s"] = max(meta["matmul_flops_per_s"], rate["matmul_flops_per_s"])
+    for case, runs_ in results.items():
+        ids, labels = make_batch(shape.vocab_size, args.batch, args.seq, case)
+        n_target, n_tokens = int((labels[:, 1:] != -100).sum()), args.batch * args.seq
+        for name, r in runs_.items():
+            if "error" in r:
+                continue
+            # the bound counts the work the task needs: the LM head at target tokens only
+            r["flops_per_token"] = matmul_flops(shape, case, args.batch, args.seq,
+                                                n_target) / n_tokens
+            r["bound_tokens_per_s"] = meta["matmul_flops_per_s"] / r["flops_per_token"]
+            r["of_bound"] = r["tokens_per_s"] / r["bound_tokens_per_s"]
+            head = n_tokens if RUNS[name][0] == "hf" else None  # what the stack computes
+            r["flops_per_token_as_run"] = matmul_flops(shape, case, args.batch, args.seq,
+                                                       n_target, head) / n_tokens
     meta["load_avg_end"] = os.getloadavg()
     lines = report(results, meta) + check_targets(results)
     print("\n".join(lines))
