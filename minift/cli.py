@@ -364,11 +364,18 @@ Only LoRA merges into the weights; other adapters are refused."""
 COMPARE_EPILOG = """examples:
   minift compare --quick                          about 3 minutes on 2 CPU cores
   minift compare --methods lora,full,full+ewc --max-steps 200
-methods: """ + ", ".join(COMPARE_METHODS) + """ (full+ewc: full fine-tuning with
-an EWC penalty whose Fisher comes from the reference text). Each method is a `minift
-finetune` in its own process (honest peak memory, for about 3 s of start-up each), on the
-same data, step budget, batch size and seed, with its own learning rate. Writes report.md,
-report.json, loss_curves.png and one run folder per method."""
+methods: """ + ", ".join(COMPARE_METHODS) + """
+(full+ewc: full fine-tuning with an EWC penalty, its Fisher from the reference text).
+Each method is a `minift finetune` in its own process (honest peak memory, for about 3 s
+of start-up each), on the same data, step budget, batch size and seed, with its own
+learning rate. Writes report.md, report.json, loss_curves.png, a run folder per method."""
+
+
+def number(parser, flag: str, kind, default, help: str) -> None:
+    """An int or float option; its default (when not None) is shown in the help."""
+    shown = "" if default is None or "default:" in help else f" (default: {default:g})"
+    parser.add_argument(flag, type=kind, default=default, metavar="N" if kind is int else "X",
+                        help=help + shown)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -408,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("merge", "fold a LoRA adapter into a full Hugging Face model folder", MERGE_EPILOG,
              cmd_merge)):
         p = command(name, help, epilog, func)
-        p.add_argument("--model", help="base model: folder, cached hub id or minift-tiny "
-                       "(default: minift-tiny)")
+        p.add_argument("--model", metavar="PATH", help="base model: folder, cached hub id or "
+                       "minift-tiny (default: minift-tiny)")
         p.add_argument("--adapter", metavar="DIR", help="adapter folder (PEFT format)")
         p.add_argument("--run", metavar="RUN_DIR", help="a finetune run: its model and adapter")
         if name == "merge":
@@ -419,19 +426,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
         if name == "generate":
             p.add_argument("--prompt", required=True, help="the text to continue; - reads stdin")
-            p.add_argument("--max-new-tokens", type=int, default=50, help="(default: 50)")
+            number(p, "--max-new-tokens", int, 50, "tokens to generate")
             p.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
-            p.add_argument("--temperature", type=float, help="sampling temperature (1.0)")
-            p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
-            p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set of mass p")
-            p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+            number(p, "--temperature", float, None, "sampling temperature (1.0 when sampling)")
+            number(p, "--top-k", int, None, "sample from the k most likely tokens")
+            number(p, "--top-p", float, None, "nucleus sampling: the smallest set of mass p")
+            number(p, "--seed", int, 0, "sampling seed")
         else:
-            p.add_argument("--data", help="a .jsonl or .txt file (default: the built-in test split)")
-            p.add_argument("--eval-samples", type=int, default=64,
-                           help="task metrics on the first N prompts (default: 64)")
-            p.add_argument("--max-new-tokens", type=int, default=48, help="(default: 48)")
-            p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"],
-                           help=f"(default: {RECIPE['batch_size']}, as finetune's evaluations)")
+            p.add_argument("--data", metavar="FILE",
+                           help="a .jsonl or .txt file (default: the built-in test split)")
+            number(p, "--eval-samples", int, 64, "task metrics on the first N prompts")
+            number(p, "--max-new-tokens", int, 48, "answer length for the task metrics")
+            number(p, "--batch-size", int, RECIPE["batch_size"], "as finetune's evaluations")
             p.add_argument("--forgetting", action="store_true",
                            help="perplexity on --reference, and the base model's for comparison")
             p.add_argument("--reference", metavar="FILE",
@@ -445,19 +451,17 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_compare)
     p.add_argument("--quick", action="store_true", help=f"a short budget: {QUICK['max_steps']} "
                    f"steps, task metrics on {QUICK['eval_samples']} prompts")
-    p.add_argument("--methods", default=",".join(COMPARE_METHODS),
+    p.add_argument("--methods", default=",".join(COMPARE_METHODS), metavar="A,B",
                    help="comma-separated subset (default: all)")
-    p.add_argument("--max-steps", type=int,
-                   help=f"per method (default: {RECIPE['max_steps']}, --quick {QUICK['max_steps']})")
-    p.add_argument("--eval-every", type=int, help=f"steps between evaluations (default: "
-                   f"{RECIPE['eval_every']}, --quick {QUICK['eval_every']})")
-    p.add_argument("--eval-samples", type=int, help="prompts for the task metrics (default: 64, "
-                   f"--quick {QUICK['eval_samples']})")
-    p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"],
-                   help=f"(default: {RECIPE['batch_size']})")
-    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    p.add_argument("--ewc-lambda", type=float, default=EWC_LAMBDA,
-                   help=f"EWC strength of full+ewc (default: {EWC_LAMBDA:g})")
+    number(p, "--max-steps", int, None, f"steps per method (default: {RECIPE['max_steps']}, "
+           f"--quick {QUICK['max_steps']})")
+    number(p, "--eval-every", int, None, f"steps between evaluations (default: "
+           f"{RECIPE['eval_every']}, --quick {QUICK['eval_every']})")
+    number(p, "--eval-samples", int, None, f"prompts for the task metrics (default: 64, "
+           f"--quick {QUICK['eval_samples']})")
+    number(p, "--batch-size", int, RECIPE["batch_size"], "examples per step")
+    number(p, "--seed", int, 0, "data order, initialisation, dropout")
+    number(p, "--ewc-lambda", float, EWC_LAMBDA, "EWC strength of full+ewc")
     for o in ("model", "data", "val_data", "test_data", "reference"):
         p.add_argument("--" + o.replace("_", "-"), metavar=OPTIONS[o].metavar,
                        help=OPTIONS[o].help.replace("%", "%%"))
@@ -864,7 +868,8 @@ def cmd_generate(args) -> int:
         raise UsageError("--prompt is empty; the model needs at least one token to continue")
     model, tok, _, _ = load_for_inference(args)
     model.to(_device(args))
-    sample = args.do_sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p))
+    sample = args.do_sample or any(v is not None
+                                   for v in (args.temperature, args.top_k, args.top_p))
     ids = torch.tensor([tok.encode(prompt)], device=model.device)
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=sample,
                          temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,

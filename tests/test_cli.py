@@ -102,7 +102,8 @@ def test_finetune_report_numbers_are_consistent(lora_run):
     assert f["change"] == pytest.approx(a["reference_ppl"] - r["before"]["reference_ppl"])
     assert r["train"]["steps"] == 30 and r["train"]["seconds_per_step"] > 0
     last_eval = [m for m in read_jsonl(out / "metrics.jsonl") if m["event"] == "eval"][-1]
-    assert a["val_loss"] == pytest.approx(last_eval["val_loss"], rel=1e-6)  # restore_best: best = last
+    # restore_best with the last evaluation the best: the final weights are the last step's
+    assert a["val_loss"] == pytest.approx(last_eval["val_loss"], rel=1e-6)
 
 
 def test_saved_config_repeats_the_run(lora_run):
@@ -121,13 +122,14 @@ def test_adapter_loads_in_peft_with_equal_logits(lora_run):
     base = resolve_source(MODEL)
     theirs = peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), out / "adapter")
     ours = PeftModel.from_pretrained(GPT.from_pretrained(MODEL), out / "adapter").eval()
-    ids = torch.randint(0, ours.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, ours.config.vocab_size, (2, 12),
+                        generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs.eval()(input_ids=ids).logits,
                                    rtol=0, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- generate, eval, merge
+# ----------------------------------------------------------------------------- inference
 def test_generate_from_a_run_equals_the_library(lora_run):
     out, _ = lora_run
     prompt = 'def os.getcwd():\n    """'
@@ -161,8 +163,10 @@ def test_merge_loads_in_transformers_with_the_merged_logits(lora_run, tmp_path, 
     out, _ = lora_run
     minift("merge", "--run", out, "--out", tmp_path / "merged")
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
-    merged = PeftModel.from_pretrained(GPT.from_pretrained(MODEL), out / "adapter").merge_and_unload()
-    ids = torch.randint(0, merged.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    peft_model = PeftModel.from_pretrained(GPT.from_pretrained(MODEL), out / "adapter")
+    merged = peft_model.merge_and_unload().eval()
+    ids = torch.randint(0, merged.config.vocab_size, (2, 16),
+                        generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
     tok = Tokenizer.from_pretrained(out / "adapter")
@@ -196,25 +200,41 @@ def test_resume_extends_a_finished_run(lora_run, tmp_path):
     assert json.loads((run / "report.json").read_text())["train"]["steps"] == 34
 
 
-def test_sigint_checkpoints_exits_130_and_resume_finishes(tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_checkpoints_and_the_run_resumes(tmp_path, signum, code):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "minift", "finetune", "--model", MODEL, "--max-steps", 1000,
-           "--log-every", 1, "--eval-every", 1000, "--output-dir", str(run), "--no-eval-before",
+           "--log-every", 1, "--eval-every", 1000, "--output-dir", run, "--no-eval-before",
            "--no-forgetting", *SMALL]
-    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
     deadline = time.time() + 300
-    while time.time() < deadline and not (run / "metrics.jsonl").exists():
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():  # training runs
+        time.sleep(0.1)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err
-    assert "SIGINT" in err and "minift finetune --resume" in err and "Traceback" not in err
-    step = json.loads((run / "report.json").read_text())["train"]["steps"] if \
-        (run / "report.json").exists() else None
-    assert step is None  # interrupted runs have no report yet
-    done = minift("finetune", "--resume", run, "--max-steps", 4, "--no-eval-before")
-    assert "resumed from" in done.stderr
-    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert proc.returncode == code, err
+    assert signal.Signals(signum).name in err and "Traceback" not in err
+    assert f"minift finetune --resume {run}" in err
+    assert not (run / "report.json").exists()   # an interrupted run has no report yet
+    if signum == signal.SIGINT:
+        done = minift("finetune", "--resume", run, "--max-steps", 4, "--no-eval-before")
+        assert "resumed from" in done.stderr
+        assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_torchrun_two_processes_rank_0_reports(tmp_path):
+    pytest.importorskip("torch.distributed.run")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "minift",
+           "finetune", "--model", MODEL, "--max-steps", 4, "--eval-every", 2, "--output-dir", out,
+           "--no-eval-before", "--no-forgetting", *SMALL]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=ENV,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run folder:") == 1 and proc.stderr.count("loading ") == 1
+    assert json.loads((out / "report.json").read_text())["train"]["steps"] == 4
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
 # ----------------------------------------------------------------------------- compare
