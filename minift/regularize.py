@@ -9,16 +9,23 @@
 - Discriminative learning rates (ULMFiT §3.2) are parameter groups: see
   `minift.optim.build_param_groups(..., layer_decay=...)`, which uses the same depth
   convention as `layer_depth` below.
+- `EarlyStopping`: stop when the validation loss stops improving (the remedy for
+  overfitting that needs no change to the model; Prechelt 1998, "Early Stopping - But When?").
+- `set_dropout`: one dropout rate for GPT-2's three dropouts (Srivastava et al. 2014),
+  the usual first remedy when a small fine-tuning set is overfitted.
 
-`train()` wires all three from `TrainConfig` (`ewc_lambda`, `unfreeze_every`, `layer_decay`);
-each is also usable on its own in a hand-written loop.
+`train()` wires them from `TrainConfig` (`ewc_lambda`, `unfreeze_every`, `layer_decay`,
+`dropout`); each is also usable on its own in a hand-written loop.
 """
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 from torch import nn
+
+from .model import GPT, MLP, CausalSelfAttention
 
 _BLOCK = re.compile(r"(?:^|\.)h\.(\d+)\.")  # transformer.h.{i}.  (also under a PEFT wrapper)
 
@@ -168,3 +175,79 @@ class GradualUnfreezing:
     def restore(self) -> None:
         for p in self.params.values():
             p.requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------- dropout
+def set_dropout(model: nn.Module, p: float) -> dict[str, float]:
+    """Set GPT-2's three dropout rates (embeddings, attention probabilities, residual
+    branches) of every GPT inside `model` to p; returns the previous rates by module name
+    for `restore_dropout`. Dropouts of adapters (e.g. lora_dropout) keep their own rate."""
+    previous = {}
+    for name, m in model.named_modules():
+        if isinstance(m, GPT):
+            previous[f"{name}.transformer.drop"] = m.transformer.drop.p
+            m.transformer.drop.p = p
+        elif isinstance(m, CausalSelfAttention):
+            previous[f"{name}.attn_pdrop"] = m.attn_pdrop   # a float: SDPA's dropout_p
+            previous[f"{name}.resid_dropout"] = m.resid_dropout.p
+            m.attn_pdrop = m.resid_dropout.p = p
+        elif isinstance(m, MLP):
+            previous[f"{name}.dropout"] = m.dropout.p
+            m.dropout.p = p
+    return previous
+
+
+def restore_dropout(model: nn.Module, previous: dict[str, float]) -> None:
+    for key, p in previous.items():
+        owner, _, attr = key.rpartition(".")
+        module = model.get_submodule(owner.lstrip("."))
+        if attr == "attn_pdrop":
+            module.attn_pdrop = p
+        else:
+            getattr(module, attr).p = p
+
+
+# ----------------------------------------------------------------------------- early stopping
+class EarlyStopping:
+    """Stop when the validation loss has not improved by more than `min_delta` for
+    `patience` evaluations in a row (the PyTorch tutorials' class):
+
+        es = EarlyStopping(patience=3, min_delta=0.01)
+        for epoch in ...:
+            es(val_loss)
+            if es.early_stop:
+                break
+
+    After each call, `es.improved` says whether this loss became the new `best_loss`.
+    patience=None only tracks the best loss and never stops. A nan loss is no improvement.
+    """
+
+    def __init__(self, patience: int | None = 5, min_delta: float = 0.0):
+        if patience is not None and (not isinstance(patience, int) or patience < 1):
+            raise ValueError("EarlyStopping: patience must be None or an integer >= 1, "
+                             f"got {patience!r}")
+        if min_delta < 0:
+            raise ValueError(f"EarlyStopping: min_delta must be >= 0, got {min_delta!r}")
+        self.patience, self.min_delta = patience, float(min_delta)
+        self.best_loss: float | None = None
+        self.counter = 0          # evaluations since the last improvement
+        self.early_stop = False
+        self.improved = False
+
+    def __call__(self, val_loss: float) -> bool:
+        loss = float(val_loss)
+        self.improved = math.isfinite(loss) and (self.best_loss is None
+                                                 or loss < self.best_loss - self.min_delta)
+        if self.improved:
+            self.best_loss, self.counter = loss, 0
+        else:
+            self.counter += 1
+        self.early_stop = self.patience is not None and self.counter >= self.patience
+        return self.early_stop
+
+    def state_dict(self) -> dict:
+        return {"best_loss": self.best_loss, "counter": self.counter, "early_stop": self.early_stop}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_loss, self.counter = state["best_loss"], state["counter"]
+        self.early_stop = state["early_stop"]

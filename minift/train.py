@@ -1,17 +1,12 @@
 """The training loop: accumulation, clipping, schedules, evaluation, early stopping,
-checkpoints and resume, signals, non-finite guards and data-parallel training.
+signals and non-finite guards.
 
     result = train(model, train_data, val_data, TrainConfig(output_dir="run", max_steps=1000))
 
 One optimizer step consumes `gradient_accumulation_steps` micro-batches of `batch_size`
-examples on each of the `world_size` processes. Its loss is the mean over every target
-token of all of them,
-
-    loss = (sum over micro-batches j of sum over targets t of l_jt) / N,   N = all targets,
-
-so micro-batch j backpropagates (its mean loss) * n_j / N. Accumulated, unaccumulated and
-multi-process runs then get the same gradient. (Dividing each micro-batch mean by the
-number of micro-batches instead over-weights tokens of short micro-batches.)
+examples on each of the `world_size` processes; its loss is the mean over every target
+token of all of them, so accumulated, unaccumulated and multi-process runs get the same
+gradient (distributed.py spells out the sum and how it is split).
 
 Everything random in a step is a function of (seed, step, micro-batch index in the step):
 the data order comes from `data.shuffled_batches(seed, epoch)` and each micro-batch runs
@@ -19,57 +14,44 @@ under its own seeded RNG (`torch.random.fork_rng`, so the caller's RNG is untouc
 A resumed run, or N processes versus one with N times the accumulation, therefore
 computes the same numbers, dropout included.
 
-Data-parallel (under torchrun, WORLD_SIZE > 1): process r takes micro-batches r, r + world,
-... of each step; the target count and summed loss are all-reduced, and the gradients of
-the trainable parameters are summed by one all_reduce over a flat buffer. There is no DDP
-wrapper, so frozen parameters and a trainable set that changes (gradual unfreezing) need
-no special care; the price is no overlap of communication with the backward pass. Every
-rank reads a checkpoint on resume, so output_dir must be on a filesystem all ranks see.
-
 SIGINT / SIGTERM finish the current step, write a checkpoint and raise TrainingInterrupted
 (exit_code 130 / 143). A nan/inf loss or gradient raises NonFiniteError naming the step
 and the batch or parameter (nonfinite="skip" drops that step instead).
 
-Files in `output_dir` (rank 0 writes, other ranks only read):
-    run.json                  the config of the run (marks the folder as a run)
-    metrics.jsonl             one JSON object per log / eval event
-    checkpoints/step-000100/  trainable.safetensors, optimizer.pt, rng.safetensors,
-                              state.json, and manifest.json (sha256 of each file)
-    best/                     trainable.safetensors + state.json of the best evaluation
-Each checkpoint is written into a temporary folder, fsynced, then renamed into place, so a
-crash leaves either the whole checkpoint or none; the manifest catches later damage, and
-resume then falls back to the previous checkpoint. optimizer.pt holds only tensors and
-plain containers and is read with `torch.load(weights_only=True)`: nothing is unpickled.
+Two neighbours do the rest: distributed.py splits a step over micro-batches and
+processes (data parallel, or sharded with FSDP); rundir.py writes the run folder
+(metrics, atomic checkpoints with a sha256 manifest, best/) and resumes from it.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
-import json
 import math
-import os
-import random
-import re
-import shutil
 import signal
-import sys
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .data import IGNORE_INDEX, DataError, collate, shuffled_batches
-from .model import GPT, MLP, CausalSelfAttention, compile_blocks
+from .data import DataError, collate
+from .distributed import (accumulate_gradients, all_reduce_sum, barrier, broadcast_parameters,
+                          choose_device, count_targets, evaluate_loss, grad_norm, idle_pass,
+                          init_process_group, local, micro_batch_stream, microbatch_seed,
+                          rank_world, reduce_gradients, reshard, shard_model, to_device)
+from .model import GPT, compile_blocks
 from .optim import (AdamW, build_param_groups, get_constant_schedule_with_warmup,
                     get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup)
-from .regularize import EWC, GradualUnfreezing
+from .regularize import EWC, EarlyStopping, GradualUnfreezing, restore_dropout, set_dropout
+from .rundir import RUN_FILES, Progress, Run, StopSignals, list_checkpoints, prepare_output_dir
+
+# The names the loop's users import from here, including those that live next door.
+__all__ = ["TrainConfig", "train", "TrainResult", "TrainingInterrupted", "NonFiniteError",
+           "make_optimizer", "total_steps", "EarlyStopping", "set_dropout", "restore_dropout",
+           "evaluate_loss", "accumulate_gradients", "count_targets", "micro_batch_stream",
+           "RUN_FILES", "list_checkpoints"]
 
 SCHEDULES = ("linear", "cosine", "constant")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -120,6 +102,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # True sets model.gradient_checkpointing during train()
     device: str | None = None         # None: CUDA if available (cuda:LOCAL_RANK under torchrun)
     bf16: bool | None = None          # bf16 autocast; None = on for CUDA devices that support it
+    fsdp: bool = False                # under torchrun: shard weights, gradients and AdamW state
+                                      # over the processes (FSDP2, see distributed.py)
 
     def __post_init__(self):
         self.validate()
@@ -163,51 +147,11 @@ class TrainConfig:
         need(not (self.resume and self.overwrite), "overwrite",
              "cannot be combined with resume=True")
         need(self.output_dir is not None or not self.resume, "resume", "needs an output_dir")
-
-
-class EarlyStopping:
-    """Stop when the validation loss has not improved by more than `min_delta` for
-    `patience` evaluations in a row (the PyTorch tutorials' class):
-
-        es = EarlyStopping(patience=3, min_delta=0.01)
-        for epoch in ...:
-            es(val_loss)
-            if es.early_stop:
-                break
-
-    After each call, `es.improved` says whether this loss became the new `best_loss`.
-    patience=None only tracks the best loss and never stops. A nan loss is no improvement.
-    """
-
-    def __init__(self, patience: int | None = 5, min_delta: float = 0.0):
-        if patience is not None and (not isinstance(patience, int) or patience < 1):
-            raise ValueError("EarlyStopping: patience must be None or an integer >= 1, "
-                             f"got {patience!r}")
-        if min_delta < 0:
-            raise ValueError(f"EarlyStopping: min_delta must be >= 0, got {min_delta!r}")
-        self.patience, self.min_delta = patience, float(min_delta)
-        self.best_loss: float | None = None
-        self.counter = 0          # evaluations since the last improvement
-        self.early_stop = False
-        self.improved = False
-
-    def __call__(self, val_loss: float) -> bool:
-        loss = float(val_loss)
-        self.improved = math.isfinite(loss) and (self.best_loss is None
-                                                 or loss < self.best_loss - self.min_delta)
-        if self.improved:
-            self.best_loss, self.counter = loss, 0
-        else:
-            self.counter += 1
-        self.early_stop = self.patience is not None and self.counter >= self.patience
-        return self.early_stop
-
-    def state_dict(self) -> dict:
-        return {"best_loss": self.best_loss, "counter": self.counter, "early_stop": self.early_stop}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best_loss, self.counter = state["best_loss"], state["counter"]
-        self.early_stop = state["early_stop"]
+        for name, why in (("ewc_lambda", "the Fisher needs per-example gradients of whole weights"),
+                          ("unfreeze_every", "changing which sharded weights train is unsupported"),
+                          ("compile", "compiling sharded blocks is not supported")):
+            need(not (self.fsdp and getattr(self, name)), "fsdp",
+                 f"cannot be combined with {name} ({why})")
 
 
 class TrainingInterrupted(Exception):
@@ -234,115 +178,6 @@ class TrainResult:
     stopped: str = ""                    # "max_steps", "epochs", "early_stopping", "callback"
 
 
-# ----------------------------------------------------------------------------- model switches
-def set_dropout(model: nn.Module, p: float) -> dict[str, float]:
-    """Set GPT-2's three dropout rates (embeddings, attention probabilities, residual
-    branches) of every GPT inside `model` to p; returns the previous rates by module name
-    for `restore_dropout`. Dropouts of adapters (e.g. lora_dropout) keep their own rate."""
-    previous = {}
-    for name, m in model.named_modules():
-        if isinstance(m, GPT):
-            previous[f"{name}.transformer.drop"] = m.transformer.drop.p
-            m.transformer.drop.p = p
-        elif isinstance(m, CausalSelfAttention):
-            previous[f"{name}.attn_pdrop"] = m.attn_pdrop   # a float: SDPA's dropout_p
-            previous[f"{name}.resid_dropout"] = m.resid_dropout.p
-            m.attn_pdrop = m.resid_dropout.p = p
-        elif isinstance(m, MLP):
-            previous[f"{name}.dropout"] = m.dropout.p
-            m.dropout.p = p
-    return previous
-
-
-def restore_dropout(model: nn.Module, previous: dict[str, float]) -> None:
-    for key, p in previous.items():
-        owner, _, attr = key.rpartition(".")
-        module = model.get_submodule(owner.lstrip("."))
-        if attr == "attn_pdrop":
-            module.attn_pdrop = p
-        else:
-            getattr(module, attr).p = p
-
-
-# ----------------------------------------------------------------------------- batches
-def count_targets(batch: dict[str, torch.Tensor]) -> int:
-    """Target tokens of a collated batch: labels after the shift that are not -100."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def micro_batch_stream(data, batch_size: int, seed: int, epoch: int = 0, index: int = 0,
-                       epochs: int | None = None):
-    """Yield (epoch, index, examples) from position (epoch, index) on, epoch after epoch;
-    `epochs` epochs in all, or forever with None. Each epoch's order is fixed by (seed, epoch)."""
-    while epochs is None or epoch < epochs:
-        for i, examples in enumerate(shuffled_batches(data, batch_size, seed, epoch, start=index),
-                                     start=index):
-            yield epoch, i, examples
-        epoch, index = epoch + 1, 0
-
-
-def accumulate_gradients(model: nn.Module, batches: list[dict], n_targets: int | None = None,
-                         autocast: Callable = contextlib.nullcontext,
-                         seeds: list[int] | None = None) -> torch.Tensor:
-    """Backpropagate the mean loss over all `n_targets` target tokens of `batches` (default:
-    the targets in `batches`; pass the global count when other processes hold the rest).
-    Gradients add into `.grad`. Returns each micro-batch's summed (not mean) loss, (k,)
-    float64, detached. `seeds[j]` seeds the RNG before micro-batch j (dropout masks)."""
-    counts = [count_targets(b) for b in batches]
-    total = sum(counts) if n_targets is None else n_targets
-    sums = []   # kept on the device: no synchronisation per micro-batch
-    for j, (batch, n) in enumerate(zip(batches, counts)):
-        if n == 0:  # its loss would be nan (0/0), and it has nothing to learn from
-            sums.append(torch.zeros((), dtype=torch.float64, device=batch["labels"].device))
-            continue
-        if seeds is not None:
-            torch.manual_seed(seeds[j])
-        with autocast():
-            loss = model(**batch, return_logits=False).loss      # mean over this batch's n targets
-        (loss * (n / total)).backward()                          # = its summed loss / N
-        sums.append(loss.detach().double() * n)
-    return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
-
-
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, data, batch_size: int = 8, pad_token_id: int = 0,
-                  max_length: int | None = None, autocast: Callable = contextlib.nullcontext,
-                  rank: int = 0, world_size: int = 1) -> float:
-    """Mean loss per target token over the whole of `data` (eval mode, no gradients).
-    With world_size > 1 each rank takes every world_size-th batch and the sums are reduced."""
-    was_training = model.training
-    model.eval()
-    device = _model_device(model)
-    acc = torch.zeros(2, dtype=torch.float64, device=device)   # (summed loss, targets)
-    try:
-        for b, i in enumerate(range(0, len(data), batch_size)):
-            if b % world_size != rank:
-                continue
-            batch = _to(collate(list(data[i:i + batch_size]), pad_token_id, max_length), device)
-            n = count_targets(batch)
-            if n:
-                with autocast():
-                    acc[0] += model(**batch, return_logits=False).loss.double() * n
-                acc[1] += n
-    finally:
-        model.train(was_training)
-    if world_size > 1:
-        dist.all_reduce(acc)
-    return (acc[0] / acc[1]).item() if acc[1] > 0 else float("nan")
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _microbatch_seed(seed: int, step: int, j: int) -> int:
-    return ((seed * 1_000_003 + step) * 65_537 + j) % 2**63
-
-
 def _check_examples(data, what: str, vocab_size: int | None) -> None:
     if data is None or len(data) == 0:
         raise DataError(f"{what} is empty")
@@ -359,208 +194,7 @@ def _check_examples(data, what: str, vocab_size: int | None) -> None:
                             f"(vocab_size={vocab_size}); was it made with another tokenizer?")
 
 
-# ----------------------------------------------------------------------------- distributed
-def _init_distributed(device: torch.device) -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); True if we created it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return True
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _reduce_gradients(params: list[nn.Parameter]) -> None:
-    """Sum the gradients of `params` over all processes with one all_reduce of a flat
-    buffer (what DDP does, without its bucketing/overlap, and without wrapping the model,
-    so frozen parameters and changing trainable sets need no special care). A parameter
-    gets a gradient if any process has one, so AdamW skips it exactly as in one process."""
-    like = params[0]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                      for p in params]
-                     + [torch.tensor([float(p.grad is not None) for p in params],
-                                     dtype=like.dtype, device=like.device)])
-    dist.all_reduce(flat)
-    offset = 0
-    has_grad = flat[-len(params):]
-    for k, p in enumerate(params):
-        g = flat[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
-        p.grad = g.clone() if has_grad[k] > 0 else None
-
-
-# ----------------------------------------------------------------------------- files
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some platforms/filesystems cannot fsync a folder
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-
-
-def write_checkpoint_dir(final: Path, writers: dict[str, Callable[[Path], None]]) -> None:
-    """Atomically create `final` holding one file per writer, plus manifest.json (sha256 of
-    each file, written last): write into a temporary folder, fsync, rename into place."""
-    tmp = final.with_name(f".tmp-{final.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    manifest = {}
-    for name, write in writers.items():
-        write(tmp / name)
-        _fsync(tmp / name)
-        manifest[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-    _write_json(tmp / "manifest.json", {"files": manifest})
-    _fsync(tmp / "manifest.json")
-    _fsync(tmp)
-    old = final.with_name(f".old-{final.name}")
-    if final.exists():  # replacing (e.g. best/): move the old one aside, then swap
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    _fsync(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def verify_checkpoint_dir(folder: Path) -> str | None:
-    """None if every file matches manifest.json, else what is wrong."""
-    try:
-        files = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["files"]
-    except FileNotFoundError:
-        return "manifest.json is missing (the checkpoint was not finished)"
-    except (ValueError, KeyError, TypeError) as e:
-        return f"manifest.json is unreadable ({e})"
-    for name, meta in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != meta["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, expected {meta['bytes']} (truncated?)"
-        if _sha256(path) != meta["sha256"]:
-            return f"{name} does not match its sha256 (corrupted)"
-    return None
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Checkpoint folders of a run, oldest first (temporary folders are ignored)."""
-    folder = Path(output_dir) / "checkpoints"
-    found = [(int(m.group(1)), p) for p in folder.glob("step-*")
-             if p.is_dir() and (m := _STEP_DIR.match(p.name))] if folder.is_dir() else []
-    return [p for _, p in sorted(found)]
-
-
-RUN_FILES = ("run.json", "metrics.jsonl", "checkpoints", "best")
-
-
-def _check_output_dir(out: Path, config: TrainConfig) -> None:
-    if any((out / f).exists() for f in RUN_FILES) and not (config.resume or config.overwrite):
-        raise ValueError(f"{out} already holds a training run; pass resume=True to continue it "
-                         "or overwrite=True to start again (this deletes its checkpoints)")
-
-
-def _prepare_output_dir(out: Path, config: TrainConfig, rank: int) -> None:
-    if rank == 0:
-        if config.overwrite:
-            for f in RUN_FILES:
-                path = out / f
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / "run.json").exists():
-            _write_json(out / "run.json", {"config": asdict(config)})
-
-
-# ----------------------------------------------------------------------------- signals, progress
-class _StopSignals:
-    """While active, SIGINT/SIGTERM only set `self.signum`; training checks it after each
-    step. A second SIGINT (Ctrl-C twice) aborts at once; further SIGTERMs are ignored
-    (torchrun forwards a SIGTERM after the terminal's SIGINT; a scheduler that loses
-    patience sends SIGKILL anyway). The previous handlers come back on exit."""
-
-    def __init__(self, say: Callable[[str], None]):
-        self.signum, self.say, self.previous = None, say, {}
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt("second SIGINT: aborting without a checkpoint")
-            return
-        self.signum = signum
-        self.say(f"\n{signal.Signals(signum).name} received: finishing this step and writing a "
-                 "checkpoint (send it again to abort at once)")
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signals are main-thread only
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self.previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-class _Progress:
-    """One status line on stderr: rewritten with \\r on a terminal, a plain line every
-    log_every steps otherwise (logs, CI). Silent when disabled (ranks > 0)."""
-
-    def __init__(self, total: int, log_every: int, enabled: bool):
-        self.total, self.log_every, self.enabled = total, log_every, enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.pending_cr = False
-
-    def say(self, message: str) -> None:
-        if self.enabled:
-            if self.pending_cr:
-                sys.stderr.write("\n")
-                self.pending_cr = False
-            print(message.lstrip("\n"), file=sys.stderr, flush=True)
-
-    def update(self, step, loss, lr, tokens_per_s, eta_s) -> None:
-        if not self.enabled or not (self.tty or step % self.log_every == 0 or step == self.total):
-            return
-        eta = time.strftime("%H:%M:%S", time.gmtime(eta_s)) if math.isfinite(eta_s) else "?"
-        line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.3g} | "
-                f"{tokens_per_s:,.0f} tok/s | ETA {eta}")
-        if self.tty:
-            sys.stderr.write("\r" + line.ljust(78))
-            sys.stderr.flush()
-            self.pending_cr = True
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.pending_cr:
-            sys.stderr.write("\n")
-            self.pending_cr = False
-
-
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- optimizer
 def make_optimizer(model: nn.Module, config: TrainConfig, num_training_steps: int):
     """AdamW over the trainable parameters, grouped by optim.build_param_groups (no decay on
     biases/LayerNorm/embeddings; layer_decay gives group lr = lr * layer_decay**depth), and
@@ -586,151 +220,9 @@ def total_steps(n_examples: int, config: TrainConfig, world_size: int = 1) -> in
     return math.ceil(config.epochs * math.ceil(n_examples / config.batch_size) / per_step)
 
 
-class _Run:
-    """The mutable state of one training run and the files that record it."""
-
-    def __init__(self, model, config, optimizer, scheduler, trainable, out, rank, progress):
-        self.model, self.config = model, config
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.trainable = trainable                    # [(name, param)] at the start of train()
-        self.out, self.rank, self.progress = out, rank, progress
-        self.epoch, self.batch = 0, 0                 # position of the next micro-batch
-        self.result = TrainResult()
-        self.es = EarlyStopping(config.patience, config.min_delta)
-        self.best_state: dict[str, torch.Tensor] | None = None   # CPU copy, for restore_best
-        self.last_saved = -1
-
-    # -- files (rank 0 only)
-    def log(self, record: dict) -> None:
-        if self.out is not None and self.rank == 0:
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def _weights(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().contiguous() for n, p in self.trainable}
-
-    def save(self) -> None:
-        step = self.result.step
-        if self.out is None or self.last_saved == step:
-            return
-        self.last_saved = step
-        if self.rank != 0:
-            return
-        # train() draws its own randomness from per-micro-batch seeds (inside fork_rng), so
-        # it needs no RNG state; the process's RNG states are saved and restored so that a
-        # resumed process continues the caller's random streams as an uninterrupted one would.
-        state = {"step": step, "epoch": self.epoch, "batch": self.batch,
-                 "early_stopping": self.es.state_dict(), "result": asdict(self.result),
-                 "python_rng": random.getstate(),   # (version, tuple of ints, gauss): JSON-able
-                 "world_size": _rank_world()[1], "config": asdict(self.config)}
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        write_checkpoint_dir(self.out / "checkpoints" / f"step-{step:06d}", {
-            "trainable.safetensors": lambda p: save_file(self._weights(), str(p)),
-            "optimizer.pt": lambda p: torch.save({"optimizer": self.optimizer.state_dict(),
-                                                  "scheduler": self.scheduler.state_dict()}, p),
-            "rng.safetensors": lambda p: save_file(rng, str(p)),
-            "state.json": lambda p: _write_json(p, state),
-        })
-        for old in list_checkpoints(self.out)[:-self.config.keep_last]:
-            shutil.rmtree(old)
-
-    def save_best(self, val_loss: float) -> None:
-        if self.config.restore_best:
-            self.best_state = {n: p.detach().to("cpu", copy=True) for n, p in self.trainable}
-        if self.out is not None and self.rank == 0:
-            info = {"step": self.result.step, "val_loss": val_loss}
-            write_checkpoint_dir(self.out / "best", {
-                "trainable.safetensors": lambda p: save_file(self._weights(), str(p)),
-                "state.json": lambda p: _write_json(p, info)})
-
-    # -- resume
-    def resume(self) -> None:
-        """Load the newest intact checkpoint; damaged ones are reported and skipped."""
-        damaged = []
-        for folder in reversed(list_checkpoints(self.out)):
-            problem = verify_checkpoint_dir(folder)
-            if problem is None:
-                return self._load(folder)
-            damaged.append(folder)
-            self.progress.say(f"checkpoint {folder} is damaged: {problem}")
-        if damaged:
-            raise ValueError(f"{self.out}: no intact checkpoint to resume from "
-                             f"({len(damaged)} damaged); start again with overwrite=True")
-        self.progress.say(f"{self.out}: no checkpoint yet, starting from the beginning")
-        self._truncate_metrics()
-
-    def _load(self, folder: Path) -> None:
-        weights = load_file(str(folder / "trainable.safetensors"))
-        names = {n for n, _ in self.trainable}
-        if set(weights) != names:
-            diff = sorted(set(weights) ^ names)[:3]
-            raise ValueError(f"{folder}: its trainable parameters differ from the model's "
-                             f"(e.g. {diff}); resume with the same model and strategy")
-        with torch.no_grad():
-            for n, p in self.trainable:
-                p.copy_(weights[n])
-        saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-        try:
-            self.optimizer.load_state_dict(saved["optimizer"])
-        except ValueError as e:  # e.g. other parameter groups (layer_decay changed)
-            raise ValueError(f"{folder / 'optimizer.pt'}: {e}; resume with the same model, "
-                             "strategy and optimizer options") from None
-        self.scheduler.load_state_dict(saved["scheduler"])
-        rng = load_file(str(folder / "rng.safetensors"))
-        torch.set_rng_state(rng["torch"])
-        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
-        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        version, internal, gauss = state["python_rng"]
-        random.setstate((version, tuple(internal), gauss))
-        self.epoch, self.batch = state["epoch"], state["batch"]
-        self.es.load_state_dict(state["early_stopping"])
-        self.result = TrainResult(**{**state["result"], "stopped": ""})  # set by this run
-        self.last_saved = self.result.step
-        if state["world_size"] != _rank_world()[1]:
-            self.progress.say(f"note: {folder} was written by {state['world_size']} processes, "
-                              f"now {_rank_world()[1]}; steps keep their size only if "
-                              "processes x gradient_accumulation_steps is unchanged")
-        self._load_best()
-        self._truncate_metrics()
-        self.progress.say(f"resumed from {folder} (step {self.result.step})")
-
-    def _load_best(self) -> None:
-        """best/ may be ahead of the checkpoint (written after it): then the resumed run
-        reaches that evaluation again and rewrites it. Only a matching step is loaded."""
-        if not self.config.restore_best or self.result.best_step is None:
-            return
-        folder = self.out / "best"
-        if not folder.is_dir():
-            folder = self.out / ".old-best"   # a crash mid-swap leaves the previous one here
-        problem = verify_checkpoint_dir(folder) if folder.is_dir() else "it is missing"
-        if problem is None:
-            info = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-            if info["step"] == self.result.best_step:
-                self.best_state = load_file(str(folder / "trainable.safetensors"))
-                return
-            problem = f"it holds step {info['step']}, not {self.result.best_step}"
-        self.progress.say(f"note: cannot load the best weights (step {self.result.best_step}) "
-                          f"from {folder}: {problem}; restore_best will use a later best, if any")
-
-    def _truncate_metrics(self) -> None:
-        """Drop metrics.jsonl lines of steps after the checkpoint: they will be redone."""
-        path = self.out / "metrics.jsonl"
-        if self.rank != 0 or not path.exists():
-            return
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line)["step"] <= self.result.step:
-                    keep.append(line)
-            except (ValueError, KeyError, TypeError):
-                pass  # a line cut short by a crash
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
-        os.replace(tmp, path)
+# ----------------------------------------------------------------------------- the loop
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | None = None, *,
@@ -745,10 +237,11 @@ def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | Non
     callback(record): called after every step with {"step", "loss", "lr", "grad_norm", ...
     "val_loss" when evaluated}; return True to stop (a checkpoint is written).
 
-    Under torchrun (WORLD_SIZE > 1) it joins the process group (gloo on CPU, nccl on CUDA)
-    and trains data-parallel; rank 0 writes the files. The model's training/eval mode,
-    dropout rates, gradient-checkpointing flag and requires_grad flags are restored at the
-    end; its trainable weights are the result.
+    Under torchrun (WORLD_SIZE > 1) it joins the process group (gloo on CPU, nccl on CUDA;
+    the group stays for the rest of the process) and trains data-parallel, or sharded with
+    fsdp=True (the model then stays sharded); rank 0 writes the files. The model's training/eval mode, dropout rates,
+    gradient-checkpointing flag and requires_grad flags are restored at the end; its
+    trainable weights are the result.
     """
     config = config or TrainConfig()
     config.validate()
@@ -762,39 +255,35 @@ def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | Non
         raise ValueError("ewc_lambda > 0 needs reference_data (examples of the original domain)")
     if config.ewc_lambda > 0:
         _check_examples(reference_data, "reference_data", vocab)
-
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1       # by torchrun
-    if device.type == "cuda" and device.index is None and launched:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if config.bf16 and device.type != "cuda":
-        raise ValueError("TrainConfig.bf16=True needs a CUDA device (CPU trains in fp32)")
-    bf16 = config.bf16 if config.bf16 is not None else (
-        device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device, bf16 = choose_device(config.device, config.bf16)
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
-    owns_group = _init_distributed(device)
-    rank, world = _rank_world()
+    init_process_group(device)   # under torchrun; left in place for the caller
+    rank, world = rank_world()
     out = Path(config.output_dir) if config.output_dir else None
     was_training = model.training
     gpts = [m for m in model.modules() if isinstance(m, GPT)]
     old_checkpointing = [m.gradient_checkpointing for m in gpts]
-    old_dropout = unfreezing = progress = None
+    old_dropout = unfreezing = None
     max_length = config.max_length or getattr(getattr(model, "config", None), "n_positions", None)
+    n_steps = total_steps(len(train_data), config, world)
+    progress = Progress(n_steps, config.log_every, enabled=rank == 0)
     try:
         if out is not None:
-            _check_output_dir(out, config)
-            if world > 1:
-                dist.barrier()   # every rank has checked the folder before rank 0 writes to it
-            _prepare_output_dir(out, config, rank)
+            prepare_output_dir(out, config)
         model.to(device)
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not trainable:
+        if not _trainable(model):
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
+        # every rank starts from rank 0's weights (e.g. a randomly initialised LoRA); before
+        # sharding, as FSDP keeps each process's own rows
+        broadcast_parameters([p for _, p in _trainable(model)])
+        if config.fsdp and world > 1:   # in place and lasting, like compile
+            shard_model(model, device)
+        elif config.fsdp:
+            progress.say("note: fsdp=True has no effect in a single process")
+        trainable = _trainable(model)   # after sharding: FSDP replaced the parameters
         if config.dropout is not None:
             old_dropout = set_dropout(model, config.dropout)
         if config.gradient_checkpointing:
@@ -807,35 +296,29 @@ def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | Non
             with autocast():
                 ewc = EWC.from_data(model, reference_data, config.ewc_lambda,
                                     config.pad_token_id, max_length)
-        n_steps = total_steps(len(train_data), config, world)
         optimizer, scheduler = make_optimizer(model, config, n_steps)
         if config.unfreeze_every is not None:  # after the optimizer: it holds every stage
             unfreezing = GradualUnfreezing(model, config.unfreeze_every)
-        progress = _Progress(n_steps, config.log_every, enabled=rank == 0)
-        run = _Run(model, config, optimizer, scheduler, trainable, out, rank, progress)
+        run = Run(model, config, optimizer, scheduler, trainable, out, progress,
+                  TrainResult(), EarlyStopping(config.patience, config.min_delta))
         if config.resume:
             run.resume()
-        if world > 1:  # every rank starts from rank 0's weights (e.g. a randomly initialised LoRA)
-            for _, p in trainable:
-                dist.broadcast(p.data, 0)
         model.train()
-        with _StopSignals(progress.say) as signals:
+        with StopSignals(progress.say) as signals:
             _loop(run, train_data, val_data, n_steps, ewc, unfreezing, autocast, signals,
-                  callback, device, max_length, world)
+                  callback, device, max_length)
         progress.close()
-        if world > 1:
-            dist.barrier()   # when train() returns, rank 0's files are complete
+        barrier()   # when train() returns, rank 0's files are complete
+        if run.sharded:
+            reshard(model)   # before restore_best writes the shards, and for the caller
         if config.restore_best:
             if run.best_state is None:
                 progress.say("restore_best: no best weights to restore (no finite evaluation)")
             else:
-                with torch.no_grad():
-                    for n, p in trainable:
-                        p.copy_(run.best_state[n])
+                run.restore_best()
         return run.result
     finally:
-        if progress is not None:
-            progress.close()   # end a \r status line before any error message
+        progress.close()   # end a \r status line before any error message
         if unfreezing is not None:
             unfreezing.restore()
         if old_dropout is not None:
@@ -843,14 +326,12 @@ def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | Non
         for m, flag in zip(gpts, old_checkpointing):
             m.gradient_checkpointing = flag
         model.train(was_training)
-        if owns_group:
-            dist.destroy_process_group()
 
 
-def _loop(run: _Run, train_data, val_data, n_steps, ewc, unfreezing, autocast, signals,
-          callback, device, max_length, world) -> None:
+def _loop(run: Run, train_data, val_data, n_steps, ewc, unfreezing, autocast, signals,
+          callback, device, max_length) -> None:
     config, model, optimizer, result = run.config, run.model, run.optimizer, run.result
-    per_step = config.gradient_accumulation_steps * world
+    per_step = config.gradient_accumulation_steps * run.world
     stream = micro_batch_stream(train_data, config.batch_size, config.seed, run.epoch, run.batch,
                                 None if config.max_steps is not None else config.epochs)
     save_every = config.save_every or config.eval_every
@@ -875,7 +356,7 @@ def _loop(run: _Run, train_data, val_data, n_steps, ewc, unfreezing, autocast, s
             break
         run.epoch, run.batch = chunk[-1][0], chunk[-1][1] + 1
         loss, norm, penalty, n_tokens, stop_requested = _train_step(
-            run, step, chunk, ewc, autocast, signals, device, max_length, world)
+            run, step, chunk, ewc, autocast, signals, device, max_length)
         lr = max(g["lr"] for g in optimizer.param_groups)   # the top group's: lr * schedule
         run.scheduler.step()
         result.step = step
@@ -902,7 +383,7 @@ def _loop(run: _Run, train_data, val_data, n_steps, ewc, unfreezing, autocast, s
         evaluated = val_data is not None and (step % config.eval_every == 0 or step == n_steps)
         if evaluated:
             val_loss = evaluate_loss(model, val_data, eval_batch, config.pad_token_id, max_length,
-                                     autocast, run.rank, world)
+                                     autocast, run.rank, run.world)
             run.es(val_loss)
             result.evals.append({"step": step, "val_loss": val_loss})
             if run.es.improved:
@@ -936,32 +417,33 @@ def _loop(run: _Run, train_data, val_data, n_steps, ewc, unfreezing, autocast, s
     run.save()   # no-op if this step is saved already
 
 
-def _train_step(run: _Run, step, chunk, ewc, autocast, signals, device, max_length, world):
+def _train_step(run: Run, step, chunk, ewc, autocast, signals, device, max_length):
     """One optimizer step on `chunk`, the step's micro-batches [(epoch, index, examples)]:
     forward/backward with token-count normalisation, gradient reduction across processes,
     EWC, the non-finite guard, clipping and the AdamW update. The scheduler is left to
     the caller. Returns (loss, grad norm, EWC penalty, input tokens, stop requested)."""
-    config, model, optimizer = run.config, run.model, run.optimizer
+    config, model, optimizer, world = run.config, run.model, run.optimizer, run.world
     mine = chunk[run.rank::world]   # this process's share: micro-batches rank, rank + world, ...
-    batches = [_to(collate(ex, config.pad_token_id, max_length), device) for _, _, ex in mine]
-    counts = torch.tensor([sum(count_targets(b) for b in batches),
-                           sum(int(b["attention_mask"].sum()) for b in batches)],
-                          dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(counts)
+    batches = [to_device(collate(ex, config.pad_token_id, max_length), device) for _, _, ex in mine]
+    counts = all_reduce_sum(torch.tensor([sum(count_targets(b) for b in batches),
+                                          sum(int(b["attention_mask"].sum()) for b in batches)],
+                                         dtype=torch.float64, device=device))
     n_targets, n_tokens = int(counts[0]), int(counts[1])
 
     params = [p for _, p in run.trainable if p.requires_grad]
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):   # the caller's RNG is left as it was
-        seeds = [_microbatch_seed(config.seed, step, j) for j in range(run.rank, len(chunk), world)]
+        seeds = [microbatch_seed(config.seed, step, j) for j in range(run.rank, len(chunk), world)]
         sums = accumulate_gradients(model, batches, max(n_targets, 1), autocast, seeds)
+        if run.sharded and n_targets > 0:  # FSDP: as many passes as the busiest process
+            passes = sum(count_targets(b) > 0 for b in batches)
+            for _ in range(math.ceil(len(chunk) / world) - passes):
+                idle_pass(model, device, autocast)
     # summed loss and "stop requested" of all processes, so all take the same decisions
-    shared = torch.tensor([float(sums.sum()), float(signals.signum is not None)],
-                          dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(shared)
-        _reduce_gradients(params)
+    shared = all_reduce_sum(torch.tensor([float(sums.sum()), float(signals.signum is not None)],
+                                         dtype=torch.float64, device=device))
+    if world > 1 and not run.sharded:   # (FSDP has reduce-scattered them during backward)
+        reduce_gradients(params)
     loss = shared[0].item() / max(n_targets, 1)
 
     penalty = 0.0
@@ -971,8 +453,7 @@ def _train_step(run: _Run, step, chunk, ewc, autocast, signals, device, max_leng
         penalty = pen.item()
 
     grads = [p.grad for p in params if p.grad is not None]
-    norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()
-            if grads else 0.0)                                  # global L2 norm
+    norm = grad_norm(grads)                                     # global L2 norm
     problem = _nonfinite_problem(step, loss, norm, sums, mine, params, run)
     if problem and config.nonfinite == "stop":
         raise NonFiniteError(f"{problem}; {_last_checkpoint_hint(run)} "
@@ -983,7 +464,7 @@ def _train_step(run: _Run, step, chunk, ewc, autocast, signals, device, max_leng
     else:
         coef = config.max_grad_norm / (norm + 1e-6) if config.max_grad_norm else 1.0
         if coef < 1.0:  # the same rule as torch.nn.utils.clip_grad_norm_
-            torch._foreach_mul_(grads, coef)
+            torch._foreach_mul_([local(g) for g in grads], coef)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, norm, penalty, n_tokens, shared[1].item() > 0
@@ -1001,13 +482,14 @@ def _nonfinite_problem(step, loss, norm, sums, mine, params, run) -> str | None:
         return f"step {step}: the loss is {loss} on {where}"
     if not math.isfinite(norm):
         names = {id(p): n for n, p in run.trainable}
-        culprit = next((names[id(p)] for p in params
-                        if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "?")
+        culprit = next((names[id(p)] for p in params if p.grad is not None
+                        and not bool(torch.isfinite(local(p.grad)).all())),
+                       "a parameter shard of another process")
         return f"step {step}: non-finite gradient (norm {norm}) in {culprit}"
     return None
 
 
-def _last_checkpoint_hint(run: _Run) -> str:
+def _last_checkpoint_hint(run: Run) -> str:
     if run.out is None:
         return "no checkpoint (no output_dir)"
     found = list_checkpoints(run.out)

@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random GPT-2 checkpoints written by transformers itself."""
+"""Shared fixtures: tiny random GPT-2 checkpoints written by transformers itself, and the
+tiny models, learnable data and helpers of the training tests (test_train, test_regularize,
+test_distributed, test_fuzz import them: `from conftest import ...`)."""
+import random
+
 import pytest
 import torch
 
@@ -20,3 +24,50 @@ def hf_tiny(tmp_path_factory):
     """(folder, transformers model) of a tiny random GPT-2."""
     folder = tmp_path_factory.mktemp("hf_tiny")
     return folder, make_hf_gpt2(folder)
+
+
+# ----------------------------------------------------------------------------- training helpers
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and the machine is shared); restored after.
+    Opt in per module: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(seed=0, dropout=0.0, **overrides):
+    """A random minift GPT of the TINY shape; `dropout` sets GPT-2's three rates."""
+    from minift.model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY, "embd_pdrop": dropout, "attn_pdrop": dropout,
+                            "resid_pdrop": dropout, **overrides}))
+
+
+def pattern_data(n, seed=0, stride=3, min_len=6, max_len=24, prompt=0):
+    """Arithmetic token sequences mod 97: learnable, variable length. The first `prompt`
+    labels are -100 (a prompt without loss)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        start, length = rng.randrange(97), rng.randrange(min_len, max_len + 1)
+        ids = [(start + stride * i) % 97 for i in range(length)]
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def weights(model):
+    """A detached copy of every parameter, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def max_diff(a, b):
+    return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
+def cfg(**kw):
+    """A TrainConfig with the training tests' defaults: a high lr, no logging or evaluation."""
+    from minift.train import TrainConfig
+    base = dict(lr=3e-3, batch_size=4, log_every=1000, eval_every=1000, weight_decay=0.01)
+    return TrainConfig(**{**base, **kw})

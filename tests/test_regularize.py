@@ -1,38 +1,40 @@
 """EWC, gradual unfreezing and discriminative learning rates, against independent references."""
 import copy
-import warnings
 
 import pytest
 import torch
-from torch.func import functional_call, grad, vmap
 
+from conftest import cfg, pattern_data, tiny_model, weights
+from minift import GPT
+from minift.checkpoint import TRANSPOSED
 from minift.optim import AdamW
 from minift.regularize import EWC, GradualUnfreezing, fisher_diagonal, layer_depth
 from minift.train import TrainConfig, evaluate_loss, make_optimizer, train
-from test_train import cfg, one_thread, pattern_data, tiny_model, weights  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_fisher_is_the_mean_of_per_example_squared_gradients():
-    """Reference: per-sample gradients with torch.func (vmap over grad), squared, averaged."""
-    model = tiny_model()
-    examples = pattern_data(6, seed=1, min_len=12, max_len=12)  # equal lengths for vmap
+def test_fisher_is_the_mean_of_per_example_squared_gradients(hf_tiny):
+    """Reference: transformers' GPT-2 with the same weights, one autograd.grad per example,
+    squared, averaged (independent of minift's model and loss code)."""
+    folder, hf = hf_tiny
+    model = GPT.from_pretrained(folder)
+    examples = pattern_data(6, seed=1, min_len=4, max_len=12)
     for n, p in model.named_parameters():                        # a partial model: fewer params
         p.requires_grad_(not n.startswith("transformer.h.0."))
     fisher = fisher_diagonal(model, examples)
     assert set(fisher) == {n for n, p in model.named_parameters() if p.requires_grad}
 
-    model.eval()
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    ids = torch.tensor([ex["input_ids"] for ex in examples])
-
-    def loss(params, x):
-        return functional_call(model, params, (), {"input_ids": x[None], "labels": x[None]}).loss
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)   # vmap's slow path for SDPA
-        per_example = vmap(grad(loss), in_dims=(None, 0))(params, ids)
+    hf_params = dict(hf.named_parameters())   # GPT-2's names; Conv1D weights are (in, out)
+    ref = {n: torch.zeros_like(f) for n, f in fisher.items()}
+    for ex in examples:
+        ids = torch.tensor([ex["input_ids"]])
+        grads = torch.autograd.grad(hf(input_ids=ids, labels=ids).loss,
+                                    [hf_params[n] for n in fisher])
+        for n, g in zip(fisher, grads):
+            ref[n] += (g.t() if n.endswith(TRANSPOSED) else g).square() / len(examples)
     for n, f in fisher.items():
-        ref = per_example[n].square().mean(0)
-        assert torch.allclose(f, ref, rtol=1e-4, atol=1e-12), n
+        assert torch.allclose(f, ref[n], rtol=1e-4, atol=1e-12), n
     assert model.training is False   # fisher_diagonal restored the mode it found (eval here)
 
 

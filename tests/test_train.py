@@ -8,7 +8,6 @@ import gc
 import io
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -17,54 +16,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import cfg, max_diff, pattern_data, tiny_model, weights
 from minift.data import collate, shuffled_batches
-from minift.model import GPT, GPTConfig
 from minift.optim import build_param_groups
+from minift.rundir import Progress, list_checkpoints
 from minift.train import (EarlyStopping, NonFiniteError, TrainConfig, TrainingInterrupted,
-                          _Progress, accumulate_gradients, evaluate_loss, list_checkpoints,
-                          restore_dropout, set_dropout, train)
+                          accumulate_gradients, evaluate_loss, restore_dropout, set_dropout,
+                          train)
 
-TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=97, n_positions=64)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the machine is shared); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_model(seed=0, dropout=0.0, **overrides):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(**{**TINY, "embd_pdrop": dropout, "attn_pdrop": dropout,
-                            "resid_pdrop": dropout, **overrides}))
-
-
-def pattern_data(n, seed=0, stride=3, min_len=6, max_len=24, prompt=0):
-    """Arithmetic token sequences mod 97: learnable, variable length. The first `prompt`
-    labels are -100 (a prompt without loss)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        start, length = rng.randrange(97), rng.randrange(min_len, max_len + 1)
-        ids = [(start + stride * i) % 97 for i in range(length)]
-        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
-    return out
-
-
-def weights(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def max_diff(a, b):
-    return max((a[n] - b[n]).abs().max().item() for n in a)
-
-
-def cfg(**kw):
-    base = dict(lr=3e-3, batch_size=4, log_every=1000, eval_every=1000, weight_decay=0.01)
-    return TrainConfig(**{**base, **kw})
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- accumulation
@@ -314,9 +274,9 @@ def test_signal_finishes_the_step_checkpoints_and_resumes(tmp_path, signum):
 
 
 def test_second_sigint_aborts_at_once_and_extra_sigterms_are_ignored():
-    from minift.train import _StopSignals
+    from minift.rundir import StopSignals
     said = []
-    with _StopSignals(said.append) as signals:
+    with StopSignals(said.append) as signals:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)            # e.g. torchrun forwarding: ignored
         assert signals.signum == signal.SIGTERM and len(said) == 1
@@ -407,7 +367,8 @@ def test_bad_config_values_give_clear_errors(tmp_path):
                       ({"nonfinite": "ignore"}, "nonfinite"), ({"lr": -1}, "lr"),
                       ({"max_steps": 0}, "max_steps"), ({"dropout": 1.0}, "dropout"),
                       ({"gradient_accumulation_steps": 1.5}, "gradient_accumulation_steps"),
-                      ({"resume": True}, "resume")]:
+                      ({"resume": True}, "resume"), ({"fsdp": True, "ewc_lambda": 1.0}, "fsdp"),
+                      ({"fsdp": True, "unfreeze_every": 2}, "fsdp")]:
         with pytest.raises(ValueError, match=f"TrainConfig.{field} "):
             TrainConfig(**kw)
     conf = TrainConfig()
@@ -424,6 +385,17 @@ def test_bad_config_values_give_clear_errors(tmp_path):
     frozen = tiny_model().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         train(frozen, pattern_data(4), config=TrainConfig())
+
+
+def test_fsdp_in_one_process_is_plain_training(capsys):
+    """fsdp=True only shards under torchrun; alone it says so and trains as usual (the
+    2-process FSDP tests are in test_distributed.py)."""
+    data = pattern_data(8, seed=25)
+    a, b = tiny_model(), tiny_model()
+    train(a, data, config=cfg(max_steps=2, fsdp=True))
+    assert "fsdp=True has no effect in a single process" in capsys.readouterr().err
+    train(b, data, config=cfg(max_steps=2))
+    assert max_diff(weights(a), weights(b)) == 0
 
 
 def test_partial_fine_tuning_trains_only_the_trainable_subset(tmp_path):
@@ -500,7 +472,7 @@ def test_progress_line_and_metrics(tmp_path, capsys):
     term = Terminal()
     sys_stderr, sys.stderr = sys.stderr, term
     try:
-        p = _Progress(total=3, log_every=10, enabled=True)
+        p = Progress(total=3, log_every=10, enabled=True)
         for s in (1, 2, 3):
             p.update(s, 1.0, 1e-3, 100.0, 5.0)
         p.close()
