@@ -11,11 +11,12 @@ Nothing here unpickles: `.bin` / `.pt` files are refused (a pickle can run code)
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 EMBEDDED = {"minift-tiny": Path(__file__).parent / "assets" / "minift-tiny"}
@@ -81,17 +82,40 @@ def resolve_source(src: str | os.PathLike) -> Path:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing; a GPT-2 folder needs config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    # ValueError: bad JSON or UTF-8, or a 5000-digit number; RecursionError: [[[[... nested
+    # too deep; OSError: a folder or unreadable file in its place
+    except (ValueError, RecursionError, OSError) as e:
+        raise ValueError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(d).__name__}")
+    return d
+
+
+def _check_config_types(d: dict, path: Path) -> None:
+    """The numbers GPTConfig builds a model from, checked before it does (a string, 0, inf
+    or 1e9 layers would fail deep inside torch, or take forever, without naming the file)."""
+    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions", "n_inner"):
+        v = d.get(name)
+        if (name in d and not (name == "n_inner" and v is None)
+                and (not isinstance(v, int) or isinstance(v, bool) or v <= 0)):
+            raise ValueError(f"{path}: {name} must be a positive integer, got {v!r}")
+    for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop", "layer_norm_epsilon",
+                 "initializer_range"):
+        v = d.get(name, 0.0)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ValueError(f"{path}: {name} must be a finite number, got {v!r}")
+        if name.endswith("pdrop") and not 0 <= v <= 1:
+            raise ValueError(f"{path}: {name} is a probability, got {v!r}")
 
 
 def load_config(folder: Path):
     """config.json -> GPTConfig, refusing architectures minift does not implement."""
     from .model import GPTConfig
     d = _read_json(folder / "config.json")
+    _check_config_types(d, folder / "config.json")
     if d.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"{folder / 'config.json'}: model_type {d.get('model_type')!r} is not "
                          "supported; minift implements GPT-2 ('gpt2') only")
@@ -110,7 +134,11 @@ def weight_files(folder: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if index.is_file():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(s, str) and s and "\x00" not in s for s in weight_map.values()):
+            raise ValueError(f"{index}: weight_map must map tensor names to file names")
+        shards = sorted(set(weight_map.values()))
         for s in shards:
             if Path(s).is_absolute() or ".." in Path(s).parts:  # an index can't point outside
                 raise ValueError(f"{index}: shard path {s!r} leaves the folder")
@@ -138,25 +166,36 @@ def load_pretrained(src, dtype: torch.dtype | None = None, device=None):
     from .model import GPT
     folder = resolve_source(src)
     config = load_config(folder)
+    tensors = []  # (file, key, tensor): read before the model is built, to check n_layer
+    for file in weight_files(folder):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                tensors += [(file, key, f.get_tensor(key)) for key in f.keys()]
+        except SafetensorError as e:  # truncated, corrupted, not safetensors at all
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    blocks = {key.removeprefix("transformer.").split(".")[1] for _, key, _ in tensors
+              if key.removeprefix("transformer.").startswith("h.")}
+    if len(blocks) != config.n_layer:
+        raise ValueError(f"{folder / 'config.json'}: n_layer={config.n_layer}, but the weights "
+                         f"hold {len(blocks)} blocks")
     with torch.device("meta"):  # no random init: every tensor is overwritten below
         model = GPT(config)
     expected = dict(model.named_parameters())  # tied lm_head appears once, as wte
     loaded = {}
-    for file in weight_files(folder):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                name = hf_to_minift_name(key)
-                if name is None or (name == "lm_head.weight" and config.tie_word_embeddings):
-                    continue
-                if name not in expected:
-                    raise ValueError(f"{file.name}: unexpected key {key!r} for a GPT-2 model")
-                t = f.get_tensor(key)
-                if name.endswith(TRANSPOSED):
-                    t = t.t()  # Conv1D (in, out) -> Linear (out, in)
-                if t.shape != expected[name].shape:
-                    raise ValueError(f"{file.name}: key {key!r} has shape {tuple(t.shape)} but "
-                                     f"config.json implies {tuple(expected[name].shape)}")
-                loaded[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    for file, key, t in tensors:
+        name = hf_to_minift_name(key)
+        if name is None or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        if name not in expected:
+            raise ValueError(f"{file}: unexpected key {key!r} for a GPT-2 model")
+        if not t.is_floating_point():
+            raise ValueError(f"{file}: key {key!r} holds {t.dtype}, not floating point")
+        if name.endswith(TRANSPOSED) and t.ndim == 2:
+            t = t.t()  # Conv1D (in, out) -> Linear (out, in)
+        if t.shape != expected[name].shape:
+            raise ValueError(f"{file}: key {key!r} has shape {tuple(t.shape)} but "
+                             f"config.json implies {tuple(expected[name].shape)}")
+        loaded[name] = t.to(dtype) if dtype is not None else t
     missing = sorted(set(expected) - set(loaded))
     if missing:
         raise ValueError(f"{folder}: checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")

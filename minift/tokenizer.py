@@ -69,6 +69,10 @@ class Tokenizer:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
             if (folder / name).is_file():
                 config.update({k: v for k, v in _read_json(folder / name).items() if v is not None})
+        for key in SPECIAL_KEYS:  # a token is "<|x|>" or {"content": "<|x|>"}, nothing else
+            if key in config and not isinstance(_token_str(config[key]), str):
+                raise ValueError(f"{folder}: {key} in tokenizer_config.json or "
+                                 f"special_tokens_map.json is not a token string: {config[key]!r}")
         tok_file, vocab, merges = folder / "tokenizer.json", folder / "vocab.json", folder / "merges.txt"
         if not (tok_file.is_file() or (vocab.is_file() and merges.is_file())):
             raise FileNotFoundError(f"{folder}: no tokenizer found; looked for tokenizer.json, "

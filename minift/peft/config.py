@@ -45,14 +45,34 @@ def config_from_dict(cls, d: dict, source: str):
     """PEFT's adapter_config.json dict -> `cls`. Unknown keys are accepted only when they are off
     (None, False, {}, []): a PEFT feature minift lacks (DoRA, rank_pattern, ...) is refused by
     name rather than silently giving different numbers."""
-    known = {f.name for f in fields(cls) if f.init and f.metadata.get("save", True)}
+    known = {f.name: f.type for f in fields(cls) if f.init and f.metadata.get("save", True)}
     for key, value in d.items():
         if key not in known and key not in IGNORED_KEYS and value not in (None, False, {}, []):
             raise PeftError(f"{source}: {key}={value!r} is a PEFT feature minift does not implement")
+        if key in known and not _fits(value, str(known[key])):
+            raise PeftError(f"{source}: {key}={value!r} is not a {known[key]}")
     try:
         return cls(**{k: v for k, v in d.items() if k in known})
     except (TypeError, ValueError) as e:
         raise PeftError(f"{source}: {e}") from None
+
+
+_JSON_TYPES = {"None": type(None), "bool": bool, "int": int, "float": (int, float), "str": str}
+
+
+def _fits(value, annotation: str) -> bool:
+    """Does a JSON value fit a field annotation such as "int", "float | None" or
+    "list[str] | str"? (A string "r": "8" would otherwise fail deep inside torch.)"""
+    for kind in (k.strip() for k in annotation.split("|")):
+        if kind.startswith("list["):
+            if isinstance(value, list) and all(_fits(v, kind[5:-1]) for v in value):
+                return True
+        elif kind not in _JSON_TYPES:
+            return True   # a type this check does not know: the config's own checks decide
+        elif isinstance(value, _JSON_TYPES[kind]) and (kind == "bool"
+                                                       or not isinstance(value, bool)):
+            return True   # (True is an int to Python, not to a config)
+    return False
 
 
 def check_task_type(task_type) -> None:

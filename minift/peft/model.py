@@ -214,7 +214,10 @@ class PeftModel(nn.Module):
         tensors = load_adapter_tensors(folder)
         config.inference_mode = True      # a loaded prompt is the saved form (see prompts.py)
         flags = [(p, p.requires_grad) for p in model.parameters()]
-        peft_model = cls(model, config)
+        try:
+            peft_model = cls(model, config)
+        except PeftError as e:  # the config does not fit this model: name the file
+            raise PeftError(f"{folder / CONFIG_NAME}: {e}") from None
         try:
             peft_model.load_adapter_state_dict(tensors, str(folder / WEIGHTS_NAME))
         except Exception:
@@ -282,10 +285,10 @@ def load_adapter_config(folder: Path):
                                        f"and {WEIGHTS_NAME}")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PeftError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict) or d.get("peft_type") not in CONFIGS:
-        got = d.get("peft_type") if isinstance(d, dict) else None
+    except (ValueError, RecursionError) as e:  # also a 5000-digit number, [[[[... too deep
+        raise PeftError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    got = d.get("peft_type") if isinstance(d, dict) else None
+    if not isinstance(got, str) or got not in CONFIGS:
         raise PeftError(f"{path}: unknown peft_type {got!r}; minift loads {sorted(CONFIGS)}")
     return config_from_dict(CONFIGS[d["peft_type"]], d, str(path))
 
