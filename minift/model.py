@@ -75,10 +75,10 @@ class CausalLMOutput:
 
 
 def _attention_probs(q, k, mask):
-    """softmax(q k^T / sqrt(hs)) over the keys `mask` allows (bool, broadcast to (B, nh, T, S))
-    or, for mask None, over keys j <= query i (causal, T == S). A query allowed no key at all
-    (left padding) gets zeros, as in SDPA."""
-    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)   # (B, nh, T, S)
+    """softmax(q k^T) over the keys `mask` allows (bool, broadcast to (B, nh, T, S)) or, for
+    mask None, over keys j <= query i (causal, T == S); q comes scaled by 1 / sqrt(hs).
+    A query allowed no key at all (left padding) gets zeros, as in SDPA."""
+    scores = q @ k.transpose(-2, -1)                                     # (B, nh, T, S)
     if mask is None:
         T, S = scores.shape[-2:]
         future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu_(1)
@@ -94,11 +94,11 @@ class _AttentionDropout(torch.autograd.Function):
 
     For training on CPU, where SDPA under dropout falls back to its math kernel, which keeps
     the (B, nh, T, S) scores, probabilities and dropped probabilities for the backward:
-    42 MB a layer for GPT-2 small at 4 x 256. This keeps q, k, v (views of c_attn's output)
-    and the 1-byte mask, and recomputes the probabilities in the backward: "selective
-    activation recomputation" (Korthikanti et al. 2022, §4.3), one more QK^T per layer.
-    With the mask saved, no random numbers are drawn twice. The backward, with P the
-    probabilities and D = P * keep / (1 - p):
+    42 MB a layer for GPT-2 small at 4 x 256. This keeps q (scaled), k, v, as contiguous
+    copies that replace c_attn's output, and the 1-byte mask, and recomputes the
+    probabilities in the backward: "selective activation recomputation" (Korthikanti et al.
+    2022, §4.3), one more QK^T per layer. With the mask saved, no random numbers are drawn
+    twice. The backward, with P the probabilities and D = P * keep / (1 - p):
 
         dv = D^T dy      dP = (dy v^T) * keep / (1 - p)      dS = P * (dP - rowsum(dP * P))
         dq = dS k / sqrt(hs)      dk = dS^T q / sqrt(hs)
@@ -107,30 +107,31 @@ class _AttentionDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, keep, p: float):
         # q (B, nh, T, hs); k, v (B, nh, S, hs); mask bool broadcast to (B, nh, T, S), or
-        # None for causal; keep bool (B, nh, T, S)
+        # None for causal; keep bool (B, nh, T, S). Contiguous, so the matmuls copy nothing.
+        q = q * (1.0 / math.sqrt(q.shape[-1]))
+        k, v = k.contiguous(), v.contiguous()
         probs = _attention_probs(q, k, mask)                               # (B, nh, T, S)
-        y = probs.mul_(keep) @ v * (1.0 / (1.0 - p))                       # (B, nh, T, hs)
+        y = torch.where(keep, probs, 0.0) @ v * (1.0 / (1.0 - p))          # (B, nh, T, hs)
         ctx.save_for_backward(q, k, v, mask, keep)
         ctx.p = p
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        q, k, v, mask, keep = ctx.saved_tensors
-        scale, drop_scale = 1.0 / math.sqrt(q.shape[-1]), 1.0 / (1.0 - ctx.p)
+        q, k, v, mask, keep = ctx.saved_tensors                            # q scaled
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         probs = _attention_probs(q, k, mask)                               # recomputed
+        dy = dy * (1.0 / (1.0 - ctx.p))                                    # (B, nh, T, hs)
         dq = dk = dv = None
         if need_v:
-            dv = (probs * keep).transpose(-2, -1) @ dy * drop_scale        # (B, nh, S, hs)
-        d_probs = (dy * drop_scale) @ v.transpose(-2, -1)                  # (B, nh, T, S)
-        d_probs.mul_(keep)
+            dv = torch.where(keep, probs, 0.0).transpose(-2, -1) @ dy      # (B, nh, S, hs)
+        d_probs = torch.where(keep, dy @ v.transpose(-2, -1), 0.0)        # (B, nh, T, S)
         # softmax's backward, P * (dP - rowsum(dP * P)), in one pass
         d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)
         if need_q:  # not in block 0 under prefix tuning: nothing below it trains
-            dq = d_scores @ k * scale                                      # (B, nh, T, hs)
+            dq = d_scores @ k * (1.0 / math.sqrt(q.shape[-1]))             # (B, nh, T, hs)
         if need_k:
-            dk = d_scores.transpose(-2, -1) @ q * scale                    # (B, nh, S, hs)
+            dk = d_scores.transpose(-2, -1) @ q                            # (B, nh, S, hs)
         return dq, dk, dv, None, None, None
 
 

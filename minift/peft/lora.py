@@ -104,7 +104,8 @@ class LoraLinearFunction(torch.autograd.Function):
         # x (..., in); weight (out, in); bias (out,) or None; lora_A (r, in); lora_B (out, r)
         base = F.linear(x, weight, bias)                                  # (..., out)
         xa = x.to(lora_A.dtype)
-        u = F.linear(xa if keep is None else xa * keep, lora_A) * keep_scale  # (..., r)
+        xd = xa if keep is None else torch.where(keep, xa, 0.0)            # dropout, unscaled
+        u = F.linear(xd, lora_A) * keep_scale                             # (..., r)
         y = torch.add(base, F.linear(u, lora_B), alpha=scaling).to(base.dtype)
         ctx.save_for_backward(x, keep, u, weight, lora_A, lora_B)
         ctx.scaling, ctx.keep_scale = scaling, keep_scale
@@ -124,11 +125,12 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_x:
             back = (du * q) @ lora_A                                      # (N, in)
             if keep2 is not None:
-                back = back * keep2
+                back = torch.where(keep2, back, 0.0)
             dx = (g @ weight.to(g.dtype) + back.to(g.dtype)).reshape(x.shape).to(x.dtype)
         if need_A:
             xa = x2.to(lora_A.dtype)
-            dA = (du.t() @ (xa if keep2 is None else xa * keep2)) * q     # (r, in)
+            xd = xa if keep2 is None else torch.where(keep2, xa, 0.0)
+            dA = (du.t() @ xd) * q                                        # (r, in)
         if need_B:
             dB = (ga.t() @ u.reshape(-1, u.shape[-1]).to(ga.dtype)) * s   # (out, r)
         if need_w:  # only when the base weight was unfrozen on purpose
