@@ -296,6 +296,7 @@ def test_config_file_layers(tmp_path):
     (["finetune", "--lr", "fast"], 2, ["--lr", "expected a number"]),
     (["finetune", "--r", "4", "--method", "full"], 2, ["--r applies to --method lora"]),
     (["finetune", "--max-steps", "0"], 2, ["max_steps"]),
+    (["finetune", "--threads", "0", "--output-dir", "{tmp}/o"], 2, ["--threads"]),
     (["finetune", "--data", "{tmp}/missing.jsonl", "--output-dir", "{tmp}/o"], 1,
      ["missing.jsonl: no such file"]),
     (["finetune", "--config", "{tmp}/bad.toml"], 2, ["bad.toml: unknown key 'max_stpes'",
