@@ -812,8 +812,9 @@ def cmd_finetune(args) -> int:
     samples = [{"prompt": r["prompt"], "reference": r["completion"],
                 **({"before": before_preds[i]} if before_preds else {}), "after": after_preds[i]}
                for i, r in enumerate(data.records[:opts["num_samples"]])]
-    plotted = plot_losses({opts["method"]: loss_curves(read_metrics(out / "metrics.jsonl"))},
-                          out / "loss.png", f"minift finetune: {opts['method']} on {opts['model']}")
+    curve = loss_curves(read_metrics(out / "metrics.jsonl"), before and before["val_loss"])
+    plotted = plot_losses({opts["method"]: curve}, out / "loss.png",
+                          f"minift finetune: {opts['method']} on {opts['model']}")
     method_options = ", ".join(f"{k}={_show(getattr(peft_config, k, opts[k]))}"
                                for k in opts if OPTIONS[k].methods)
     summary = {
@@ -1030,7 +1031,7 @@ def cmd_compare(args) -> int:
         if "reference_ppl" in base:
             r["forgetting"] = forgetting_report(base["reference_ppl"], r["after"]["reference_ppl"])
         rows.append(r)
-        curves[m] = loss_curves(read_metrics(out / m / "metrics.jsonl"))
+        curves[m] = loss_curves(read_metrics(out / m / "metrics.jsonl"), base["val_loss"])
         _say(f"    {time.perf_counter() - t0:.1f} s, validation loss {r['after']['val_loss']:.4f}")
 
     plotted = plot_losses(curves, out / "loss_curves.png", f"minift compare ({steps} steps)")

@@ -110,16 +110,19 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def loss_curves(records: list[dict]) -> dict[str, list]:
+def loss_curves(records: list[dict], val_loss_at_0: float | None = None) -> dict[str, list]:
     """metrics.jsonl records -> {"train_steps", "train_loss", "val_steps", "val_loss"}.
 
     train.py logs the mean training loss of the last `log_every` steps ("train" events)
-    and the validation loss of each evaluation ("eval" events).
+    and the validation loss of each evaluation ("eval" events); val_loss_at_0, the base
+    model's, starts the validation curve at step 0.
     """
     train = [r for r in records if r.get("event") == "train"]
-    evals = [r for r in records if r.get("event") == "eval"]
+    evals = [(r["step"], r["val_loss"]) for r in records if r.get("event") == "eval"]
+    if val_loss_at_0 is not None:
+        evals.insert(0, (0, val_loss_at_0))
     return {"train_steps": [r["step"] for r in train], "train_loss": [r["loss"] for r in train],
-            "val_steps": [r["step"] for r in evals], "val_loss": [r["val_loss"] for r in evals]}
+            "val_steps": [s for s, _ in evals], "val_loss": [v for _, v in evals]}
 
 
 # ----------------------------------------------------------------------------- plots
@@ -142,8 +145,12 @@ def plot_losses(curves: dict[str, dict], path: Path, title: str = "") -> bool:
         ax.set_ylabel(name + " (nats per target token)")
         ax.set_title(name)
         ax.grid(alpha=0.3)
-    if len(curves) > 1 or any(curves):
-        ax_val.legend(fontsize="small")
+    if len(curves) > 1:
+        try:  # beside the panels (matplotlib >= 3.7), else inside
+            fig.legend(*ax_val.get_legend_handles_labels(), loc="outside right upper",
+                       fontsize="small")
+        except ValueError:
+            ax_val.legend(fontsize="small")
     if title:
         fig.suptitle(title)
     fig.savefig(path, dpi=110)
