@@ -763,7 +763,8 @@ def cmd_finetune(args) -> int:
     model, tok = GPT.from_pretrained(opts["model"]), Tokenizer.from_pretrained(opts["model"])
     data = load_task_data(opts, tok, model.config.n_positions)
     config = replace(config, max_length=data.max_length)
-    model.to(opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
     if RANK == 0:  # before training, so that an interrupted run can be resumed
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {"minift_version": __version__,
@@ -790,12 +791,15 @@ def cmd_finetune(args) -> int:
     except TrainingInterrupted as e:
         raise TrainingInterrupted(f"{e}\ncontinue with: minift finetune --resume {out}",
                                   e.signum) from None
-    seconds = time.perf_counter() - t0
+    training = {"steps": result.step, "stopped": result.stopped, "best_step": result.best_step,
+                "best_val_loss": result.best_val_loss, "seconds": time.perf_counter() - t0,
+                "seconds_per_step": timer.median(), "peak_rss_mb": memory.peak_mb,
+                "rss_growth_mb": memory.growth_mb}
     if is_sharded(model):  # fsdp: rank 0 gets the full weights, in a fresh unsharded copy
         full = gather_to_rank0(dict(model.named_parameters()))  # a collective: every rank
         if RANK == 0:
             model = apply_method(GPT.from_pretrained(opts["model"]), opts["method"], opts,
-                                 method_config(opts))
+                                 method_config(opts)).to(device)
             with torch.no_grad():
                 for name, p in model.named_parameters():
                     p.copy_(full[name])
@@ -815,23 +819,16 @@ def cmd_finetune(args) -> int:
     curve = loss_curves(read_metrics(out / "metrics.jsonl"), before and before["val_loss"])
     plotted = plot_losses({opts["method"]: curve}, out / "loss.png",
                           f"minift finetune: {opts['method']} on {opts['model']}")
-    method_options = ", ".join(f"{k}={_show(getattr(peft_config, k, opts[k]))}"
-                               for k in opts if OPTIONS[k].methods)
     summary = {
         "method": opts["method"], "model": opts["model"], "lr": opts["lr"],
-        "method_detail": METHODS[opts["method"]] + (f"; {method_options}" if method_options
-                                                     else ""),
+        "method_detail": _method_detail(opts, peft_config),
         "data_detail": data.detail, "eval_detail": data.eval_detail,
         "reference": data.reference_name, "reference_block": data.reference_block,
         "trainable_params": trainable, "total_params": total,
         "before": before, "after": after, "samples": samples,
         "forgetting": forgetting_report(before["reference_ppl"], after["reference_ppl"])
         if before and "reference_ppl" in before else None,
-        "train": {"steps": result.step, "stopped": result.stopped, "best_step": result.best_step,
-                  "best_val_loss": result.best_val_loss, "seconds": seconds,
-                  "seconds_per_step": timer.median(), "peak_rss_mb": memory.peak_mb,
-                  "rss_growth_mb": memory.growth_mb},
-        "artifact": artifact, "plot": "loss.png" if plotted else None,
+        "train": training, "artifact": artifact, "plot": "loss.png" if plotted else None,
     }
     write_json(out / "report.json", summary)
     (out / "report.md").write_text(finetune_markdown(summary), encoding="utf-8")
@@ -845,6 +842,13 @@ def cmd_finetune(args) -> int:
     _print(f"run folder: {out} (report.md, {artifact}/, metrics.jsonl, config.json)"
            + ("" if plotted else "; no loss.png: install matplotlib (pip install minift[plot])"))
     return 0
+
+
+def _method_detail(opts: dict, peft_config) -> str:
+    """The method's description and the option values its adapter uses ("...; r=8, ...")."""
+    values = ", ".join(f"{k}={_show(getattr(peft_config, k, opts[k]))}"
+                       for k in opts if OPTIONS[k].methods)
+    return METHODS[opts["method"]] + (f"; {values}" if values else "")
 
 
 # ----------------------------------------------------------------------------- inference
