@@ -370,8 +370,9 @@ COMPARE_EPILOG = """examples:
 methods: """ + ", ".join(COMPARE_METHODS) + """
 (full+ewc: full fine-tuning with an EWC penalty, its Fisher from the reference text).
 Each method is a `minift finetune` in its own process (honest peak memory, for about 3 s
-of start-up each), on the same data, step budget, batch size and seed, with its own
-learning rate. Writes report.md, report.json, loss_curves.png, a run folder per method."""
+of start-up each), one thread each by default, on the same data, step budget, batch size
+and seed, with its own learning rate. Writes report.md, report.json, loss_curves.png and
+a run folder per method."""
 
 
 def number(parser, flag: str, kind, default, help: str) -> None:
@@ -465,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     number(p, "--batch-size", int, RECIPE["batch_size"], "examples per step")
     number(p, "--seed", int, 0, "data order, initialisation, dropout")
     number(p, "--ewc-lambda", float, EWC_LAMBDA, "EWC strength of full+ewc")
-    number(p, "--threads", int, None, OPTIONS["threads"].help)
+    number(p, "--threads", int, 1, "CPU threads of every process (torch.set_num_threads): one "
+           "by default, for steady step times on a shared machine")
     for o in ("model", "data", "val_data", "test_data", "reference"):
         p.add_argument("--" + o.replace("_", "-"), metavar=OPTIONS[o].metavar,
                        help=OPTIONS[o].help.replace("%", "%%"))
@@ -1041,7 +1043,8 @@ def cmd_compare(args) -> int:
     plotted = plot_losses(curves, out / "loss_curves.png", f"minift compare ({steps} steps)")
     summary = {"model": opts["model"], "data_detail": data.detail, "eval_detail": data.eval_detail,
                "reference": data.reference_name, "max_steps": steps,
-               "batch_size": args.batch_size, "seed": args.seed, "base": base, "methods": rows,
+               "batch_size": args.batch_size, "seed": args.seed, "threads": args.threads,
+               "base": base, "methods": rows,
                "plot": "loss_curves.png" if plotted else None}
     write_json(out / "report.json", summary)
     (out / "report.md").write_text(compare_markdown(summary), encoding="utf-8")

@@ -300,7 +300,8 @@ def compare_markdown(s: dict) -> str:
     lines = ["# minift compare", "",
              f"Every method fine-tunes {s['model']} on {s['data_detail']} for {s['max_steps']} "
              f"optimizer steps of {s['batch_size']} examples (seed {s['seed']}), each with its "
-             "own learning rate (column lr). Each method runs in its own process.", "",
+             "own learning rate (column lr). Each method runs in its own process"
+             + (f", with {s['threads']} CPU thread(s)." if s.get("threads") else "."), "",
              markdown_table(compare_rows(s), COMPARE_COLUMNS,
                             right=tuple(COMPARE_COLUMNS[1:])), "",
              "- trainable / share: parameters updated by the optimizer, and their share of all "
@@ -315,10 +316,13 @@ def compare_markdown(s: dict) -> str:
              "- peak MB: growth of the process's resident memory during training: peak RSS in "
              "train() minus RSS when it started (Linux resets the peak through "
              "/proc/self/clear_refs; elsewhere the peak is the whole process's). It counts "
-             "gradients, optimizer state and activations, not the model itself.",
+             "gradients, optimizer state, activations and checkpoint buffers, not the model "
+             "itself, and also the first backward pass's one-off allocations (autograd, "
+             "allocator arenas), about the same for every method: for a model as small as "
+             "minift-tiny those dominate, and differences of a few tens of MB are noise.",
              ""]
     if s.get("plot"):
         lines += [f"![loss curves]({s['plot']})", ""]
-    lines += [f"Per-method run folders (config, metrics, report, logs): "
+    lines += ["Per-method run folders (config, metrics, report, log.txt): "
               + ", ".join(f"`{r['method']}/`" for r in s["methods"]), ""]
     return "\n".join(lines)
