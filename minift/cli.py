@@ -59,7 +59,7 @@ TASK = Path(__file__).parent / "assets" / "task"   # the built-in task (see its 
 METHODS = {
     "lora": "LoRA, low-rank updates of linear layers (Hu et al. 2021)",
     "full": "full fine-tuning, every weight",
-    "partial": "the top --top-k-blocks blocks and the final LayerNorm",
+    "partial": "partial fine-tuning, the top k blocks and the final LayerNorm",
     "adapter": "Houlsby bottleneck adapters after attention and MLP (Houlsby et al. 2019)",
     "prefix": "prefix tuning, trained keys/values at every layer (Li & Liang 2021)",
     "prompt": "prompt tuning, trained input embeddings (Lester et al. 2021)",
@@ -429,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
         if name == "generate":
-            p.add_argument("--prompt", required=True, help="the text to continue; - reads stdin")
+            p.add_argument("--prompt", required=True, help="the text to continue; - reads "
+                           "stdin (without the newline echo adds)")
             number(p, "--max-new-tokens", int, 50, "tokens to generate")
             p.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
             number(p, "--temperature", float, None, "sampling temperature (1.0 when sampling)")
@@ -854,17 +855,26 @@ def _method_detail(opts: dict, peft_config) -> str:
 
 
 # ----------------------------------------------------------------------------- inference
-def load_for_inference(args):
-    """(model, tokenizer, base model id, adapter folder or None) from --model/--adapter or
-    --run. A run's model/ folder (full, partial) is loaded as the model itself."""
+class Loaded(typing.NamedTuple):
+    model: torch.nn.Module   # in eval mode
+    tok: Tokenizer
+    weights: str             # the folder or id of the model's own weights
+    base: str                # the model it was fine-tuned from (== weights for a base model)
+    adapter: Path | None
+
+
+def load_for_inference(args) -> Loaded:
+    """The model of --model (+ --adapter), or of --run: a run's model/ folder (full, partial)
+    is loaded as the model itself, its adapter/ onto its base model."""
     if args.run is not None:
         if args.model or args.adapter:
             raise UsageError("--run names the model and adapter already; drop --model/--adapter")
         run = Path(args.run)
         base = read_run_config(run)["model"]
         if (run / "model").is_dir():
-            return (GPT.from_pretrained(run / "model").eval(),
-                    Tokenizer.from_pretrained(run / "model"), base, None)
+            return Loaded(GPT.from_pretrained(run / "model").eval(),
+                          Tokenizer.from_pretrained(run / "model"), str(run / "model"), base,
+                          None)
         adapter = run / "adapter"
         if not adapter.is_dir():
             raise FileNotFoundError(f"{run}: no adapter/ or model/ folder yet (training did not "
@@ -878,7 +888,7 @@ def load_for_inference(args):
     tok = Tokenizer.from_pretrained(adapter if has_tokenizer else base)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
-    return model.eval(), tok, base, adapter  # eval(): the adapter's new modules start in training
+    return Loaded(model.eval(), tok, base, base, adapter)  # eval(): new modules start training
 
 
 def _device(args) -> str:
@@ -886,10 +896,10 @@ def _device(args) -> str:
 
 
 def cmd_generate(args) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = sys.stdin.read().removesuffix("\n") if args.prompt == "-" else args.prompt
     if not prompt:
         raise UsageError("--prompt is empty; the model needs at least one token to continue")
-    model, tok, _, _ = load_for_inference(args)
+    model, tok, *_ = load_for_inference(args)
     model.to(_device(args))
     sample = args.do_sample or any(v is not None
                                    for v in (args.temperature, args.top_k, args.top_p))
@@ -915,7 +925,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def cmd_eval(args) -> int:
-    model, tok, base, adapter = load_for_inference(args)
+    model, tok, weights, base, adapter = load_for_inference(args)
     model.to(_device(args))
     n_virtual = model.peft_config.num_virtual_tokens if getattr(
         model, "is_prompt_learning", False) else 0
@@ -923,7 +933,8 @@ def cmd_eval(args) -> int:
     path = Path(args.data) if args.data else TASK / "test.jsonl"
     examples = load_dataset(path, tok, block_size=context, max_length=context)
     ppl = perplexity(model, examples, batch_size=args.batch_size)
-    result = {"model": base, "adapter": str(adapter) if adapter else None, "data": str(path),
+    result = {"model": weights, "adapter": str(adapter) if adapter else None,
+              "base_model": base if weights != base else None, "data": str(path),
               "examples": len(examples), "loss": math.log(ppl), "perplexity": ppl}
     room = context - args.max_new_tokens
     records = [r for r in _records(path) if "prompt" in r and len(tok.encode(r["prompt"])) <= room]
@@ -938,7 +949,7 @@ def cmd_eval(args) -> int:
             raise FileNotFoundError(f"{ref_path}: no such reference text file") from None
         ppl_ref = perplexity(model, text, tok, args.batch_size, block)
         result["reference"] = {"file": str(ref_path), "perplexity": ppl_ref}
-        if adapter is not None or args.run:  # the base model, for comparison
+        if weights != base or adapter is not None:  # the base model, for comparison
             base_model = GPT.from_pretrained(base).to(_device(args))
             result["reference"]["forgetting"] = forgetting_report(
                 perplexity(base_model, text, tok, args.batch_size, block), ppl_ref)
@@ -965,7 +976,7 @@ def cmd_merge(args) -> int:
                              "weights (the others add computation, so they stay adapters)")
     if (out / "config.json").exists() and not args.overwrite:
         raise ValueError(f"{out} already holds a model; pass --overwrite to replace it")
-    model, tok, _, _ = load_for_inference(args)
+    model, tok, *_ = load_for_inference(args)
     model.merge_and_unload().save_pretrained(out)
     tok.save_pretrained(out)
     print(f"merged {adapter} into the weights: {out} (a Hugging Face folder; GPT.from_pretrained "
