@@ -40,6 +40,9 @@ Checkpoints hold full tensors, gathered one at a time (`gather_to_rank0`), in th
 files as unsharded training, so a run resumes with or without FSDP, on any number of
 processes. The model stays sharded after train(); to save it, gather its weights first:
 `gather_to_rank0(dict(model.named_parameters()))` (GPT.save_pretrained needs full tensors).
+At the end of a script, drop the sharded model and `gc.collect()` before
+`torch.distributed.destroy_process_group()`: destroying the group under a live sharded
+model aborted a process now and then at exit (gloo, torch 2.13).
 """
 from __future__ import annotations
 
