@@ -249,7 +249,7 @@ class Run:
             found = re.search(r"Unsupported global: [^.]*", str(e))
             raise ValueError(f"{path}: refused: it holds Python objects, not only tensors and "
                              f"containers ({found[0] if found else e}), and minift never "
-                             "unpickles those; resume from a checkpoint written by minift") from None
+                             "unpickles those; resume from a checkpoint minift wrote") from None
         except (RuntimeError, EOFError, OSError) as e:   # not a torch.save zip file at all
             raise ValueError(f"{path}: not a readable optimizer state ({e})") from None
         try:

@@ -239,13 +239,14 @@ def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | Non
 
     Under torchrun (WORLD_SIZE > 1) it joins the process group (gloo on CPU, nccl on CUDA;
     the group stays for the rest of the process) and trains data-parallel, or sharded with
-    fsdp=True (the model then stays sharded); rank 0 writes the files. The model's training/eval mode, dropout rates,
-    gradient-checkpointing flag and requires_grad flags are restored at the end; its
-    trainable weights are the result.
+    fsdp=True (the model then stays sharded); rank 0 writes the files. The model's
+    training/eval mode, dropout rates, gradient-checkpointing flag and requires_grad flags
+    are restored at the end; its trainable weights are the result.
     """
     config = config or TrainConfig()
     config.validate()
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    model_config = getattr(model, "config", None)   # a GPT's or a PeftModel's GPTConfig
+    vocab = getattr(model_config, "vocab_size", None)
     _check_examples(train_data, "train_data", vocab)
     if val_data is not None:
         _check_examples(val_data, "val_data", vocab)
@@ -267,7 +268,7 @@ def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | Non
     gpts = [m for m in model.modules() if isinstance(m, GPT)]
     old_checkpointing = [m.gradient_checkpointing for m in gpts]
     old_dropout = unfreezing = None
-    max_length = config.max_length or getattr(getattr(model, "config", None), "n_positions", None)
+    max_length = config.max_length or getattr(model_config, "n_positions", None)
     n_steps = total_steps(len(train_data), config, world)
     progress = Progress(n_steps, config.log_every, enabled=rank == 0)
     try:
