@@ -301,7 +301,8 @@ def compare_markdown(s: dict) -> str:
              f"Every method fine-tunes {s['model']} on {s['data_detail']} for {s['max_steps']} "
              f"optimizer steps of {s['batch_size']} examples (seed {s['seed']}), each with its "
              "own learning rate (column lr). Each method runs in its own process"
-             + (f", with {s['threads']} CPU thread(s)." if s.get("threads") else "."), "",
+             + (f", with {s['threads']} CPU thread{'s' if s['threads'] != 1 else ''}."
+                if s.get("threads") else "."), "",
              markdown_table(compare_rows(s), COMPARE_COLUMNS,
                             right=tuple(COMPARE_COLUMNS[1:])), "",
              "- trainable / share: parameters updated by the optimizer, and their share of all "
@@ -310,7 +311,8 @@ def compare_markdown(s: dict) -> str:
              "training (with restore_best: the best evaluation's weights)",
              f"- exact match, ROUGE-L: greedy answers to {s['eval_detail']}",
              f"- ref ppl change: perplexity on {s['reference'] or '(no reference)'} after "
-             "training minus before; positive means forgetting",
+             f"training minus before ({fmt((s.get('base') or {}).get('reference_ppl'))}); "
+             "positive means forgetting",
              "- s/step: median wall time of an optimizer step (steps that also evaluate or "
              "checkpoint are outliers the median ignores)",
              "- peak MB: growth of the process's resident memory during training: peak RSS in "
