@@ -67,8 +67,8 @@ METHODS = {
 }
 VIRTUAL = ("prefix", "prompt", "ptuning")  # methods whose virtual tokens take context room
 # The CLI's training defaults over TrainConfig's: `minift finetune` with no arguments takes
-# about 2-3 minutes on 2 CPU cores (300 steps of 16 examples, about 6 epochs of the task)
-# and ends with the weights of its best evaluation.
+# about 1.5 minutes on 2 CPU cores (97 s measured while other jobs shared them): 300 steps
+# of 16 examples, about 6 epochs of the task, ending with its best evaluation's weights.
 RECIPE = dict(max_steps=300, batch_size=16, eval_every=50, warmup_steps=20, restore_best=True)
 # Per method: a learning rate that worked on the built-in task (each a small sweep), and
 # LoRA on every linear layer, which learns the task much better than PEFT's attention-only
@@ -302,8 +302,11 @@ def _add_option(group, opt: Opt, shown_default: str) -> None:
     metavar = opt.metavar or ("{" + ",".join(opt.choices) + "}" if opt.choices else
                               {"int": "N", "float": "X", "str": "TEXT", "list": "A,B",
                                "pair": "X"}[opt.kind])
-    group.add_argument(flag, dest=opt.name, metavar=metavar, help=text,
-                       nargs=2 if opt.kind == "pair" else None, default=argparse.SUPPRESS,
+    if opt.kind == "pair":  # two numbers; resolve_finetune makes them a tuple
+        group.add_argument(flag, dest=opt.name, metavar=metavar, help=text, nargs=2, type=float,
+                           default=argparse.SUPPRESS)
+        return
+    group.add_argument(flag, dest=opt.name, metavar=metavar, help=text, default=argparse.SUPPRESS,
                        type=lambda s, o=opt: _cli_value(o, s))
 
 
@@ -315,7 +318,7 @@ def _cli_value(opt: Opt, text: str):
 
 
 TOP_EPILOG = """examples:
-  minift finetune                           LoRA on the built-in task (about 2-3 minutes)
+  minift finetune                           LoRA on the built-in task (1-2 minutes)
   minift finetune --method adapter --max-steps 500 --output-dir runs/adapter
   minift generate --run runs/adapter --prompt $'def os.getcwd():\\n    \"\"\"'
   minift eval --run runs/adapter --forgetting --bias
@@ -367,7 +370,7 @@ The output is a Hugging Face folder (model + tokenizer) that transformers and mi
 Only LoRA merges into the weights; other adapters are refused."""
 
 COMPARE_EPILOG = """examples:
-  minift compare --quick                          about 3 minutes on 2 CPU cores
+  minift compare --quick                          2-3 minutes on 2 CPU cores
   minift compare --methods lora,full,full+ewc --max-steps 200
 methods: """ + ", ".join(COMPARE_METHODS) + """
 (full+ewc: full fine-tuning with an EWC penalty, its Fisher from the reference text).
@@ -527,7 +530,8 @@ def read_config_file(path: str | Path) -> dict:
 def resolve_finetune(args) -> dict:
     """All options of a finetune run: defaults < --config file (or the resumed run's own
     config.json) < flags. Paths that exist become absolute, so a saved run keeps working."""
-    given = {k: v for k, v in vars(args).items() if k in OPTIONS}
+    given = {k: convert(OPTIONS[k], v, "--" + k.replace("_", "-"))
+             for k, v in vars(args).items() if k in OPTIONS}
     resume = getattr(args, "resume", None)
     if resume:
         if getattr(args, "config", None):

@@ -290,6 +290,8 @@ def test_config_file_layers(tmp_path):
     assert opts["lr"] == 2e-3 and opts["batch_size"] == 16   # the CLI's recipe for LoRA
     full = resolve_finetune(parse(["finetune", "--method", "full"]))
     assert full["lr"] == 3e-4 and "r" not in full
+    betas = resolve_finetune(parse(["finetune", "--adam-betas", "0.8", "0.95", "--no-forgetting"]))
+    assert betas["adam_betas"] == (0.8, 0.95) and betas["forgetting"] is False
     epochs = resolve_finetune(parse(["finetune", "--epochs", "2"]))
     assert epochs["max_steps"] is None and epochs["epochs"] == 2   # epochs alone counts epochs
 
