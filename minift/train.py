@@ -406,7 +406,7 @@ def _loop(run: Run, train_data, val_data, n_steps, ewc, unfreezing, autocast, si
         if stop_requested:
             signum = signals.signum or signal.SIGTERM
             where = (f"checkpoint written to {run.out / 'checkpoints' / f'step-{step:06d}'}; "
-                     "continue with resume=True (minift train ... --resume)"
+                     f"continue with resume=True (from a shell: minift finetune --resume {run.out})"
                      if run.out is not None else "no output_dir, so nothing was saved")
             run.progress.close()
             raise TrainingInterrupted(f"training interrupted by {signal.Signals(signum).name} "
