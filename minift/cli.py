@@ -804,13 +804,9 @@ def cmd_finetune(args) -> int:
          f"({100 * trainable / total:.3g}%); training in {out} ...")
     timer = StepTimer()
     t0 = time.perf_counter()
-    try:
-        with MemoryProbe() as memory:
-            result = train(model, data.train, data.val, config,
-                           reference_data=data.reference_examples, callback=timer)
-    except TrainingInterrupted as e:
-        raise TrainingInterrupted(f"{e}\ncontinue with: minift finetune --resume {out}",
-                                  e.signum) from None
+    with MemoryProbe() as memory:  # SIGINT/SIGTERM: TrainingInterrupted names the checkpoint
+        result = train(model, data.train, data.val, config,
+                       reference_data=data.reference_examples, callback=timer)
     training = {"steps": result.step, "stopped": result.stopped, "best_step": result.best_step,
                 "best_val_loss": result.best_val_loss, "seconds": time.perf_counter() - t0,
                 "seconds_per_step": timer.median(), "peak_rss_mb": memory.peak_mb,
@@ -1112,7 +1108,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingInterrupted as e:
         if RANK == 0:
-            print("\n".join(f"minift: {line}" for line in str(e).split("\n")), file=sys.stderr)
+            print(f"minift: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         if RANK == 0:
