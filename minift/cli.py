@@ -186,11 +186,9 @@ def _type_kind(name: str, hint) -> tuple[str, bool]:
     return kinds[hint], optional
 
 
-# Help for the TrainConfig fields whose source line has no comment.
-TRAIN_HELP = {"epochs": "passes over the training data (when max_steps is none)",
-              "lr": "peak learning rate, reached after warmup",
-              "adam_betas": "AdamW's decay rates of the first and second moments",
-              "adam_eps": "AdamW's epsilon, added to the denominator"}
+# Help for the TrainConfig fields whose source line has no comment (a comment wins).
+TRAIN_HELP = {"adam_eps": "AdamW's epsilon, added to the denominator",
+              "lr": "peak learning rate, reached after warmup"}
 
 
 def train_options() -> list[Opt]:
@@ -240,7 +238,7 @@ RUN_OPTIONS = [
     Opt("lora_dropout", "float", 0.05, "dropout on the LoRA branch's input", methods=("lora",)),
     Opt("target_modules", "list", None, "linear layers to adapt, comma-separated, matched by "
         "name suffix (c_attn, c_proj = attn.c_proj and mlp.c_proj, c_fc); none = the library's "
-        "default (attn.c_proj,mlp.c_proj for adapter)", True, methods=("lora", "adapter")),
+        "default (lora c_attn, adapter attn.c_proj,mlp.c_proj)", True, methods=("lora", "adapter")),
     Opt("bottleneck_size", "int", 32, "Houlsby adapter width m (each adapter adds 2 m d + d + m "
         "parameters)", methods=("adapter",)),
     Opt("num_virtual_tokens", "int", 20, "virtual tokens (prompt or prefix length)",
