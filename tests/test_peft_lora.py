@@ -77,6 +77,9 @@ def test_lora_files_interoperate_with_peft(hf_tiny, tmp_path):
     assert_close(loaded(ids, attention_mask=mask).logits,
                  theirs(input_ids=ids, attention_mask=mask).logits)
     assert loaded.peft_config.r == 4 and loaded.num_parameters(trainable_only=True) == 0
+    # loaded for inference, as PEFT: eval mode, so LoRA dropout is off on every module
+    assert loaded_peft.training is False and loaded.training is False
+    assert not any(m.training for m in loaded.modules())
     trainable = PeftModel.from_pretrained(GPT.from_pretrained(folder), tmp_path / "theirs",
                                           is_trainable=True)
     assert trainable.num_parameters(trainable_only=True) == sum(v.numel() for v in b.values())

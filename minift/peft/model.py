@@ -227,6 +227,8 @@ class PeftModel(nn.Module):
             raise
         peft_model.peft_config.inference_mode = not is_trainable
         peft_model.set_adapter_trainable(is_trainable)
+        if not is_trainable:  # as PEFT: an adapter loaded for inference comes in eval mode,
+            peft_model.eval()  # so LoRA dropout is off without a further call
         return peft_model
 
     @torch.no_grad()
