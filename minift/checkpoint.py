@@ -191,7 +191,7 @@ def load_pretrained(src, dtype: torch.dtype | None = None, device=None):
         if not t.is_floating_point():
             raise ValueError(f"{file}: key {key!r} holds {t.dtype}, not floating point")
         if name.endswith(TRANSPOSED) and t.ndim == 2:
-            t = t.t().contiguous()  # Conv1D (in, out) -> Linear (out, in); FSDP needs contiguous
+            t = t.t()  # Conv1D (in, out) -> Linear (out, in): a view, no copy (FSDP copies later)
         if t.shape != expected[name].shape:
             raise ValueError(f"{file}: key {key!r} has shape {tuple(t.shape)} but "
                              f"config.json implies {tuple(expected[name].shape)}")

@@ -233,6 +233,9 @@ def shard_model(model: nn.Module, device: torch.device) -> None:
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     if not blocks:
         raise ValueError(f"fsdp: no transformer Block found in {type(model).__name__}")
+    for p in model.parameters():  # fully_shard refuses views, e.g. the loader's transposed
+        if not p.is_contiguous():  # Conv1D weights; copying here keeps plain loading copy-free
+            p.data = p.data.contiguous()
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)  # the rest: embeddings (tied lm_head), ln_f, adapters outside
