@@ -59,6 +59,24 @@ def assert_close(a, b, atol=ATOL):
     assert diff <= atol, diff
 
 
+def assert_matches_peft(ours, theirs, capsys, positions=None):
+    """minift's and PEFT's logits agree on batch() without a mask, with its left-padded mask,
+    and with labels too (then the losses as well), and print_trainable_parameters prints the
+    same line. `positions`: the length the logits must have (virtual tokens included)."""
+    ids, mask, labels = batch()
+    for kwargs in (dict(), dict(attention_mask=mask), dict(attention_mask=mask, labels=labels)):
+        a, b = ours(ids, **kwargs), theirs(input_ids=ids, **kwargs)
+        if positions is not None:
+            assert a.logits.shape[1] == positions
+        assert_close(a.logits, b.logits)
+        if "labels" in kwargs:
+            assert_close(a.loss, b.loss)
+    ours.print_trainable_parameters()
+    theirs.print_trainable_parameters()
+    mine, peft_line = capsys.readouterr().out.splitlines()
+    assert mine == peft_line and mine.startswith("trainable params: ")
+
+
 def train_steps(model, ids, steps=3, lr=1e-2, seed=0):
     """A few seeded AdamW steps on the LM loss (dropout on); returns the eval-mode loss
     before and after, so the comparison is free of dropout noise."""

@@ -10,7 +10,7 @@ import torch
 from minift import GPT
 from minift.peft import (LoraConfig, LoraLinear, PeftError, PeftModel, PrefixTuningConfig,
                          PromptTuningConfig, get_peft_model)
-from peft_helpers import assert_close, batch, hf_model, pair, train_steps
+from peft_helpers import assert_close, assert_matches_peft, batch, hf_model, pair, train_steps
 
 peft = pytest.importorskip("peft")
 
@@ -28,16 +28,7 @@ LORA_CASES = [  # (minift/PEFT kwargs) several targets and ranks, rsLoRA, layer 
 def test_lora_logits_and_loss_match_peft(hf_tiny, kw, capsys):
     folder, _ = hf_tiny
     ours, theirs = pair(folder, LoraConfig(**kw), peft.LoraConfig(task_type="CAUSAL_LM", **kw))
-    ids, mask, labels = batch()
-    for kwargs in (dict(), dict(attention_mask=mask), dict(attention_mask=mask, labels=labels)):
-        a, b = ours(ids, **kwargs), theirs(input_ids=ids, **kwargs)
-        assert_close(a.logits, b.logits)
-        if "labels" in kwargs:
-            assert_close(a.loss, b.loss)
-    ours.print_trainable_parameters()
-    theirs.print_trainable_parameters()
-    mine, peft_line = capsys.readouterr().out.splitlines()
-    assert mine == peft_line and mine.startswith("trainable params: ")
+    assert_matches_peft(ours, theirs, capsys)
 
 
 def test_lora_starts_at_the_base_model_and_scales(hf_tiny):
