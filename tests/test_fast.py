@@ -18,10 +18,11 @@ from minift.peft import LoraConfig, LoraLinear, PrefixTuningConfig, get_peft_mod
 from minift.peft.lora import LoraLinearFunction, lora_linear
 
 
-# Dropout off: inductor draws its own random numbers, so only a dropout-free step can be
-# compared number for number with eager.
 TINY = dict(n_layer=3, n_head=2, n_embd=32, vocab_size=97, n_positions=64,
             embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+# compile_blocks on the CPU draws dropout masks from torch's generator, as eager does, so
+# compiled and eager steps with every dropout on are compared number for number.
+DROPOUTS = dict(embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
 
 
 # ------------------------------------------------------------------ the fused LoRA op
@@ -125,9 +126,11 @@ def test_explain_lora_op_and_lora_block_have_no_graph_break():
 
 # ------------------------------------------------------------------ compiled blocks
 def lora_gpt(seed=0):
-    """A tiny GPT with LoRA on c_attn; B made non-zero so every gradient is a real test."""
+    """A tiny GPT with LoRA on c_attn, every dropout on; B made non-zero so every
+    gradient is a real test."""
     torch.manual_seed(seed)
-    model = get_peft_model(GPT(GPTConfig(**TINY)), LoraConfig(r=4, lora_alpha=8))
+    model = get_peft_model(GPT(GPTConfig(**{**TINY, **DROPOUTS})),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
@@ -136,6 +139,7 @@ def lora_gpt(seed=0):
 
 def loss_and_grads(model, ids, labels):
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same dropout masks for every model
     loss = model(ids, labels=labels, return_logits=False).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
@@ -165,8 +169,8 @@ def eager_and_compiled():
 
 
 def test_explain_block_has_no_graph_break():
-    dropouts = dict(attn_pdrop=0.1, resid_pdrop=0.1)  # attention takes _AttentionDropout on CPU
-    block = Block(GPTConfig(**{**TINY, **dropouts})).train()
+    # with attention dropout, attention takes _AttentionDropout on the CPU
+    block = Block(GPTConfig(**{**TINY, **DROPOUTS})).train()
     x = torch.randn(2, 7, TINY["n_embd"], requires_grad=True)
     out = torch._dynamo.explain(block)(x)
     assert out.graph_break_count == 0 and out.graph_count == 1, out.break_reasons
@@ -260,6 +264,28 @@ def test_attention_in_training_keeps_no_square_tensor():
     keep = torch.rand(2, 2, 9, 9) >= 0.5
     o = plain_attention(q, k, v, torch.ones(9, 9, dtype=torch.bool).tril(), keep, 0.5)
     assert (y - attn.c_proj(o.transpose(1, 2).reshape(2, 9, 32))).abs().max() <= 1e-6
+
+
+def test_dropout_keeps_a_bool_mask_and_scales_the_rest():
+    """minift's Dropout on the CPU: zeros with probability p, the rest scaled by 1 / (1 - p),
+    the same mask in the backward, and only that mask (bool) kept for it."""
+    from minift.model import Dropout
+    drop = Dropout(0.25).train()
+    assert isinstance(drop, torch.nn.Dropout)  # set_dropout and friends still find it
+    x = torch.randn(64, 48, requires_grad=True)
+    saved = []
+    torch.manual_seed(3)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = drop(x)
+    assert [t.dtype for t in saved] == [torch.bool]
+    torch.manual_seed(3)
+    keep = torch.rand(64, 48) >= 0.25
+    assert 0.72 <= keep.float().mean() <= 0.78
+    assert torch.equal(y, x * keep * (1 / 0.75))
+    g = torch.randn(64, 48)
+    y.backward(g)
+    assert torch.equal(x.grad, g * keep * (1 / 0.75))
+    assert drop.eval()(x) is x and Dropout(0.0).train()(x) is x
 
 
 def test_train_with_compile_equals_eager(eager_and_compiled):
