@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -56,12 +57,23 @@ from torch import nn
 
 from .data import IGNORE_INDEX, collate, shuffled_batches
 
-try:  # FSDP2 (torch >= 2.6) turns each parameter of a module it shards into a DTensor
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:
-    FSDPModule = DTensor = ()  # isinstance(x, ()) is always False: nothing is ever sharded
-    fully_shard = None
+
+def _loaded(module: str, name: str):
+    """`module.name` if `module` is already imported, else () (isinstance(x, ()) is False).
+
+    FSDP2 (torch >= 2.6) turns each parameter of a module it shards into a DTensor. Both are
+    imported by shard_model, when first needed: importing them takes 0.45 s and 40 MB
+    (sympy comes along), which every `import minift` used to pay, and nothing can be
+    sharded before they are imported, so the checks below look them up instead."""
+    return getattr(sys.modules.get(module), name, ())
+
+
+def _is_dtensor(t) -> bool:
+    return isinstance(t, _loaded("torch.distributed.tensor", "DTensor"))
+
+
+def _is_fsdp_module(m) -> bool:
+    return isinstance(m, _loaded("torch.distributed.fsdp", "FSDPModule"))
 
 
 # ----------------------------------------------------------------------------- micro-batches
@@ -196,7 +208,7 @@ def broadcast_parameters(params: list[torch.Tensor]) -> None:
     of a model an earlier train() sharded, differ by design and are left alone."""
     if rank_world()[1] > 1:
         for p in params:
-            if not isinstance(p, DTensor):
+            if not _is_dtensor(p):
                 dist.broadcast(p.data, 0)
 
 
@@ -221,9 +233,11 @@ def reduce_gradients(params: list[nn.Parameter]) -> None:
 def shard_model(model: nn.Module, device: torch.device) -> None:
     """fully_shard every transformer block, then the whole model (in place, lasting), over
     all processes of the default group; gradients are summed, not averaged."""
-    if fully_shard is None:
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
         raise ValueError("TrainConfig.fsdp=True needs torch >= 2.6 (torch.distributed.fsdp."
-                         f"fully_shard); this is torch {torch.__version__}")
+                         f"fully_shard); this is torch {torch.__version__}") from None
     if is_sharded(model):   # by an earlier train()
         return
     from torch.distributed.device_mesh import init_device_mesh
@@ -240,13 +254,13 @@ def shard_model(model: nn.Module, device: torch.device) -> None:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)  # the rest: embeddings (tied lm_head), ln_f, adapters outside
     for m in model.modules():
-        if isinstance(m, FSDPModule):
+        if _is_fsdp_module(m):
             m.set_gradient_divide_factor(1.0)          # sum over processes, as all_reduce does
             m.set_force_sum_reduction_for_comms(True)  # (a plain SUM: gloo has no PREMUL_SUM)
 
 
 def is_sharded(model: nn.Module) -> bool:
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    return any(_is_fsdp_module(m) for m in model.modules())
 
 
 def reshard(model: nn.Module) -> None:
@@ -254,21 +268,22 @@ def reshard(model: nn.Module) -> None:
     root's unsharded, e.g. after an evaluation), so the module's parameters are the shards
     again and the next forward gathers their current values."""
     for m in model.modules():
-        if isinstance(m, FSDPModule):
+        if _is_fsdp_module(m):
             m.reshard()
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This process's part of a sharded tensor (a view: writing to it writes the shard);
     an unsharded tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`full` (the same on every process) sharded as `like` is; unchanged if `like` is not
     sharded. No communication: each process keeps its own rows."""
-    if not isinstance(like, DTensor):
+    if not _is_dtensor(like):
         return full
+    from torch.distributed.tensor import distribute_tensor
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements,
                              src_data_rank=None)
 
@@ -279,7 +294,7 @@ def gather_to_rank0(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     same names in the same order."""
     rank, out = rank_world()[0], {}
     for name, t in tensors.items():
-        if isinstance(t, DTensor):
+        if _is_dtensor(t):
             t = t.full_tensor()
         if rank == 0:
             out[name] = t.detach().to("cpu").contiguous()
@@ -312,7 +327,7 @@ def grad_norm(grads: list[torch.Tensor]) -> float:
     """The global L2 norm of `grads`; for shards, the squares summed over processes."""
     if not grads:
         return 0.0
-    if isinstance(grads[0], DTensor):
+    if _is_dtensor(grads[0]):
         norms = torch._foreach_norm([g.to_local() for g in grads])
         return math.sqrt(all_reduce_sum(torch.stack(norms).double().square().sum()).item())
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..model import keep_mask
 from .config import PeftError, check_task_type, find_targets, swap_module
 
 
@@ -80,10 +81,11 @@ class LoraConfig:
 class LoraLinearFunction(torch.autograd.Function):
     """The LoRA hot path as one op (Hu et al. 2021, §4.1, with dropout on the LoRA input):
 
-        u = (x * keep) A^T / (1 - p)            (..., r)    keep: bool dropout mask or None
+        u = (x * keep) A^T / (1 - p)            (..., r)    keep: 0/1 dropout mask or None
         y = x W^T + b + s u B^T                 (..., out)  s = scaling
 
-    Saved for the backward: x, the 1-byte mask and the thin u, plus references to W, A, B.
+    Saved for the backward: x, the 1-byte mask (bool, or int8 when compiled: see
+    `minift.model.keep_mask`) and the thin u, plus references to W, A, B.
     Not the dropped-out copy of x, and nothing for W, which is frozen: its gradient
     (and b's) is computed only if asked for. The backward, with g = dL/dy (N, out):
 
@@ -104,7 +106,7 @@ class LoraLinearFunction(torch.autograd.Function):
         # x (..., in); weight (out, in); bias (out,) or None; lora_A (r, in); lora_B (out, r)
         base = F.linear(x, weight, bias)                                  # (..., out)
         xa = x.to(lora_A.dtype)
-        xd = xa if keep is None else torch.where(keep, xa, 0.0)            # dropout, unscaled
+        xd = xa if keep is None else xa * keep                             # dropout, unscaled
         u = F.linear(xd, lora_A) * keep_scale                             # (..., r)
         y = torch.add(base, F.linear(u, lora_B), alpha=scaling).to(base.dtype)
         ctx.save_for_backward(x, keep, u, weight, lora_A, lora_B)
@@ -127,11 +129,11 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_x:
             back = (du * q) @ lora_A                                      # (N, in)
             if keep2 is not None:
-                back = torch.where(keep2, back, 0.0)
+                back = back.mul_(keep2)
             dx = (g @ weight.to(g.dtype) + back.to(g.dtype)).reshape(x.shape).to(x.dtype)
         if need_A:
             xa = x2.to(lora_A.dtype)
-            xd = xa if keep2 is None else torch.where(keep2, xa, 0.0)
+            xd = xa if keep2 is None else xa * keep2
             dA = (du.t() @ xd) * q                                        # (r, in)
         if need_B:
             dB = (u.reshape(-1, u.shape[-1]).to(ga.dtype).t() @ ga).t() * s  # (out, r)
@@ -150,7 +152,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     on CPU takes half the time of bernoulli_ (drawing the numbers is the cost here)."""
     keep = None
     if dropout_p > 0:
-        keep = torch.rand_like(x, dtype=torch.float32) >= dropout_p  # (..., in), P(keep) = 1 - p
+        keep = keep_mask(x.shape, dropout_p, x.device)          # (..., in), P(keep) = 1 - p
     return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, keep,
                                     1.0 / (1.0 - dropout_p))
 
