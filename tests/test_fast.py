@@ -266,6 +266,16 @@ def test_attention_in_training_keeps_no_square_tensor():
     assert (y - attn.c_proj(o.transpose(1, 2).reshape(2, 9, 32))).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("shape", [(3, 100_003), (2, 5)])
+def test_keep_mask_is_one_draw_of_uniform_numbers(shape):
+    """Drawn 64K numbers at a time on the CPU, yet the very mask of one torch.rand draw."""
+    from minift.model import keep_mask
+    torch.manual_seed(0)
+    keep = keep_mask(shape, 0.3, torch.device("cpu"))
+    torch.manual_seed(0)
+    assert keep.dtype == torch.bool and torch.equal(keep, torch.rand(shape) >= 0.3)
+
+
 def test_dropout_keeps_a_bool_mask_and_scales_the_rest():
     """minift's Dropout on the CPU: zeros with probability p, the rest scaled by 1 / (1 - p),
     the same mask in the backward, and only that mask (bool) kept for it."""
