@@ -12,12 +12,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import pattern_data, tiny_model
+from minift import GPT
 from minift.data import shuffled_batches
 from minift.rundir import list_checkpoints
 from minift.train import TrainConfig, train
@@ -39,7 +41,7 @@ def setup(name, rank=0):
     builds it. Ranks start from different weights: train() broadcasts rank 0's."""
     if name == "lora":
         return lora_setup(rank)
-    model = tiny_model(seed=rank, dropout=0.1)
+    model = as_loaded(tiny_model(seed=rank, dropout=0.1))
     model.transformer.wpe.weight.requires_grad_(False)   # a frozen parameter is not reduced
     if rank:
         with torch.no_grad():   # frozen weights must already agree: make them
@@ -55,6 +57,17 @@ def setup(name, rank=0):
     if name.startswith("fsdp"):
         conf.update(fsdp=True, gradient_checkpointing=True, restore_best=True)
     return model, data, val, conf
+
+
+def as_loaded(model):
+    """`model` as GPT.from_pretrained returns it from a Hugging Face folder: its Conv1D
+    weights are transposed views of the file's (in, out) tensors, which FSDP's fully_shard
+    refuses until shard_model makes them contiguous."""
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        loaded = GPT.from_pretrained(folder)
+    assert not all(p.is_contiguous() for p in loaded.parameters())
+    return loaded
 
 
 def lora_data():
