@@ -10,7 +10,9 @@ dropouts (0.1), and train on the same batch (4 x 256 random tokens, labels = inp
 the same adapter and the same optimizer (torch.optim.AdamW(fused=True), lr 1e-4, weight
 decay 0.01, on the trainable parameters only; transformers' Trainer defaults to this fused
 AdamW too; --optimizer picks another). Every run is its own process, so its peak resident
-memory (ru_maxrss: model loading included) is its own. The cases:
+memory (ru_maxrss: model loading included) is its own. With --repeat, each run's fastest
+tokens/s is kept and its median peak RSS (which moves by a few hundred MB between identical
+runs, with how the heap happens to fragment). The cases:
 
   lora    LoRA r=8, alpha=16, dropout 0.1 on c_attn (Hu et al. 2021, §4.1)
   full    every parameter trained
@@ -330,7 +332,8 @@ def main():
                          "both sides; minift: minift.AdamW on the minift side, torch's for "
                          "the reference")
     ap.add_argument("--repeat", type=int, default=1,
-                    help="run every case this many times, interleaved; keep each run's fastest")
+                    help="run every case this many times, interleaved; keep each run's fastest "
+                         "tokens/s and its median peak RSS")
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 step: a smoke test")
     ap.add_argument("--warm-cache", action="store_true",
                     help="keep inductor's on-disk cache (default: compile cold in a fresh one)")
@@ -385,9 +388,10 @@ def main():
                        "--model-dir", str(folder), *common], env)
             kept = results.setdefault(case, {}).get(name)
             if kept is None or r.get("tokens_per_s", 0) > kept.get("tokens_per_s", 0):
-                results[case][name] = kept = {**r, "all_tokens_per_s": (kept or {}).get(
-                    "all_tokens_per_s", [])}
+                results[case][name] = kept = {**r, **{k: (kept or {}).get(k, []) for k in (
+                    "all_tokens_per_s", "all_peak_rss_gb")}}
             kept["all_tokens_per_s"].append(r.get("tokens_per_s"))
+            kept["all_peak_rss_gb"].append(r.get("peak_rss_gb"))
         # the machine's rate, measured again at the end: the best of both (less load noise)
         rate = spawn(["--worker", "matmul", "--matmul-reps", str(args.matmul_reps)])
         meta["matmul_flops_per_s"] = max(meta["matmul_flops_per_s"], rate["matmul_flops_per_s"])
@@ -397,6 +401,9 @@ def main():
         for name, r in runs_.items():
             if "error" in r:
                 continue
+            # peak RSS moves by a few hundred MB between identical runs (how the allocator's
+            # heap happens to fragment): the median over the repeats, for every stack
+            r["peak_rss_gb"] = statistics.median(x for x in r["all_peak_rss_gb"] if x)
             # the bound counts the work the task needs: the LM head at target tokens only
             r["flops_per_token"] = matmul_flops(shape, case, args.batch, args.seq,
                                                 n_target) / n_tokens
