@@ -27,6 +27,13 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "relu": F.relu,
 }
+# d act(h)/dh times a gradient g, for _ActLinear's backward: the kernels autograd itself uses
+ACTIVATION_GRADS = {
+    "gelu_new": lambda g, h: torch.ops.aten.gelu_backward(g, h, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda g, h: torch.ops.aten.gelu_backward(g, h, approximate="tanh"),
+    "gelu": lambda g, h: torch.ops.aten.gelu_backward(g, h),
+    "relu": lambda g, h: torch.ops.aten.threshold_backward(g, h, 0),
+}
 
 
 @dataclass
@@ -82,7 +89,7 @@ def keep_mask(shape, p: float, device: torch.device) -> torch.Tensor:
     into a buffer that stays in cache (the same numbers, in the same order, as one draw):
     GPT-2 small's attention mask at 4 x 256 would otherwise pass through a 12.6 MB float
     tensor per layer, which is slower and leaves heap fragments behind (a LoRA step's peak
-    RSS: 110 MB lower). Code compiled by inductor gets int8 0/1 made with `where`:
+    RSS: about 100 MB lower). Code compiled by inductor gets int8 0/1 made with `where`:
     inductor's C++ stores and loads bool tensors several times slower than int8 ones (that
     attention mask fused into the softmax: 10 ms instead of 1 ms on a 2-core CPU). The
     products are the same numbers.
@@ -217,30 +224,36 @@ class _ActLinear(torch.autograd.Function):
     When c_proj's weight trains, its gradient needs its input act(h), and the activation's
     backward needs h: two (B, T, 4C) tensors a layer. This keeps h only and recomputes the
     cheap pointwise act(h) in the backward ("selective activation recomputation",
-    Korthikanti et al. 2022, §4.3): 12 MB a layer for GPT-2 small at 4 x 256.
+    Korthikanti et al. 2022, §4.3): 12 MB a layer for GPT-2 small at 4 x 256. The forward
+    and setup_context are apart and the backward is plain torch ops (the activation's
+    derivative from ACTIVATION_GRADS), so torch.func's grad and vmap (per-example
+    gradients) work through it.
     """
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, h, weight, bias, act):  # h (..., 4C), weight (C, 4C)
-        ctx.act = act
+    def forward(h, weight, bias, activation: str):  # h (..., 4C), weight (C, 4C)
+        return F.linear(ACTIVATIONS[activation](h), weight, bias)        # (..., C)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        h, weight, _, activation = inputs
+        ctx.activation = activation
         ctx.save_for_backward(h, weight)
-        return F.linear(act(h), weight, bias)                            # (..., C)
 
     @staticmethod
     def backward(ctx, g):                                                # g (..., C)
         h, weight = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        with torch.enable_grad():
-            h_ = h.detach().requires_grad_()
-            a = ctx.act(h_)                                              # recomputed (..., 4C)
         g2 = g.reshape(-1, g.shape[-1])
         dh = dw = db = None
         if need_w:
-            dw = g2.t() @ a.detach().reshape(-1, a.shape[-1]).to(g.dtype)   # (C, 4C)
+            a = ACTIVATIONS[ctx.activation](h)                           # recomputed (..., 4C)
+            dw = g2.t() @ a.reshape(-1, a.shape[-1]).to(g.dtype)         # (C, 4C)
         if need_b:
             db = g2.sum(0)                                               # (C,)
         if need_h:
-            dh, = torch.autograd.grad(a, h_, (g @ weight.to(g.dtype)).to(a.dtype))
+            dh = ACTIVATION_GRADS[ctx.activation]((g @ weight.to(g.dtype)).to(h.dtype), h)
         return dh, dw, db, None
 
 
@@ -250,7 +263,8 @@ class MLP(nn.Module):
         inner = config.n_inner or 4 * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, inner)
         self.c_proj = nn.Linear(inner, config.n_embd)
-        self.act = ACTIVATIONS[config.activation_function]
+        self.activation = config.activation_function
+        self.act = ACTIVATIONS[self.activation]
         self.dropout = Dropout(config.resid_pdrop)
 
     def forward(self, x):
@@ -258,7 +272,7 @@ class MLP(nn.Module):
         proj = self.c_proj  # an adapter may wrap it; then it runs as its own module
         if (type(proj) is nn.Linear and proj.weight.requires_grad and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):  # inductor picks what to recompute itself
-            return self.dropout(_ActLinear.apply(h, proj.weight, proj.bias, self.act))
+            return self.dropout(_ActLinear.apply(h, proj.weight, proj.bias, self.activation))
         return self.dropout(proj(self.act(h)))
 
 

@@ -320,13 +320,13 @@ def test_train_with_compile_equals_eager(eager_and_compiled):
 @pytest.mark.parametrize("activation", ["gelu_new", "gelu", "relu"])
 def test_act_linear_gradcheck_and_mlp_equals_plain(activation):
     """The MLP's c_proj(act(h)) keeping only h (full fine-tuning) against autograd's own."""
-    from minift.model import ACTIVATIONS, MLP, _ActLinear
-    act = ACTIVATIONS[activation]
+    from minift.model import MLP, _ActLinear
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 8, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda h, w, b: _ActLinear.apply(h, w, b, act), (h, w, b))
+    assert torch.autograd.gradcheck(lambda h, w, b: _ActLinear.apply(h, w, b, activation),
+                                    (h, w, b))
 
     torch.manual_seed(0)
     mlp = MLP(GPTConfig(**{**TINY, "activation_function": activation})).train()
@@ -343,6 +343,26 @@ def test_act_linear_gradcheck_and_mlp_equals_plain(activation):
     assert torch.equal(y, ref_y)
     for a, c in zip(got, ref):
         assert (a - c).abs().max() <= 1e-6
+
+
+def test_torch_func_per_example_gradients_through_full_fine_tuning():
+    """torch.func's vmap(grad(...)) through a GPT whose MLP trains (c_proj runs _ActLinear):
+    per-example gradients equal one backward per example."""
+    from torch.func import functional_call, grad, vmap
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY)).eval()  # no dropout; every weight trains
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    ids = torch.randint(0, TINY["vocab_size"], (3, 9))
+
+    def loss(p, x):
+        return functional_call(model, p, (x[None],), {"labels": x[None]}).loss
+
+    per_example = vmap(grad(loss), in_dims=(None, 0))(params, ids)
+    for i in range(len(ids)):
+        model.zero_grad()
+        model(ids[i:i + 1], labels=ids[i:i + 1]).loss.backward()
+        for n, p in model.named_parameters():
+            assert (per_example[n][i] - p.grad).abs().max() <= 1e-6, n
 
 
 def test_compile_blocks_needs_blocks():
