@@ -59,6 +59,23 @@ def assert_close(a, b, atol=ATOL):
     assert diff <= atol, diff
 
 
+def cross_load(folder, saved, ours, theirs):
+    """minift's saved adapter loaded by PEFT and PEFT's by minift (folders saved/"ours" and
+    saved/"theirs"), each giving the logits of the model that wrote the other file.
+    Returns (PEFT's model of minift's file, minift's model of PEFT's file)."""
+    import peft
+
+    from minift.peft import PeftModel
+    ids, mask, _ = batch()
+    loaded_peft = peft.PeftModel.from_pretrained(hf_model(folder), saved / "ours")
+    assert_close(loaded_peft(input_ids=ids, attention_mask=mask).logits,
+                 ours(ids, attention_mask=mask).logits)
+    loaded = PeftModel.from_pretrained(GPT.from_pretrained(folder), saved / "theirs")
+    assert_close(loaded(ids, attention_mask=mask).logits,
+                 theirs(input_ids=ids, attention_mask=mask).logits)
+    return loaded_peft, loaded
+
+
 def assert_matches_peft(ours, theirs, capsys, positions=None):
     """minift's and PEFT's logits agree on batch() without a mask, with its left-padded mask,
     and with labels too (then the losses as well), and print_trainable_parameters prints the

@@ -10,7 +10,8 @@ import torch
 from minift import GPT
 from minift.peft import (LoraConfig, LoraLinear, PeftError, PeftModel, PrefixTuningConfig,
                          PromptTuningConfig, get_peft_model)
-from peft_helpers import assert_close, assert_matches_peft, batch, hf_model, pair, train_steps
+from peft_helpers import (assert_close, assert_matches_peft, batch, cross_load, pair,
+                          train_steps)
 
 peft = pytest.importorskip("peft")
 
@@ -51,7 +52,6 @@ def test_lora_files_interoperate_with_peft(hf_tiny, tmp_path):
     folder, _ = hf_tiny
     kw = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], layers_to_transform=[0, 1])
     ours, theirs = pair(folder, LoraConfig(**kw), peft.LoraConfig(task_type="CAUSAL_LM", **kw))
-    ids, mask, _ = batch()
     ours.save_pretrained(tmp_path / "ours")
     theirs.save_pretrained(tmp_path / "theirs")
     from safetensors.torch import load_file
@@ -61,12 +61,7 @@ def test_lora_files_interoperate_with_peft(hf_tiny, tmp_path):
     assert "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight" in a
     assert all(torch.equal(a[k], b[k]) for k in a)  # same keys, shapes and values as PEFT writes
     # minift's file in PEFT, PEFT's file in minift: logits equal to the original models
-    loaded_peft = peft.PeftModel.from_pretrained(hf_model(folder), tmp_path / "ours")
-    assert_close(loaded_peft(input_ids=ids, attention_mask=mask).logits,
-                 ours(ids, attention_mask=mask).logits)
-    loaded = PeftModel.from_pretrained(GPT.from_pretrained(folder), tmp_path / "theirs")
-    assert_close(loaded(ids, attention_mask=mask).logits,
-                 theirs(input_ids=ids, attention_mask=mask).logits)
+    loaded_peft, loaded = cross_load(folder, tmp_path, ours, theirs)
     assert loaded.peft_config.r == 4 and loaded.num_parameters(trainable_only=True) == 0
     # loaded for inference, as PEFT: eval mode, so LoRA dropout is off on every module
     assert loaded_peft.training is False and loaded.training is False
