@@ -49,7 +49,7 @@ def test_fused_lora_gradcheck(dropout, train_base):
     W.requires_grad_(train_base)
     b.requires_grad_(train_base)
     keep, q = (keep, 1 / 0.7) if dropout else (None, 1.0)
-    f = lambda x, W, b, A, B: LoraLinearFunction.apply(x, W, b, A, B, 2.0, keep, q)
+    f = lambda x, W, b, A, B: LoraLinearFunction.apply(x, W, b, A, B, 2.0, keep, q)[0]
     assert torch.autograd.gradcheck(f, (x, W, b, A, B))
 
 
@@ -59,7 +59,8 @@ def test_fused_lora_equals_plain_composition_float32(dropout):
     p = 0.3 if dropout else 0.0
     keep = keep if dropout else None
     y_ref = plain_lora(x, W, b, A, B, 0.5, keep, p)
-    y = LoraLinearFunction.apply(x, W, b, A, B, 0.5, keep, 1 / (1 - p))
+    y, u = LoraLinearFunction.apply(x, W, b, A, B, 0.5, keep, 1 / (1 - p))
+    assert not u.requires_grad  # returned for setup_context to keep, not differentiable
     assert (y - y_ref).abs().max() <= 1e-5
     g = torch.randn_like(y)
     ref = torch.autograd.grad(y_ref, (x, A, B), g)
@@ -345,14 +346,17 @@ def test_act_linear_gradcheck_and_mlp_equals_plain(activation):
         assert (a - c).abs().max() <= 1e-6
 
 
-def test_torch_func_per_example_gradients_through_full_fine_tuning():
-    """torch.func's vmap(grad(...)) through a GPT whose MLP trains (c_proj runs _ActLinear):
-    per-example gradients equal one backward per example."""
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_torch_func_per_example_gradients(method):
+    """torch.func's vmap(grad(...)) through full fine-tuning (c_proj runs _ActLinear) and
+    LoRA (LoraLinearFunction): per-example gradients equal one backward per example."""
     from torch.func import functional_call, grad, vmap
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**TINY)).eval()  # no dropout; every weight trains
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    ids = torch.randint(0, TINY["vocab_size"], (3, 9))
+    model = GPT(GPTConfig(**TINY))  # no dropout
+    if method == "lora":
+        model = lora_gpt()
+    model.eval()
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    ids = torch.randint(0, TINY["vocab_size"], (3, 9), generator=torch.Generator().manual_seed(0))
 
     def loss(p, x):
         return functional_call(model, p, (x[None],), {"labels": x[None]}).loss
@@ -362,7 +366,8 @@ def test_torch_func_per_example_gradients_through_full_fine_tuning():
         model.zero_grad()
         model(ids[i:i + 1], labels=ids[i:i + 1]).loss.backward()
         for n, p in model.named_parameters():
-            assert (per_example[n][i] - p.grad).abs().max() <= 1e-6, n
+            if p.requires_grad:
+                assert (per_example[n][i] - p.grad).abs().max() <= 1e-6, n
 
 
 def test_compile_blocks_needs_blocks():

@@ -98,23 +98,32 @@ class LoraLinearFunction(torch.autograd.Function):
     Plain tensor ops only, so torch.compile traces it without a graph break and fuses the
     mask, the scalings and the adds into the surrounding kernels. Adapters kept in float32
     over a float16/bfloat16 base compute the LoRA branch in float32 (the `.to`s are no-ops
-    otherwise), as LoraLinear always did.
+    otherwise), as LoraLinear always did. The forward returns u too (not differentiable), so
+    that setup_context, apart from the forward as torch.func asks, can keep it: `grad` and
+    `vmap` (per-example gradients) work through the op. `lora_linear` returns y alone.
     """
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, keep, keep_scale: float):
+    def forward(x, weight, bias, lora_A, lora_B, scaling: float, keep, keep_scale: float):
         # x (..., in); weight (out, in); bias (out,) or None; lora_A (r, in); lora_B (out, r)
         base = F.linear(x, weight, bias)                                  # (..., out)
         xa = x.to(lora_A.dtype)
         xd = xa if keep is None else xa * keep                             # dropout, unscaled
         u = F.linear(xd, lora_A) * keep_scale                             # (..., r)
         y = torch.add(base, F.linear(u, lora_B), alpha=scaling).to(base.dtype)
-        ctx.save_for_backward(x, keep, u, weight, lora_A, lora_B)
-        ctx.scaling, ctx.keep_scale = scaling, keep_scale
-        return y
+        return y, u
 
     @staticmethod
-    def backward(ctx, g):
+    def setup_context(ctx, inputs, output):
+        x, weight, _, lora_A, lora_B, scaling, keep, keep_scale = inputs
+        u = output[1]
+        ctx.mark_non_differentiable(u)
+        ctx.save_for_backward(x, keep, u, weight, lora_A, lora_B)
+        ctx.scaling, ctx.keep_scale = scaling, keep_scale
+
+    @staticmethod
+    def backward(ctx, g, _):                                              # _: u's, always None
         x, keep, u, weight, lora_A, lora_B = ctx.saved_tensors
         s, q = ctx.scaling, ctx.keep_scale
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
@@ -153,8 +162,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     keep = None
     if dropout_p > 0:
         keep = keep_mask(x.shape, dropout_p, x.device)          # (..., in), P(keep) = 1 - p
-    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, keep,
+    y, _ = LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, keep,
                                     1.0 / (1.0 - dropout_p))
+    return y
 
 
 class LoraLinear(nn.Module):
