@@ -200,7 +200,12 @@ def edited_json(original: bytes):
         lambda edits: json.dumps({**base, **edits}).encode())
 
 
-def copy_with(src: Path, dst: Path, name: str, content: bytes) -> Path:
+def broken_copy(data, src: Path, dst: Path, name: str) -> Path:
+    """A copy of folder `src` at `dst` whose file `name` is broken in a way drawn from `data`
+    (garbage_for, or edited_json for a JSON file)."""
+    original = (src / name).read_bytes()
+    content = data.draw(garbage_for(original) | (edited_json(original) if name.endswith("json")
+                                                 else st.nothing()))
     shutil.copytree(src, dst)
     (dst / name).write_bytes(content)
     return dst
@@ -212,10 +217,7 @@ def copy_with(src: Path, dst: Path, name: str, content: bytes) -> Path:
     ("sharded", "model.safetensors.index.json"), ("sharded", "part-1.safetensors")]))
 def test_gpt_from_pretrained_on_garbage(saved, scratch, data, layout_name):
     layout, name = layout_name
-    original = (saved / layout / name).read_bytes()
-    content = data.draw(garbage_for(original) | (edited_json(original) if name.endswith("json")
-                                                 else st.nothing()))
-    folder = copy_with(saved / layout, fresh(scratch) / "m", name, content)
+    folder = broken_copy(data, saved / layout, fresh(scratch) / "m", name)
     model = expect_clear(lambda: GPT.from_pretrained(folder), folder)
     if model is not None:   # it loaded: then it runs
         assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
@@ -227,10 +229,7 @@ def test_gpt_from_pretrained_on_garbage(saved, scratch, data, layout_name):
     ("model", "special_tokens_map.json"), ("bpe", "vocab.json"), ("bpe", "merges.txt")]))
 def test_tokenizer_from_pretrained_on_garbage(saved, scratch, data, layout_name):
     layout, name = layout_name
-    original = (saved / layout / name).read_bytes()
-    content = data.draw(garbage_for(original) | (edited_json(original) if name.endswith("json")
-                                                 else st.nothing()))
-    folder = copy_with(saved / layout, fresh(scratch) / "t", name, content)
+    folder = broken_copy(data, saved / layout, fresh(scratch) / "t", name)
     tokenizer = expect_clear(lambda: Tokenizer.from_pretrained(folder), folder)
     if tokenizer is not None:   # it loaded: then it encodes and decodes (a tokenizer.json
         ids = tokenizer.encode("the fox")   # edited to have no decoder decodes differently)
@@ -242,10 +241,7 @@ def test_tokenizer_from_pretrained_on_garbage(saved, scratch, data, layout_name)
 @given(data=st.data(), kind=st.sampled_from(["lora", "prompt"]),
        name=st.sampled_from(["adapter_config.json", "adapter_model.safetensors"]))
 def test_peft_from_pretrained_on_garbage(saved, scratch, data, kind, name):
-    original = (saved / kind / name).read_bytes()
-    content = data.draw(garbage_for(original) | (edited_json(original) if name.endswith("json")
-                                                 else st.nothing()))
-    folder = copy_with(saved / kind, fresh(scratch) / "a", name, content)
+    folder = broken_copy(data, saved / kind, fresh(scratch) / "a", name)
     model = tiny_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     peft_model = expect_clear(lambda: PeftModel.from_pretrained(model, folder), folder)
