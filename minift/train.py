@@ -101,7 +101,8 @@ class TrainConfig:
     compile: bool = False             # torch.compile the blocks in place (model.compile_blocks)
     gradient_checkpointing: bool = False  # True sets model.gradient_checkpointing during train()
     device: str | None = None         # None: CUDA if available (cuda:LOCAL_RANK under torchrun)
-    bf16: bool | None = None          # bf16 autocast; None = on for CUDA devices that support it
+    bf16: bool | None = None          # bf16 autocast; None = on where bf16 is native (most
+                                      # CUDA GPUs; CPUs with AVX512-BF16 or AMX), fp32 weights
     fsdp: bool = False                # under torchrun: shard weights, gradients and AdamW state
                                       # over the processes (FSDP2, see distributed.py)
 
@@ -259,7 +260,8 @@ def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | Non
     device, bf16 = choose_device(config.device, config.bf16)
 
     def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        return (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
+                else contextlib.nullcontext())
 
     init_process_group(device)   # under torchrun; left in place for the caller
     rank, world = rank_world()

@@ -58,7 +58,7 @@ def lora_run(tmp_path_factory):
     """One `minift finetune` (LoRA, the default) on the built-in task, shared by the tests."""
     out = tmp_path_factory.mktemp("cli") / "lora"
     proc = minift("finetune", "--model", MODEL, "--max-steps", 30, "--eval-every", 15,
-                  "--log-every", 5, "--output-dir", out, *SMALL)
+                  "--log-every", 5, "--output-dir", out, "--no-bf16", *SMALL)
     return out, proc
 
 

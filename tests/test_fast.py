@@ -310,7 +310,7 @@ def test_train_with_compile_equals_eager(eager_and_compiled):
     for compile_ in (False, True):
         model, losses = lora_gpt(seed=1), []
         config = TrainConfig(max_steps=2, batch_size=4, lr=1e-2, compile=compile_,
-                             log_every=100, eval_every=100)
+                             log_every=100, eval_every=100, bf16=False)
         train(model, data, config=config, callback=lambda rec: losses.append(rec["loss"]))
         runs.append((losses, [p.detach() for p in model.parameters() if p.requires_grad]))
     (l_e, p_e), (l_c, p_c) = runs
