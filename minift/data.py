@@ -1,13 +1,16 @@
-"""Datasets for causal-LM fine-tuning: text and JSONL files, masking, packing, batching.
+"""Datasets for causal-LM fine-tuning: data files to examples, batching, augmentation.
 
 An example is a dict {"input_ids": list[int], "labels": list[int]}; a label of -100
 means "no loss here" (PyTorch's cross_entropy ignore_index, Hugging Face's convention).
-A dataset is a plain list of examples.
+A dataset is a plain list of examples (or, for a large text corpus, a TokenBlocks over a
+memory-mapped token file, which indexes the same way).
 
 - `.txt`: documents separated by blank lines, each followed by eos, concatenated and
-  cut into blocks of `block_size` tokens (labels = input_ids).
-- `.jsonl`: one JSON object per line, {"text": ...} (loss on every token) or
-  {"prompt": ..., "completion": ...} (loss on the completion and its eos only).
+  cut into blocks of `block_size` tokens (labels = input_ids), nanoGPT-style.
+- `.jsonl`, `.csv`, `.tsv`, `.parquet`, `.arrow`, a saved `datasets` folder: records of
+  one kind per file (minift.formats): {"text"} (loss on every token), {"prompt",
+  "completion"} and {"instruction", "input"?, "output"} (loss on the completion and its
+  eos only), {"messages"} (loss on the assistant turns and their end tokens, minift.chat).
 
 Every mistake in a data file raises `DataError` naming the file and line, so the CLI
 can print one line instead of a traceback.
@@ -17,7 +20,6 @@ raw strings before tokenisation, or on records, where it rewrites "text"/"prompt
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -26,29 +28,11 @@ from typing import Callable, Iterator
 
 import torch
 
-IGNORE_INDEX = -100  # labels with this value add no loss (F.cross_entropy's default)
+from . import chat
+from .formats import IGNORE_INDEX, DataError, read_records, read_utf8
+from .tokenfile import MEMMAP_BYTES, TokenBlocks, token_file
 
-
-class DataError(ValueError):
-    """A problem in the user's data or data options; the message names the file and line."""
-
-
-# ----------------------------------------------------------------------------- reading files
-def _read_utf8(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as e:  # a folder, no permission, a name too long, ...
-        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
-    try:
-        return raw.decode("utf-8-sig")  # -sig: drop the byte-order mark some Windows editors write
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path} line {line}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} "
-                        f"at byte offset {e.start}); re-save the file as UTF-8") from None
-
-
+# ----------------------------------------------------------------------------- loading
 def _eos_id(tokenizer) -> int:
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -61,20 +45,34 @@ def _encode_all(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts)["input_ids"] if texts else []
 
 
-def load_text(path: str | os.PathLike, tokenizer, block_size: int) -> list[dict]:
+def _check_length(name: str, n) -> None:
+    if not isinstance(n, int) or n < 2:
+        raise DataError(f"{name} must be an integer >= 2, got {n!r}")
+
+
+def split_documents(text: str) -> list[str]:
+    """Documents: separated by one or more blank lines, stripped, empty ones dropped."""
+    return [d for d in (d.strip() for d in re.split(r"\n\s*\n", text)) if d]
+
+
+def load_text(path: str | os.PathLike, tokenizer, block_size: int, memmap: bool = False,
+              cache_dir: str | os.PathLike | None = None) -> list[dict] | TokenBlocks:
     """Pack a plain-text file into blocks of `block_size` tokens.
 
     Documents are separated by one or more blank lines; each is stripped of surrounding
     whitespace and followed by eos, so the model sees where documents end (as in GPT-2's
     pretraining). The short tail block is kept (collate pads it) unless it is a single
-    token, which has no next token to predict.
+    token, which has no next token to predict. memmap=True tokenises the file once into a
+    cached token file (minift.tokenfile) and returns TokenBlocks over it: the same blocks,
+    read from disk on demand, so a corpus larger than memory trains with flat RSS.
     """
     path = Path(path)
-    if not isinstance(block_size, int) or block_size < 2:
-        raise DataError(f"block_size must be an integer >= 2, got {block_size!r}")
-    docs = [d.strip() for d in re.split(r"\n\s*\n", _read_utf8(path))]
+    _check_length("block_size", block_size)
     eos = _eos_id(tokenizer)
-    stream = [t for ids in _encode_all(tokenizer, [d for d in docs if d]) for t in ids + [eos]]
+    if memmap:
+        return TokenBlocks(token_file(path, tokenizer, cache_dir), block_size)
+    docs = split_documents(read_utf8(path))
+    stream = [t for ids in _encode_all(tokenizer, docs) for t in ids + [eos]]
     blocks = [stream[i:i + block_size] for i in range(0, len(stream), block_size)]
     blocks = [b for b in blocks if len(b) > 1]
     if not blocks:
@@ -82,85 +80,62 @@ def load_text(path: str | os.PathLike, tokenizer, block_size: int) -> list[dict]
     return [{"input_ids": b, "labels": list(b)} for b in blocks]
 
 
-def load_jsonl(path: str | os.PathLike, tokenizer, max_length: int | None = None) -> list[dict]:
-    """Read {"text"} or {"prompt", "completion"} records, one JSON object per line.
+def load_records(path: str | os.PathLike, tokenizer, max_length: int | None = None,
+                 fields: dict | None = None, jsonl: bool = False) -> list[dict]:
+    """Read a file of records (JSONL, CSV/TSV, Parquet, Arrow, a `datasets` folder).
 
-    prompt and completion are tokenised separately and concatenated, so the boundary
-    between "no loss" and "loss" is exactly where the user put it; eos follows the text
-    or completion so the model learns to stop. Blank lines are skipped. Examples longer
-    than max_length keep their first max_length tokens (a prompt that leaves no room for
-    a single completion token is an error, as it would teach nothing).
+    A prompt and its completion are tokenised separately and concatenated, so the
+    boundary between "no loss" and "loss" is exactly where the user put it; eos follows
+    the text or completion so the model learns to stop. Chat records are rendered with
+    the tokenizer's chat template (minift.chat). Examples longer than max_length keep
+    their first max_length tokens (one that keeps no trained token is an error, as it
+    would teach nothing). `fields` maps minift's field names to the file's columns.
     """
     path = Path(path)
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
-        raise DataError(f"max_length must be an integer >= 2, got {max_length!r}")
-    records = []  # (line number, prompt, target): loss on target only
-    # split("\n"), not splitlines(): JSON strings may hold U+2028 etc., which splitlines breaks on
-    for n, line in enumerate(_read_utf8(path).split("\n"), 1):
-        if line.strip():
-            records.append((n, *_parse_record(line, f"{path} line {n}")))
-    if not records:
-        raise DataError(f"{path}: no examples (the file is empty or holds only blank lines)")
+    if max_length is not None:
+        _check_length("max_length", max_length)
+    kind, records = read_records(path, fields, jsonl)
+    if kind == "chat":
+        return chat.chat_examples(tokenizer, [m for _, m in records], [w for w, _ in records],
+                                  max_length)
     eos = _eos_id(tokenizer)
-    prompts = _encode_all(tokenizer, [p for _, p, _ in records])
-    targets = _encode_all(tokenizer, [t for _, _, t in records])
+    pairs = [("", p) if kind == "text" else p for _, p in records]  # (prompt, target)
+    prompts = _encode_all(tokenizer, [p for p, _ in pairs])
+    targets = _encode_all(tokenizer, [t for _, t in pairs])
     examples = []
-    for (n, _, _), p, t in zip(records, prompts, targets):
+    for (where, _), p, t in zip(records, prompts, targets):
+        if max_length is not None and len(p) >= max_length:
+            raise DataError(f"{where}: the prompt is {len(p)} tokens, leaving no completion "
+                            f"token within max_length={max_length}")
         ids = p + t + [eos]
         labels = [IGNORE_INDEX] * len(p) + t + [eos]
-        if max_length is not None and len(p) >= max_length:
-            raise DataError(f"{path} line {n}: the prompt is {len(p)} tokens, leaving no completion "
-                            f"token within max_length={max_length}")
         examples.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
     return examples
 
 
-def _parse_record(line: str, where: str) -> tuple[str, str]:
-    """One JSONL line -> (prompt, target); a {"text"} record has an empty prompt."""
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-    except (ValueError, RecursionError) as e:  # e.g. a 5000-digit number, or [[[[... nested too deep
-        raise DataError(f"{where}: invalid JSON: {type(e).__name__}: {str(e)[:100]}") from None
-    fields = 'expected {"text": ...} or {"prompt": ..., "completion": ...}'
-    if not isinstance(rec, dict):
-        raise DataError(f"{where}: {fields}, got a JSON {type(rec).__name__}")
-    if "text" in rec and ("prompt" in rec or "completion" in rec):
-        raise DataError(f"{where}: has both \"text\" and \"prompt\"/\"completion\"; keep one kind")
-    keys = ("text",) if "text" in rec else ("prompt", "completion")
-    for key in keys:
-        if key not in rec:
-            found = ", ".join(map(json.dumps, list(rec)[:5])) or "none"
-            raise DataError(f"{where}: {fields}; missing {json.dumps(key)} (fields found: {found})")
-        if not isinstance(rec[key], str):
-            raise DataError(f"{where}: field {json.dumps(key)} must be a string, "
-                            f"got {type(rec[key]).__name__}")
-        try:  # JSON escapes can smuggle in a lone surrogate ("\\ud800"), which no tokenizer encodes
-            rec[key].encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise DataError(f"{where}: field {json.dumps(key)} holds invalid unicode "
-                            f"(an unpaired surrogate at character {e.start})") from None
-    if keys == ("text",):
-        if not rec["text"]:
-            raise DataError(f'{where}: "text" is empty')
-        return "", rec["text"]
-    return rec["prompt"], rec["completion"]
+def load_jsonl(path: str | os.PathLike, tokenizer, max_length: int | None = None,
+               fields: dict | None = None) -> list[dict]:
+    """load_records for a file read as JSONL whatever its suffix (blank lines skipped)."""
+    return load_records(path, tokenizer, max_length, fields, jsonl=True)
 
 
-def load_dataset(path: str | os.PathLike, tokenizer, block_size: int = 1024,
-                 max_length: int | None = None) -> list[dict]:
-    """Load `.txt` (packed into block_size blocks) or `.jsonl` (truncated to max_length).
+def load_dataset(path: str | os.PathLike, tokenizer, block_size: int | None = None,
+                 max_length: int | None = None, fields: dict | None = None,
+                 memmap: bool | None = None, cache_dir: str | os.PathLike | None = None):
+    """Load any data file minift reads (see the module docstring), by its suffix.
 
-    Pass the model's context length (config.n_positions) as block_size / max_length.
+    Pass the model's context length (config.n_positions) as max_length; a text file is
+    cut into blocks of block_size tokens (default: max_length, else 1024). memmap: for
+    .txt, tokenise once into a cached memory-mapped token file (None: when the file is
+    over MEMMAP_BYTES); cache_dir: where (default ~/.cache/minift/tokens).
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return load_text(path, tokenizer, block_size)
-    if suffix == ".jsonl":
-        return load_jsonl(path, tokenizer, max_length)
-    raise DataError(f"{path}: unknown file type {suffix or '(no suffix)'!r}; expected .txt or .jsonl")
+    if path.suffix.lower() == ".txt":
+        block = block_size if block_size is not None else (max_length or 1024)
+        if memmap is None:
+            memmap = path.is_file() and path.stat().st_size > MEMMAP_BYTES
+        return load_text(path, tokenizer, block, memmap=memmap, cache_dir=cache_dir)
+    return load_records(path, tokenizer, max_length, fields)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -193,7 +168,8 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int | None = No
 
 
 def train_val_split(dataset: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    """Split into (train, val) by a seeded permutation; each split keeps the original order."""
+    """Split into (train, val) by a seeded permutation; each split keeps the original order.
+    A dataset with .select(indices) (TokenBlocks, a Hugging Face Dataset) is split by it."""
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     n = len(dataset)
@@ -203,8 +179,10 @@ def train_val_split(dataset: list, val_fraction: float, seed: int) -> tuple[list
                         f"{'validation' if n_val < 1 else 'training'} split")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     val_idx = set(perm[:n_val])
-    return ([x for i, x in enumerate(dataset) if i not in val_idx],
-            [x for i, x in enumerate(dataset) if i in val_idx])
+    train_idx = [i for i in range(n) if i not in val_idx]
+    if hasattr(dataset, "select"):  # TokenBlocks: the split stays on disk
+        return dataset.select(train_idx), dataset.select(sorted(val_idx))
+    return [dataset[i] for i in train_idx], [dataset[i] for i in sorted(val_idx)]
 
 
 def shuffled_batches(dataset: list, batch_size: int, seed: int, epoch: int, start: int = 0,

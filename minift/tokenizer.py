@@ -8,7 +8,9 @@ knows the special tokens and pads batches.
 
 A folder holds either `tokenizer.json` (the whole pipeline in one file) or GPT-2's
 original pair `vocab.json` + `merges.txt`; `tokenizer_config.json` and
-`special_tokens_map.json` name the special tokens.
+`special_tokens_map.json` name the special tokens, and `chat_template` in
+tokenizer_config.json (or transformers 5's `chat_template.jinja`) holds the chat template
+that minift.chat renders.
 """
 from __future__ import annotations
 
@@ -48,8 +50,9 @@ class Tokenizer:
 
     def __init__(self, backend: tokenizers.Tokenizer, eos_token: str | None = EOS,
                  bos_token: str | None = None, pad_token: str | None = None,
-                 model_max_length: int | None = None):
+                 model_max_length: int | None = None, chat_template: str | None = None):
         self.backend = backend
+        self.chat_template = chat_template  # Jinja text, or None: minift.chat's built-in one
         self.eos_token = eos_token
         self.bos_token = bos_token if bos_token is not None else eos_token  # GPT-2: bos == eos
         # GPT-2 was trained without padding, so it has no pad token; fine-tuning pads with
@@ -91,7 +94,8 @@ class Tokenizer:
         max_len = config.get("model_max_length")
         return cls(backend, eos_token=eos, bos_token=_token_str(config.get("bos_token")),
                    pad_token=_token_str(config.get("pad_token")),
-                   model_max_length=max_len if isinstance(max_len, int) and max_len < 10**9 else None)
+                   model_max_length=max_len if isinstance(max_len, int) and max_len < 10**9 else None,
+                   chat_template=_chat_template(folder, config))
 
     @staticmethod
     def _gpt2_pipeline(model: BPE) -> tokenizers.Tokenizer:
@@ -114,6 +118,8 @@ class Tokenizer:
         config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, **specials}
         if self.model_max_length is not None:
             config["model_max_length"] = self.model_max_length
+        if self.chat_template is not None:  # in the config, where every transformers version reads it
+            config["chat_template"] = self.chat_template
         for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
             (folder / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
@@ -147,6 +153,17 @@ class Tokenizer:
         return self.token_to_id(self.pad_token)
 
     @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """{"bos_token": ..., "eos_token": ..., "pad_token": ...}, as transformers names them
+        (chat templates see these as variables)."""
+        return {k: getattr(self, k) for k in SPECIAL_KEYS if getattr(self, k) is not None}
+
+    @property
+    def special_ids(self) -> set[int]:
+        """Ids of the added tokens (eos, and a template's end-of-turn tokens such as <|im_end|>)."""
+        return set(self.backend.get_added_tokens_decoder())
+
+    @property
     def vocab_size(self) -> int:
         """Number of ids, added tokens included: the model's embedding must have this many rows."""
         return self.backend.get_vocab_size(with_added_tokens=True)
@@ -158,6 +175,11 @@ class Tokenizer:
     def encode(self, text: str, add_eos: bool = False) -> list[int]:
         ids = self.backend.encode(text).ids
         return ids + [self.eos_token_id] if add_eos else ids
+
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Batch-encode; each text gives (ids, offsets), offsets[i] = (start, end) of token i
+        in characters of the text (what the chat masks need to map spans to tokens)."""
+        return [(e.ids, e.offsets) for e in self.backend.encode_batch(texts)] if texts else []
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         if hasattr(ids, "tolist"):  # a tensor or numpy array
@@ -207,6 +229,26 @@ class Tokenizer:
         elif single:  # like Hugging Face: one string in, flat lists out
             out = {k: v[0] for k, v in out.items()}
         return out
+
+
+def _chat_template(folder: Path, config: dict) -> str | None:
+    """The folder's chat template: chat_template.jinja (transformers >= 4.43 writes it), else
+    tokenizer_config.json's "chat_template": a string, or a list of {"name", "template"}
+    from which "default" is used (as transformers does)."""
+    if (folder / "chat_template.jinja").is_file():
+        try:
+            return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{folder / 'chat_template.jinja'}: not readable UTF-8 text ({e})") from None
+    value = config.get("chat_template")
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(t, dict) for t in value):
+        named = {t.get("name"): t.get("template") for t in value}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+    raise ValueError(f"{folder / 'tokenizer_config.json'}: chat_template must be a string or a list "
+                     f"of {{\"name\", \"template\"}} with a \"default\" one, got {str(value)[:80]!r}")
 
 
 def _pad(seq: list[int], width: int, value: int, side: str) -> list[int]:

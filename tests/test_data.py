@@ -86,7 +86,13 @@ def test_crlf_and_bom(tok, tmp_path):
     ('{"text": 3}\n', r'd.jsonl line 1: field "text" must be a string, got int'),
     ('{"prompt": "a", "completion": null}\n', r'd.jsonl line 1: field "completion" must be a string'),
     ('["text"]\n', r"d.jsonl line 1: expected .* got a JSON list"),
-    ('{"foo": "bar"}\n', r'd.jsonl line 1: .*missing "prompt" \(fields found: "foo"\)'),
+    ('{"foo": "bar"}\n', r'd.jsonl line 1: expected \{"text"\}.* \(fields found: "foo"\)'),
+    ('{"text": "a"}\n{"prompt": "b", "completion": "c"}\n',
+     r"d.jsonl line 2: a 'completion' record in a file of 'text' records"),
+    ('{"instruction": "a"}\n', r'd.jsonl line 1: missing "output", which a \'instruction\' record needs'),
+    ('{"messages": []}\n', r'd.jsonl line 1: field "messages" must be a non-empty list'),
+    ('{"messages": [{"role": "user"}]}\n', r'd.jsonl line 1: "messages"\[0\] has no "content"'),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', r'd.jsonl line 1: .*no "assistant"'),
     ('{"text": ""}\n', r'd.jsonl line 1: "text" is empty'),
     ('{"text": "a", "prompt": "b"}\n', r"d.jsonl line 1: has both"),
     ('{"text": "\\ud800"}\n', r"d.jsonl line 1: .*invalid unicode"),
@@ -108,8 +114,8 @@ def test_file_errors(tok, tmp_path):
         load_jsonl(bad, tok)
     with pytest.raises(DataError, match=r"nope.jsonl: no such file"):
         load_dataset(tmp_path / "nope.jsonl", tok)
-    with pytest.raises(DataError, match=r"x.csv: unknown file type '.csv'"):
-        load_dataset(write(tmp_path, "x.csv", "a,b"), tok)
+    with pytest.raises(DataError, match=r"x.xls: unknown file type '.xls'"):
+        load_dataset(write(tmp_path, "x.xls", "a,b"), tok)
     with pytest.raises(DataError, match=r"e.txt: no examples"):
         load_text(write(tmp_path, "e.txt", "\n \n"), tok, block_size=4)
     with pytest.raises(DataError, match="block_size"):

@@ -1,0 +1,299 @@
+"""The file formats minift reads, as records: JSONL, CSV/TSV, Parquet, Arrow and Hugging
+Face `datasets` folders; each record's kind, decided once per file.
+
+A reader yields (where, record): `where` names the file and line or row ("d.csv row 3")
+for error messages, `record` maps field -> value. `fields` maps minift's field names to
+the file's own columns ({"prompt": "question"}), so a file need not be rewritten.
+
+Kinds (the first record decides the file's kind; a later record of another kind is an
+error naming its line, not a guess). Extra fields are ignored.
+
+  text         {"text"}                                 loss on every token
+  completion   {"prompt", "completion"}                 loss on the completion and eos
+  instruction  {"instruction", "input"?, "output"}      a prompt/completion pair, prompt
+                                                        from INSTRUCTION_TEMPLATE
+  chat         {"messages": [{"role", "content"}, ...]}  loss on assistant turns (minift.chat)
+
+CSV/TSV use the standard library (a header row names the columns; a chat file's
+"messages" cell holds the JSON list). Parquet and Arrow need pyarrow (the `tables`
+extra), imported on first use.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Iterator
+
+IGNORE_INDEX = -100  # labels with this value add no loss (F.cross_entropy's default)
+
+KINDS = {"text": ("text",), "completion": ("prompt", "completion"),
+         "instruction": ("instruction", "output"), "chat": ("messages",)}
+OPTIONAL = {"instruction": ("input",)}
+FIELDS = ("text", "prompt", "completion", "instruction", "input", "output", "messages")
+EXPECTED = 'expected {"text"}, {"prompt", "completion"}, {"instruction", "output"} or {"messages"}'
+
+# An instruction record's prompt; "### Input" only when "input" is non-empty. The output
+# follows the prompt and is trained on, with eos after it.
+INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+INSTRUCTION_INPUT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+TABLES = (".csv", ".tsv", ".parquet", ".arrow")
+
+
+class DataError(ValueError):
+    """A problem in the user's data or data options; the message names the file and line."""
+
+
+def instruction_prompt(instruction: str, input: str = "") -> str:
+    if input:
+        return INSTRUCTION_INPUT_TEMPLATE.format(instruction=instruction, input=input)
+    return INSTRUCTION_TEMPLATE.format(instruction=instruction)
+
+
+# ----------------------------------------------------------------------------- readers
+def read_utf8(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as e:  # a folder, no permission, a name too long, ...
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8-sig")  # -sig: drop the byte-order mark some Windows editors write
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} "
+                        f"at byte offset {e.start}); re-save the file as UTF-8") from None
+
+
+def _json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # e.g. a 5000-digit number, or [[[[... nested too deep
+        raise DataError(f"{where}: invalid JSON: {type(e).__name__}: {str(e)[:100]}") from None
+
+
+def jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 etc., which splitlines breaks on
+    for n, line in enumerate(read_utf8(path).split("\n"), 1):
+        if line.strip():
+            yield f"{path} line {n}", _json(line, f"{path} line {n}")
+
+
+def csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
+    reader = csv.reader(io.StringIO(read_utf8(path), newline=""), delimiter=delimiter)
+    header, row_no, line = None, 0, 1
+    try:
+        for cells in reader:
+            where, line = f"{path} line {line}", reader.line_num + 1
+            if not cells or (len(cells) == 1 and not cells[0].strip()):
+                continue  # a blank line
+            if header is None:
+                header = [c.strip() for c in cells]
+                if "" in header or len(set(header)) < len(header):
+                    raise DataError(f"{where}: the header row needs distinct, non-empty column "
+                                    f"names, got {header}")
+                continue
+            row_no += 1
+            if len(cells) != len(header):
+                raise DataError(f"{path} row {row_no} ({where}): {len(cells)} cells, but the "
+                                f"header has {len(header)} columns")
+            yield f"{path} row {row_no}", dict(zip(header, cells))
+    except csv.Error as e:  # a NUL byte, a field over csv.field_size_limit(), ...
+        raise DataError(f"{path} line {reader.line_num}: not valid CSV: {e}") from None
+
+
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.ipc
+        import pyarrow.parquet
+    except ImportError:
+        raise ImportError("reading Parquet and Arrow files needs pyarrow: "
+                          "pip install 'minift[tables]'") from None
+    return pyarrow
+
+
+def _arrow_batches(path: Path, pa):
+    """Record batches of an Arrow IPC file, or of a stream (what `datasets` writes)."""
+    try:
+        return list(pa.ipc.open_file(path))
+    except pa.ArrowInvalid:
+        with pa.ipc.open_stream(path) as reader:
+            return list(reader)
+
+
+def table_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """Rows of a .parquet or .arrow file, or of a `datasets` save_to_disk folder."""
+    pa = _pyarrow()
+    if path.is_dir():
+        files = _dataset_folder_files(path)
+    elif not path.is_file():
+        raise DataError(f"{path}: no such file")
+    else:
+        files = [path]
+    row = 0
+    for file in files:
+        try:
+            if file.suffix.lower() == ".parquet":
+                batches = pa.parquet.ParquetFile(file).iter_batches(batch_size=1024)
+            else:
+                batches = _arrow_batches(file, pa)
+            for batch in batches:
+                for rec in batch.to_pylist():
+                    row += 1
+                    yield f"{path} row {row}", rec
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{file}: not a readable {file.suffix or 'Arrow'} table "
+                            f"({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _dataset_folder_files(folder: Path) -> list[Path]:
+    """The Arrow files of a `datasets` Dataset.save_to_disk folder, in order (state.json)."""
+    if (folder / "dataset_dict.json").is_file():
+        splits = [p.name for p in sorted(folder.iterdir()) if (p / "state.json").is_file()]
+        raise DataError(f"{folder}: a dataset with splits {', '.join(splits) or '(none)'}; "
+                        f"pass one of them, e.g. {folder / (splits[0] if splits else 'train')}")
+    state = folder / "state.json"
+    if not state.is_file():
+        raise DataError(f"{folder}: a folder, but not a saved dataset (no state.json)")
+    names = _json(read_utf8(state), str(state))
+    names = names.get("_data_files") if isinstance(names, dict) else None
+    if not isinstance(names, list) or not all(isinstance(f, dict) and isinstance(
+            f.get("filename"), str) for f in names):
+        raise DataError(f"{state}: expected \"_data_files\": [{{\"filename\": ...}}, ...]")
+    files = [folder / f["filename"] for f in names]
+    for f in files:  # never read outside the folder
+        if f.resolve().parent != folder.resolve():
+            raise DataError(f"{state}: data file {f.name!r} leaves the folder")
+    return files
+
+
+def rows(path: Path) -> Iterator[tuple[str, object]]:
+    """The reader for a path, by its suffix (a folder: a saved `datasets` dataset)."""
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        return table_rows(path)
+    if suffix == ".jsonl":
+        return jsonl_rows(path)
+    if suffix in (".csv", ".tsv"):
+        return csv_rows(path, "," if suffix == ".csv" else "\t")
+    if suffix in (".parquet", ".arrow"):
+        return table_rows(path)
+    raise DataError(f"{path}: unknown file type {suffix or '(no suffix)'!r}; expected .txt, "
+                    ".jsonl, .csv, .tsv, .parquet, .arrow or a saved `datasets` folder")
+
+
+# ----------------------------------------------------------------------------- records
+def check_fields(fields: dict | None) -> dict:
+    """{minift name: the file's column}; checked once, before reading."""
+    fields = dict(fields or {})
+    for key, col in fields.items():
+        if key not in FIELDS:
+            raise DataError(f"fields: unknown field {key!r}; the fields are {', '.join(FIELDS)}")
+        if not isinstance(col, str) or not col:
+            raise DataError(f"fields: {key!r} must map to a column name, got {col!r}")
+    return fields
+
+
+def _rename(rec: dict, fields: dict) -> dict:
+    source = {col: key for key, col in fields.items()}
+    return {source.get(k, k): v for k, v in rec.items() if k in source or k not in fields}
+
+
+def _string(value, where: str, name: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name} must be a string, got {type(value).__name__}")
+    try:  # JSON escapes can smuggle in a lone surrogate ("\\ud800"), which no tokenizer encodes
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: field {name} holds invalid unicode "
+                        f"(an unpaired surrogate at character {e.start})") from None
+    return value
+
+
+def _messages(value, where: str, name: str) -> list[dict]:
+    if isinstance(value, str):  # a CSV cell holds the JSON list
+        value = _json(value, f"{where}, field {name}")
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field {name} must be a non-empty list of "
+                        f"{{\"role\", \"content\"}} messages, got {type(value).__name__}")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: {name}[{i}] must be a {{\"role\", \"content\"}} object, "
+                            f"got {type(m).__name__}")
+        m = {k: v for k, v in m.items() if v is not None}  # as transformers: None = absent
+        for key in ("role", "content"):
+            if key not in m:
+                raise DataError(f"{where}: {name}[{i}] has no \"{key}\"")
+            _string(m[key], where, f'{name}[{i}]["{key}"]')
+        out.append(m)
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: field {name} has no \"assistant\" message, so nothing to train on")
+    return out
+
+
+def _kind(rec, where: str, fields: dict) -> str:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: {EXPECTED}, got a JSON {type(rec).__name__}")
+    kinds = [k for k, req in KINDS.items() if any(f in rec for f in req)]
+    if len(kinds) > 1:
+        a, b = ([f for f in KINDS[k] if f in rec][0] for k in kinds[:2])
+        raise DataError(f"{where}: has both {_name(a, fields)} and {_name(b, fields)} "
+                        f"(fields of {kinds[0]!r} and {kinds[1]!r} records); keep one kind per file")
+    if not kinds:
+        found = ", ".join(map(json.dumps, list(rec)[:8])) or "none"
+        raise DataError(f"{where}: {EXPECTED} (fields found: {found}); map other column names "
+                        f"with fields / --fields, e.g. prompt=question")
+    return kinds[0]
+
+
+def _name(field: str, fields: dict) -> str:
+    col = fields.get(field, field)
+    return json.dumps(col) + ("" if col == field else f" (as {field})")
+
+
+def parse(rec, where: str, kind: str | None, fields: dict):
+    """Check one record -> (kind, payload): text -> str, completion and instruction ->
+    (prompt, completion), chat -> messages. `kind`: the file's kind (None: decide it)."""
+    if isinstance(rec, dict):
+        rec = _rename(rec, fields)
+    this = _kind(rec, where, fields)
+    if kind is not None and this != kind:
+        raise DataError(f"{where}: a {this!r} record in a file of {kind!r} records (decided by "
+                        f"its first record); a file holds one kind")
+    for f in KINDS[this]:
+        if f not in rec:
+            found = ", ".join(map(json.dumps, list(rec)[:8])) or "none"
+            raise DataError(f"{where}: missing {_name(f, fields)}, which a {this!r} record "
+                            f"needs (fields found: {found})")
+    if this == "chat":
+        return this, _messages(rec["messages"], where, _name("messages", fields))
+    values = {f: _string(rec[f], where, _name(f, fields))
+              for f in KINDS[this] + OPTIONAL.get(this, ()) if f in rec}
+    if this == "text":
+        if not values["text"]:
+            raise DataError(f"{where}: {_name('text', fields)} is empty")
+        return this, values["text"]
+    if this == "instruction":
+        prompt = instruction_prompt(values["instruction"], values.get("input", ""))
+        return this, (prompt, values["output"])
+    return this, (values["prompt"], values["completion"])
+
+
+def read_records(path: Path, fields: dict | None = None,
+                 jsonl: bool = False) -> tuple[str, list[tuple[str, object]]]:
+    """Every record of a data file, checked -> (kind, [(where, payload), ...]).
+    jsonl=True reads the file as JSONL whatever its suffix."""
+    fields = check_fields(fields)
+    kind, records = None, []
+    for where, rec in (jsonl_rows(path) if jsonl else rows(path)):
+        kind, payload = parse(rec, where, kind, fields)
+        records.append((where, payload))
+    if not records:
+        raise DataError(f"{path}: no examples (the file is empty or holds only blank lines)")
+    return kind, records
