@@ -1,10 +1,11 @@
-"""The standard-library text behind minift's embedded default: one place for both module lists.
+"""The standard-library text behind minift's embedded default: one place for what is read.
 
-scripts/pretrain_tiny.py pretrains minift-tiny on `pydoc_data.topics` (the language
-reference that `help("assert")` prints) and the docstrings of PRETRAIN_MODULES.
-scripts/make_dataset.py builds the fine-tuning task from the docstrings of TASK_MODULES.
-The two lists are disjoint (asserted below), so the task asks the model about functions
-whose documentation it never read during pretraining.
+scripts/pretrain_tiny.py pretrains minift-tiny on the standard library's own Python source
+(code, comments, docstrings and its test suite: `corpus_files()`) and on `pydoc_data.topics`
+(the language reference that `help("assert")` prints). scripts/make_dataset.py builds the
+fine-tuning tasks from the signatures and docstrings of TASK_MODULES. No source or test file
+of a task module is in the corpus (`corpus_files` leaves them out, `check_disjoint` asserts
+it), so the tasks ask the model about functions whose code and documentation it never read.
 
 Only modules present in every CPython from 3.10 to 3.13 are listed (nothing deprecated
 by PEP 594, no tkinter), and none with import side effects. The built assets are
@@ -15,7 +16,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import sysconfig
 import warnings
+from pathlib import Path
 
 # Pretraining: the language itself, text processing, introspection, concurrency, testing.
 PRETRAIN_MODULES = (
@@ -134,3 +137,58 @@ def header(kind: str, qualname: str, obj) -> str:
     if kind == "class":
         return f"class {qualname}{sig or ''}:"
     return f"def {qualname}{sig or '(...)'}:"
+
+
+# ----------------------------------------------------------------------------- the corpus
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# Left out of the corpus: other people's packages, GUI code, the codec tables (long hex
+# arrays), Python 2 code (lib2to3 and its test data), generated data, and the language
+# reference as .py (pydoc_data.topics is read as text instead).
+SKIP_DIRS = ("site-packages", "idlelib", "tkinter", "turtledemo", "lib2to3", "encodings",
+             "ensurepip", "pydoc_data", "__pycache__", "test/test_tkinter", "test/test_ttk",
+             "test/test_idle", "test/test_lib2to3", "test/tkinterdata")
+MAX_FILE_BYTES = 400_000   # a few generated test files are larger and mostly data
+
+
+def task_paths() -> list[Path]:
+    """The files a task module is made of: `top.py` or the package `top/`, and its tests
+    (`test/test_top*.py`, `test/test_top*/`)."""
+    out = []
+    for top in sorted({_top(m) for m in TASK_MODULES}):
+        out += [STDLIB / f"{top}.py", STDLIB / top]
+        out += sorted((STDLIB / "test").glob(f"test_{top}*"))
+    return [p for p in out if p.exists()]
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
+def corpus_files() -> list[Path]:
+    """The standard library's .py files that pretraining reads, in sorted order: everything
+    under STDLIB but SKIP_DIRS, files over MAX_FILE_BYTES, files that are not UTF-8, and
+    every file of a task module (`task_paths`)."""
+    skipped = [STDLIB / d for d in SKIP_DIRS] + task_paths()
+    files = []
+    for path in sorted(STDLIB.rglob("*.py")):
+        if _inside(path, skipped) or path.stat().st_size > MAX_FILE_BYTES:
+            continue
+        try:
+            path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:   # a few tests hold deliberately mis-encoded source
+            continue
+        files.append(path)
+    return files
+
+
+def check_disjoint(files: list[Path]) -> None:
+    """Assert that no corpus file belongs to a task module: neither its source (found
+    through the module's own __file__, so a module living elsewhere is caught too) nor its
+    tests."""
+    roots = task_paths()
+    for name in TASK_MODULES:
+        module = import_module(name, TASK_MODULES)
+        src = Path(module.__file__).resolve()
+        roots.append(src.parent if src.name == "__init__.py" else src)
+    leaked = [f for f in files if _inside(f.resolve(), roots)]
+    assert not leaked, f"task-module files in the pretraining corpus: {leaked[:5]}"
