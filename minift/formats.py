@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -38,7 +39,8 @@ EXPECTED = 'expected {"text"}, {"prompt", "completion"}, {"instruction", "output
 # follows the prompt and is trained on, with eos after it.
 INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 INSTRUCTION_INPUT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-TABLES = (".csv", ".tsv", ".parquet", ".arrow")
+SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow")
+HUB_ID = re.compile(r"(?P<id>[\w.-]+(?:/[\w.-]+)?)(?::(?P<split>[\w.-]+))?")  # org/name:split
 
 
 class DataError(ValueError):
@@ -84,17 +86,18 @@ def jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
-    reader = csv.reader(io.StringIO(read_utf8(path), newline=""), delimiter=delimiter)
+    reader = csv.reader(io.StringIO(read_utf8(path), newline=""), delimiter=delimiter,
+                        strict=True)  # strict: a stray quote is an error, not a guess
     header, row_no, line = None, 0, 1
     try:
         for cells in reader:
-            where, line = f"{path} line {line}", reader.line_num + 1
+            where, line = f"line {line}", reader.line_num + 1  # the line the record starts on
             if not cells or (len(cells) == 1 and not cells[0].strip()):
                 continue  # a blank line
             if header is None:
                 header = [c.strip() for c in cells]
                 if "" in header or len(set(header)) < len(header):
-                    raise DataError(f"{where}: the header row needs distinct, non-empty column "
+                    raise DataError(f"{path} {where}: the header row needs distinct, non-empty column "
                                     f"names, got {header}")
                 continue
             row_no += 1
@@ -102,7 +105,7 @@ def csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
                 raise DataError(f"{path} row {row_no} ({where}): {len(cells)} cells, but the "
                                 f"header has {len(header)} columns")
             yield f"{path} row {row_no}", dict(zip(header, cells))
-    except csv.Error as e:  # a NUL byte, a field over csv.field_size_limit(), ...
+    except csv.Error as e:  # a stray quote, a field over csv.field_size_limit(), ...
         raise DataError(f"{path} line {reader.line_num}: not valid CSV: {e}") from None
 
 
@@ -120,7 +123,8 @@ def _pyarrow():
 def _arrow_batches(path: Path, pa):
     """Record batches of an Arrow IPC file, or of a stream (what `datasets` writes)."""
     try:
-        return list(pa.ipc.open_file(path))
+        reader = pa.ipc.open_file(path)
+        return [reader.get_batch(i) for i in range(reader.num_record_batches)]
     except pa.ArrowInvalid:
         with pa.ipc.open_stream(path) as reader:
             return list(reader)
@@ -172,11 +176,42 @@ def _dataset_folder_files(folder: Path) -> list[Path]:
     return files
 
 
+def hub_rows(spec: str) -> Iterator[tuple[str, dict]]:
+    """Rows of a Hugging Face dataset already in the local datasets cache: "org/name" or
+    "org/name:split" (default train), read offline through `datasets` (never downloads).
+    The cache holds {org}___{name}/{config}/{version}/{hash}/{name}-{split}[-k-of-n].arrow;
+    the most recently written config is used, as datasets does offline."""
+    try:
+        import datasets
+        from datasets.naming import camelcase_to_snakecase
+    except ImportError:
+        raise ImportError(f"{spec}: no such file; reading a Hugging Face dataset id needs "
+                          "datasets: pip install 'minift[hf]'") from None
+    m = HUB_ID.fullmatch(spec)
+    parts = m["id"].split("/")
+    folder = Path(datasets.config.HF_DATASETS_CACHE) / "___".join(
+        parts[:-1] + [camelcase_to_snakecase(parts[-1])])
+    split = m["split"] or "train"
+    files = [*folder.glob(f"*/*/*/*-{split}.arrow"), *folder.glob(f"*/*/*/*-{split}-*-of-*.arrow")]
+    if not files:
+        raise DataError(f"{spec}: no such file, and no {split!r} split of a dataset {m['id']!r} "
+                        f"in the local datasets cache ({folder}); minift reads the cache, "
+                        "it never downloads")
+    newest = max({f.parent for f in files}, key=lambda d: d.stat().st_mtime)
+    shards = sorted(f for f in files if f.parent == newest)
+    table = datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in shards])
+    for i, rec in enumerate(table, 1):
+        yield f"{spec} row {i}", rec
+
+
 def rows(path: Path) -> Iterator[tuple[str, object]]:
-    """The reader for a path, by its suffix (a folder: a saved `datasets` dataset)."""
+    """The reader for a path, by its suffix (a folder: a saved `datasets` dataset; a
+    name that is no file: a dataset id in the local Hugging Face cache)."""
     suffix = path.suffix.lower()
     if path.is_dir():
         return table_rows(path)
+    if not path.exists() and suffix not in SUFFIXES and HUB_ID.fullmatch(str(path)):
+        return hub_rows(str(path))
     if suffix == ".jsonl":
         return jsonl_rows(path)
     if suffix in (".csv", ".tsv"):
