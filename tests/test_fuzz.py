@@ -22,7 +22,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from conftest import cfg, pattern_data, tiny_model
-from minift.data import DataError, load_dataset, load_jsonl, load_text
+from minift.chat import BUILTIN_CHAT_TEMPLATE
+from minift.data import DataError, load_dataset, load_jsonl, load_text, split_documents
+from minift.tokenfile import documents
 from minift.model import GPT
 from minift.peft import LoraConfig, PeftModel, PromptTuningConfig, TaskType, get_peft_model
 from minift.rundir import _sha256, list_checkpoints, verify_checkpoint_dir
@@ -76,11 +78,22 @@ def fresh(scratch):
 
 
 # ----------------------------------------------------------------------------- data files
+ROLES = st.sampled_from(["user", "assistant", "system", "tool", ""]) | odd_text
+message = st.one_of(st.fixed_dictionaries({"role": ROLES, "content": odd_text}),
+                    st.dictionaries(st.sampled_from(["role", "content", "x"]), json_values,
+                                    max_size=3),
+                    json_values)
+KIND_FIELDS = ["text", "prompt", "completion", "instruction", "input", "output", "messages", "x"]
+
+
 def jsonl_line():
     record = st.one_of(
         st.fixed_dictionaries({"text": odd_text}),
         st.fixed_dictionaries({"prompt": odd_text, "completion": odd_text}),
-        st.dictionaries(st.sampled_from(["text", "prompt", "completion", "x"]), json_values,
+        st.fixed_dictionaries({"instruction": odd_text, "output": odd_text},
+                              optional={"input": odd_text}),
+        st.fixed_dictionaries({"messages": st.lists(message, max_size=4)}),
+        st.dictionaries(st.sampled_from(KIND_FIELDS), json_values | st.lists(message, max_size=2),
                         max_size=3))
     as_json = record.map(lambda r: json.dumps(r, ensure_ascii=False))
     return st.one_of(
@@ -112,15 +125,105 @@ def test_load_jsonl_loads_or_names_the_line(tok, scratch, lines, newline, bom, m
         assert all(0 <= t < tok.vocab_size for t in ex["input_ids"])
 
 
+@pytest.fixture(scope="module")
+def chat_toks(tok, tmp_path_factory):
+    """The built-in template (Python) and a ChatML Jinja template over the fuzz tokenizer."""
+    folder = tmp_path_factory.mktemp("chatml")
+    tok.save_pretrained(folder)
+    chatml = Tokenizer.from_pretrained(folder)
+    chatml.backend.add_special_tokens(["<|im_end|>"])
+    chatml.chat_template = ("{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + "
+                            "'<|im_end|>\n' }}{% endfor %}")
+    return {"builtin": tok, "chatml": chatml}
+
+
+@FUZZ
+@given(lines=st.lists(jsonl_line(), max_size=4), template=st.sampled_from(["builtin", "chatml"]),
+       max_length=st.sampled_from([None, 3, 40]))
+def test_chat_and_instruction_records_load_or_name_the_line(chat_toks, scratch, lines, template,
+                                                            max_length):
+    """Chat records (any message shapes and roles, through either template) and
+    instruction records: loaded examples train on something and fit max_length."""
+    path = fresh(scratch) / "chat.jsonl"
+    path.write_bytes(encode_file(lines, "\n", False))
+    t = chat_toks[template]
+    for ex in expect_clear(lambda: load_dataset(path, t, max_length=max_length), path) or []:
+        assert len(ex["input_ids"]) == len(ex["labels"]) >= 1
+        assert max_length is None or len(ex["input_ids"]) <= max_length
+        assert any(x != -100 for x in ex["labels"])
+
+
+def table_records():
+    """Rows of one kind or of mixed fields; values strings, numbers, None or nested."""
+    value = odd_text.filter(lambda s: not any(0xD800 <= ord(c) <= 0xDFFF for c in s))
+    return st.lists(st.dictionaries(st.sampled_from(KIND_FIELDS[:-2] + ["question"]),
+                                    value | st.none() | st.integers(-2**40, 2**40), min_size=1,
+                                    max_size=3),
+                    max_size=5)
+
+
+def write_table(path, records, pa):
+    """records -> a .csv/.tsv (stdlib) or .parquet/.arrow (pyarrow) file; None if pyarrow
+    cannot type the columns (mixed int and str)."""
+    import csv
+    columns = sorted({k for r in records for k in r})
+    if path.suffix in (".csv", ".tsv"):
+        with open(path, "w", newline="", encoding="utf-8", errors="surrogatepass") as f:
+            w = csv.writer(f, delimiter="," if path.suffix == ".csv" else "\t")
+            w.writerow(columns)
+            w.writerows([[r.get(c, "") for c in columns] for r in records])
+        return path
+    try:
+        table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in records])
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a column of ints and strings
+        return None
+    if path.suffix == ".parquet":
+        pa.parquet.write_table(table, path)
+    else:
+        with pa.ipc.new_file(path, table.schema) as w:
+            w.write_table(table)
+    return path
+
+
+@FUZZ
+@given(records=table_records(), suffix=st.sampled_from([".csv", ".tsv", ".parquet", ".arrow"]),
+       fields=st.sampled_from([None, {"prompt": "question"}, {"completion": "text"}]),
+       cut=st.none() | st.integers(0, 400))
+def test_tables_load_or_name_the_row_and_column(tok, scratch, records, suffix, fields, cut):
+    """CSV/TSV/Parquet/Arrow files of random rows, whole or cut short at a random byte."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet  # noqa: F401
+    path = write_table(fresh(scratch) / f"data{suffix}", records, pa)
+    if path is None:
+        return
+    if cut is not None:
+        path.write_bytes(path.read_bytes()[:cut])
+    for ex in expect_clear(lambda: load_dataset(path, tok, max_length=16, fields=fields),
+                           path) or []:
+        assert 1 <= len(ex["input_ids"]) == len(ex["labels"]) <= 16
+
+
+@FUZZ
+@given(text=st.lists(st.sampled_from(["\n", "\n\n", " ", "\t", "\r", "\r\n", "\u2028", "\x0c",
+                                      "\ufeff", "a", "b c", "\u3000"]), max_size=30).map("".join))
+def test_streamed_documents_equal_the_regex_split(scratch, text):
+    """The memory-mapped path splits documents line by line; the in-memory one by regex."""
+    path = fresh(scratch) / "c.txt"
+    path.write_bytes(text.encode("utf-8"))
+    assert list(documents(path)) == split_documents(text.removeprefix("\ufeff"))
+
+
 @FUZZ
 @given(blob=st.binary(max_size=300) | odd_text.map(lambda s: s.encode("utf-8", "surrogatepass")),
-       suffix=st.sampled_from([".txt", ".jsonl", ".JSONL", ".csv", ""]),
+       suffix=st.sampled_from([".txt", ".jsonl", ".JSONL", ".csv", ".tsv", ".parquet", ".arrow",
+                               ""]),
        block_size=st.sampled_from([2, 3, 64]))
 def test_random_bytes_to_every_data_loader(tok, scratch, blob, suffix, block_size):
     path = fresh(scratch) / f"data{suffix}"
     path.write_bytes(blob)
     for load in (lambda: load_dataset(path, tok, block_size=block_size, max_length=block_size),
-                 lambda: load_text(path, tok, block_size), lambda: load_jsonl(path, tok)):
+                 lambda: load_text(path, tok, block_size), lambda: load_jsonl(path, tok),
+                 lambda: load_text(path, tok, block_size, memmap=True, cache_dir=path.parent)):
         for ex in expect_clear(load, path) or []:
             assert 1 <= len(ex["input_ids"]) == len(ex["labels"])
     for ex in expect_clear(lambda: load_text(path, tok, block_size), path) or []:
