@@ -248,10 +248,11 @@ def end_of_turn_id(tokenizer) -> int:
     return ids[bisect.bisect_left([e for _, e in offsets], spans[-1][1])]
 
 
-def split_last_turn(messages: list[dict]) -> tuple[list[dict], str]:
-    """(the messages before the last assistant turn, its content): a chat test record's
-    prompt and reference."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+def eval_record(tokenizer, messages: list[dict]) -> dict:
+    """A chat test record -> {"prompt", "completion"}: the last assistant turn is the
+    reference, the rendered conversation before it (with the generation prompt) the prompt."""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
     if last is None:
         raise DataError("a chat test record needs an assistant turn (the reference)")
-    return messages[:last], messages[last]["content"]
+    prompt, _ = render(tokenizer, messages[:last], add_generation_prompt=True)
+    return {"prompt": prompt, "completion": messages[last]["content"]}

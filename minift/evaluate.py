@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import chat
 from .data import IGNORE_INDEX, collate
 
 # minift's 40 pairs (gender 12, age 10, nationality 10, religion 8). Side a is, per
@@ -227,13 +228,15 @@ def task_metrics(preds: list[str], refs: list) -> dict:
 
 # ----------------------------------------------------------------------------- generation
 def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int = 32,
-                         batch_size: int = 8, stop_at_newline: bool = True) -> list[str]:
+                         batch_size: int = 8, stop_at_newline: bool = True,
+                         eos_token_id: int | None = None) -> list[str]:
     """Greedy continuation of each prompt, decoded without the prompt.
 
     Prompts are batched with left padding, so every row's new tokens follow its prompt
     directly. A row stops at eos (not included in the text). With stop_at_newline the
     text is cut before its first "\\n", the usual end of a one-line answer (generation
-    itself still runs to eos or max_new_tokens; only the text is cut).
+    itself still runs to eos or max_new_tokens; only the text is cut). eos_token_id: the
+    stop token (None: the tokenizer's eos; a chat template's end-of-turn token for chats).
     """
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts must be a list of strings")
@@ -243,7 +246,7 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"prompt {i} is empty; the model needs at least one token to continue")
-    eos = tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     texts = []
     with _inference(model) as device:
@@ -262,6 +265,17 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
     return texts
 
 
+def _prompt_records(tokenizer, records) -> tuple[list, int | None]:
+    """Chat test records {"messages"} -> {"prompt", "completion"} (the last assistant turn
+    is the reference) and the template's end-of-turn id to stop at; others unchanged."""
+    if not isinstance(records, (list, tuple)) or not any(
+            isinstance(r, dict) and "messages" in r for r in records):
+        return records, None
+    out = [chat.eval_record(tokenizer, r["messages"]) if isinstance(r, dict) and "messages" in r
+           else r for r in records]
+    return out, chat.end_of_turn_id(tokenizer)
+
+
 def _check_records(records) -> None:
     if not isinstance(records, (list, tuple)) or not records:
         raise ValueError("records must be a non-empty list of {'prompt', 'completion'} dicts")
@@ -275,20 +289,23 @@ def _check_records(records) -> None:
 def evaluate_generation(model, tokenizer, records: list[dict], max_new_tokens: int = 32,
                         batch_size: int = 8, stop_at_newline: bool = True) -> dict:
     """Greedy answers to each record's "prompt", scored against its "completion":
-    task_metrics' exact_match / f1 / rouge_l means and n."""
+    task_metrics' exact_match / f1 / rouge_l means and n. Chat records {"messages"} are
+    scored on their last assistant turn."""
+    records, stop = _prompt_records(tokenizer, records)
     _check_records(records)
     preds = generate_completions(model, tokenizer, [r["prompt"] for r in records],
-                                 max_new_tokens, batch_size, stop_at_newline)
+                                 max_new_tokens, batch_size, stop_at_newline, stop)
     return task_metrics(preds, [r["completion"] for r in records])
 
 
 def samples(model, tokenizer, records: list[dict], n: int = 5, max_new_tokens: int = 32,
             stop_at_newline: bool = True) -> list[dict]:
     """The first n records as rows {prompt, reference, generation}, for print_table."""
+    records, stop = _prompt_records(tokenizer, records)
     _check_records(records)
     chosen = records[:n]
     gens = generate_completions(model, tokenizer, [r["prompt"] for r in chosen], max_new_tokens,
-                                stop_at_newline=stop_at_newline)
+                                stop_at_newline=stop_at_newline, eos_token_id=stop)
     return [{"prompt": r["prompt"], "reference": r["completion"], "generation": g}
             for r, g in zip(chosen, gens)]
 

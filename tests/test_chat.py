@@ -215,3 +215,34 @@ def test_chat_template_round_trips_through_folders(folders, tmp_path):
     (tmp_path / "again" / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="tokenizer_config.json: chat_template must be"):
         Tokenizer.from_pretrained(tmp_path / "again")
+
+
+def test_chat_test_sets_score_the_last_assistant_turn(folders):
+    """evaluate_generation on chat records = on the prompt/completion pairs they stand for:
+    the conversation before the last assistant turn (as generation renders it) and that
+    turn's content; generation stops at the template's end-of-turn token."""
+    import torch
+
+    from conftest import tiny_model
+    from minift.evaluate import evaluate_generation, generate_completions, samples, task_metrics
+    tok = Tokenizer.from_pretrained(folders["chatml"])
+    records = [{"messages": c} for c in CONVERSATIONS]
+    pairs = []
+    for conv in CONVERSATIONS:
+        last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+        pairs.append({"prompt": render(tok, conv[:last], add_generation_prompt=True)[0],
+                      "completion": conv[last]["content"]})
+        assert tok.encode(pairs[-1]["prompt"]) == prompt_ids(tok, conv[:last])
+    assert pairs[1]["completion"] == "Twelve, naïvely: 12.\nDone."
+    model = tiny_model(vocab_size=len(tok), n_positions=128)
+    torch.manual_seed(0)
+    with torch.no_grad():  # make <|im_end|> likely somewhere, so stopping matters
+        model.lm_head.weight[tok.token_to_id("<|im_end|>")] *= 40
+    stop = tok.token_to_id("<|im_end|>")
+    assert end_of_turn_id(tok) == stop != tok.eos_token_id
+    preds = generate_completions(model, tok, [p["prompt"] for p in pairs], 12, eos_token_id=stop)
+    rows = samples(model, tok, records, n=3, max_new_tokens=12)
+    assert [r["generation"] for r in rows] == preds
+    assert [r["reference"] for r in rows] == [p["completion"] for p in pairs]
+    assert evaluate_generation(model, tok, records, 12) == task_metrics(
+        [p.split("\n", 1)[0] for p in preds], [p["completion"] for p in pairs])
