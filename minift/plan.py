@@ -229,8 +229,9 @@ def _activations(w: _Walk, prefix_trains: bool, embeddings_train: bool, checkpoi
     if w.grad or head_trains:
         w.bytes += 4 * targets * C + 9 * N               # grad_h (n, C), the target mask, ids
     if checkpointing and blocks:   # each block keeps its input; one is recomputed at a time
-        w.flops += sum(_forward_flops_share(w, blocks))
-        return w.bytes - sum(blocks) + c.n_layer * 4 * N * C + max(blocks)
+        w.flops += sum(_forward_flops_share(w, blocks))   # (and keeps its input once more)
+        inputs = c.n_layer * 4 * N * C
+        return w.bytes - sum(blocks) + inputs + max(max(blocks) - 4 * N * C, 0)
     return w.bytes
 
 
