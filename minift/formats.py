@@ -295,17 +295,17 @@ def _name(field: str, fields: dict) -> str:
 def parse(rec, where: str, kind: str | None, fields: dict):
     """Check one record -> (kind, payload): text -> str, completion and instruction ->
     (prompt, completion), chat -> messages. `kind`: the file's kind (None: decide it)."""
+    columns = ", ".join(map(json.dumps, list(rec)[:8])) if isinstance(rec, dict) else ""
     if isinstance(rec, dict):
         rec = _rename(rec, fields)
     this = _kind(rec, where, fields)
     if kind is not None and this != kind:
-        raise DataError(f"{where}: a {this!r} record in a file of {kind!r} records (decided by "
-                        f"its first record); a file holds one kind")
+        raise DataError(f"{where}: a record of kind {this!r} in a file of kind {kind!r} "
+                        f"(decided by its first record); a file holds one kind")
     for f in KINDS[this]:
         if f not in rec:
-            found = ", ".join(map(json.dumps, list(rec)[:8])) or "none"
-            raise DataError(f"{where}: missing {_name(f, fields)}, which a {this!r} record "
-                            f"needs (fields found: {found})")
+            raise DataError(f"{where}: missing {_name(f, fields)}, which a record of kind "
+                            f"{this!r} needs (fields found: {columns or 'none'})")
     if this == "chat":
         return this, _messages(rec["messages"], where, _name("messages", fields))
     values = {f: _string(rec[f], where, _name(f, fields))

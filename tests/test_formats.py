@@ -115,7 +115,8 @@ def test_field_mapping(tok, tmp_path):
     # a column named like a minift field is ignored when another column is mapped onto it
     shadow = [{**r, "prompt": "ignored"} for r in rows]
     assert load_dataset(write_jsonl(tmp_path / "s.jsonl", shadow), tok, fields=fields) == expected
-    with pytest.raises(DataError, match=r'q.csv row 1: missing "reply" \(as completion\)'):
+    with pytest.raises(DataError, match=r'q.csv row 1: missing "reply" \(as completion\), .*'
+                                        r'\(fields found: "question", "answer", "id"\)'):
         load_dataset(tmp_path / "q.csv", tok, fields={"prompt": "question", "completion": "reply"})
     with pytest.raises(DataError, match=r"fields: unknown field 'answer'"):
         load_dataset(tmp_path / "q.csv", tok, fields={"answer": "answer"})
