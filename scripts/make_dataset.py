@@ -1,25 +1,36 @@
-"""Build minift's embedded fine-tuning task: write a function's docstring from its signature.
+"""Build minift's built-in tasks from the standard library's signatures and docstrings.
 
-Each record pairs a standard-library function's signature with the first sentence of its
-docstring:
+Four tasks, each with train / validation / test splits, written to minift/assets/tasks/NAME/:
 
-    {"prompt": "def textwrap.shorten(text, width, **kwargs):\\n    \\"\\"\\"",
-     "completion": "Collapse and truncate the given text to fit in the given width."}
+- params (structured output, exact match): list a function's parameters in a fixed format
+  the base model has never seen.
+      def shutil.copyfile(src, dst, *, follow_symlinks=True):
+      # parameters:  ->  src: required; dst: required; follow_symlinks: default True
+- call (structured output, exact match): write a call with the required arguments.
+      def shutil.copyfile(src, dst, *, follow_symlinks=True):
+      # call:  ->  shutil.copyfile(src, dst)
+- choice (multiple choice, choice_accuracy): which of 4 docstring summaries belongs to the
+  signature; scored by the log-likelihood of each choice after the prompt.
+- docstring (generative, ROUGE-L and token F1): write the first sentence of the docstring.
+- preference (DPO pairs, reward accuracy): the docstring prompts with chosen = the true
+  summary and rejected = the first wrong choice of the choice task.
 
-The functions come from scripts/stdlib_corpus.py's TASK_MODULES, which share no package
-with the modules minift-tiny was pretrained on: the model has seen this format (it
-pretrained on docstrings written the same way) but never these functions' documentation.
+The functions come from scripts/stdlib_corpus.py's TASK_MODULES, none of whose files the
+base model was pretrained on. The splits are by module (a seeded assignment of modules to
+train / validation / test), so no test function shares a module with a training one: the
+model must read the signature in its context rather than recall a module.
 
-    python scripts/make_dataset.py            # writes minift/assets/task/{train,validation,test}.jsonl + README.md
+    python scripts/make_dataset.py            # writes minift/assets/tasks/*/ and build.json
 
-Deterministic: modules and names are visited in sorted order, duplicates are dropped
-keeping the first, and the split is a seeded shuffle. Different Python versions document
-their standard library a little differently, so the output is committed; rebuilding on
-another version gives a similar, not identical, task.
+Deterministic: modules and names are visited in sorted order, duplicates are dropped keeping
+the first, and the splits and the distractors come from seeded generators. Different Python
+versions document their standard library a little differently, so the output is committed;
+rebuilding on another version gives a similar, not identical, task.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import random
@@ -29,11 +40,12 @@ from pathlib import Path
 
 from stdlib_corpus import TASK_MODULES, clean_docstring, documented_objects, header, import_module, signature
 
-OUT = Path(__file__).resolve().parent.parent / "minift" / "assets" / "task"
-PROMPT_END = '\n    """'      # the prompt stops where the docstring's text begins
-MAX_PROMPT_CHARS = 160       # ~50 tokens: leaves room for the completion within max_length 128
-MIN_WORDS, MAX_CHARS = 3, 160  # a completion is one real sentence, not a word or a paragraph
+OUT = Path(__file__).resolve().parent.parent / "minift" / "assets" / "tasks"
+MAX_PROMPT_CHARS = 120       # ~40 tokens: the answer fits in max_length 128 with it
+MIN_WORDS, MAX_CHARS = 3, 120  # a summary is one real sentence, not a word or a paragraph
 ABBREVIATIONS = {"e.g.", "i.e.", "etc.", "vs.", "cf.", "resp.", "approx."}  # a "." that ends no sentence
+N_CHOICES = 4
+FRACTIONS = (0.8, 0.1, 0.1)  # train / validation / test, counted in functions
 
 
 def first_sentence(doc: str) -> str | None:
@@ -46,68 +58,101 @@ def first_sentence(doc: str) -> str | None:
     return None if para.endswith(":") else para or None  # a one-liner without a full stop
 
 
-def records_of(module_name: str) -> list[dict]:
-    """Prompt/completion records for one module's documented functions and methods."""
+def usable_summary(sentence: str | None) -> bool:
+    return (sentence is not None and len(sentence) <= MAX_CHARS
+            and len(sentence.split()) >= MIN_WORDS
+            and not re.match(r"[\w.]+\(", sentence)          # opens with a signature
+            and not re.search(r" = |<instance>|\*\(", sentence))  # a usage line or a grammar rule
+
+
+def parameters_line(sig: inspect.Signature) -> str:
+    """'src: required; dst: required; follow_symlinks: default True' (the params format)."""
+    parts = []
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            parts.append(f"*{p.name}: variadic")
+        elif p.kind is p.VAR_KEYWORD:
+            parts.append(f"**{p.name}: keywords")
+        elif p.default is p.empty:
+            parts.append(f"{p.name}: required")
+        else:
+            parts.append(f"{p.name}: default {str(p).split('=', 1)[1]}")
+    return "; ".join(parts) if parts else "none"
+
+
+def call_line(qualname: str, sig: inspect.Signature) -> str:
+    """'shutil.copyfile(src, dst)': the required positional arguments, self/cls left out."""
+    names = [p.name for p in sig.parameters.values()
+             if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+             and p.name not in ("self", "cls")]
+    return f"{qualname}({', '.join(names)})"
+
+
+def functions_of(module_name: str) -> list[dict]:
+    """One entry per documented function or method with a plain signature (no annotations,
+    no memory addresses in defaults) and a parameter besides self/cls: its def line, the
+    params and call answers, and its docstring summary (None when none is usable)."""
     module = import_module(module_name, TASK_MODULES)
     out = []
     for kind, qualname, obj in documented_objects(module):
-        if kind != "def" or signature(obj) is None:  # a builtin inspect can't read: no prompt
+        text = signature(obj)
+        if kind != "def" or text is None or ":" in text.replace("lambda", "") or "<" in text:
+            continue   # no signature inspect can read, an annotation, or an unprintable default
+        head = header(kind, qualname, obj)
+        if len(head) > MAX_PROMPT_CHARS:
             continue
-        prompt = header(kind, qualname, obj) + PROMPT_END
-        sentence = first_sentence(clean_docstring(obj))
-        if (sentence is None or len(prompt) > MAX_PROMPT_CHARS or len(sentence) > MAX_CHARS
-                or len(sentence.split()) < MIN_WORDS
-                or re.match(r"[\w.]+\(", sentence)  # opens with a signature: "sqrt(x) -> float"
-                or re.search(r" = |<instance>|\*\(", sentence)):  # a usage line or a grammar rule
-            continue
-        out.append({"prompt": prompt, "completion": sentence, "module": module_name})
+        sig = inspect.signature(obj)
+        if not [n for n in sig.parameters if n not in ("self", "cls")]:
+            continue   # "self: required" would be a free answer
+        summary = first_sentence(clean_docstring(obj))
+        out.append({"module": module_name, "head": head, "qualname": qualname,
+                    "params": parameters_line(sig), "call": call_line(qualname, sig),
+                    "summary": summary if usable_summary(summary) else None})
     return out
 
 
-def split(records: list, seed: int, fractions=(0.8, 0.1, 0.1)) -> dict[str, list]:
-    """A seeded shuffle cut into train / validation / test; each split keeps the sorted order."""
-    order = list(range(len(records)))
+def split_modules(functions: list[dict], seed: int) -> dict[str, set[str]]:
+    """Modules to splits: a seeded order of modules, filled into test, then validation, until
+    each holds its share of the functions; the rest is train."""
+    counts = Counter(f["module"] for f in functions)
+    order = sorted(counts)
     random.Random(seed).shuffle(order)
-    n_train, n_val = round(fractions[0] * len(order)), round(fractions[1] * len(order))
-    parts = {"train": order[:n_train], "validation": order[n_train:n_train + n_val],
-             "test": order[n_train + n_val:]}
-    return {name: [records[i] for i in sorted(idx)] for name, idx in parts.items()}
+    total, parts, i = sum(counts.values()), {"test": set(), "validation": set()}, 0
+    for name, share in (("test", FRACTIONS[2]), ("validation", FRACTIONS[1])):
+        while sum(counts[m] for m in parts[name]) < share * total:
+            parts[name].add(order[i])
+            i += 1
+    parts["train"] = set(order[i:])
+    return parts
 
 
-def write_readme(path: Path, splits: dict, seed: int) -> None:
-    """A short description with per-module counts, so the data says where it came from."""
-    counts = {name: Counter(r["module"] for r in recs) for name, recs in splits.items()}
-    modules = sorted(set().union(*counts.values()))
-    example = next(r for r in splits["train"] if len(r["prompt"]) < 60)  # a short one to show
-    lines = [
-        "# The embedded task: docstrings from signatures",
-        "",
-        "Each record's prompt is a standard-library function's signature, written as the",
-        "opening of a definition, and its completion is the first sentence of that",
-        'function\'s docstring. Fine-tuning teaches minift-tiny to write the summary line:',
-        "",
-        "```",
-        json.dumps({k: example[k] for k in ("prompt", "completion")}),
-        "```",
-        "",
-        f"Built by `python scripts/make_dataset.py` (deterministic, split seed {seed}) on",
-        f"Python {platform.python_version()} from the modules in `scripts/stdlib_corpus.py`'s",
-        "`TASK_MODULES`, which share no package with the modules minift-tiny was pretrained",
-        "on (`PRETRAIN_MODULES`). Functions with no docstring or no signature, sentences",
-        "under 3 words or over 160 characters, and repeated prompts or completions are",
-        "skipped.",
-        "",
-        f"Records: {', '.join(f'{n} {len(r)}' for n, r in splits.items())}.",
-        "",
-        "`reference.txt` is the slice of minift-tiny's pretraining text held out from",
-        "pretraining (written by `scripts/pretrain_tiny.py`); its perplexity before and",
-        "after fine-tuning measures forgetting.",
-        "",
-        "| module | train | validation | test |",
-        "| --- | ---: | ---: | ---: |",
-    ]
-    lines += [f"| {m} | " + " | ".join(str(counts[s][m]) for s in splits) + " |" for m in modules]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+def build(functions: list[dict], seed: int) -> dict[str, dict[str, list[dict]]]:
+    """{task: {split: records}}."""
+    modules = split_modules(functions, seed)
+    tasks = {"params": {}, "call": {}, "choice": {}, "docstring": {}, "preference": {}}
+    for split, names in modules.items():
+        fns = [f for f in functions if f["module"] in names]
+        tasks["params"][split] = [{"prompt": f["head"] + "\n# parameters:",
+                                   "completion": " " + f["params"]} for f in fns]
+        tasks["call"][split] = [{"prompt": f["head"] + "\n# call:",
+                                 "completion": " " + f["call"]} for f in fns]
+        with_doc = [f for f in fns if f["summary"]]
+        prompt = [f["head"] + '\n    """' for f in with_doc]
+        tasks["docstring"][split] = [{"prompt": p, "completion": f["summary"]}
+                                     for p, f in zip(prompt, with_doc)]
+        rng = random.Random(f"{seed}-{split}")
+        choice = []
+        for p, f in zip(prompt, with_doc):
+            others = [g["summary"] for g in with_doc if g["summary"] != f["summary"]]
+            options = rng.sample(others, N_CHOICES - 1) + [f["summary"]]
+            rng.shuffle(options)
+            choice.append({"prompt": p, "completion": f["summary"], "choices": options,
+                           "label": options.index(f["summary"])})
+        tasks["choice"][split] = choice
+        tasks["preference"][split] = [
+            {"prompt": c["prompt"], "chosen": c["completion"],
+             "rejected": next(o for o in c["choices"] if o != c["completion"])} for c in choice]
+    return tasks
 
 
 def main():
@@ -116,24 +161,25 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    records, seen = [], set()
+    functions, seen = [], set()
     for name in TASK_MODULES:  # sorted; within a module, documented_objects sorts by name
-        for r in records_of(name):
-            if r["prompt"] in seen or r["completion"] in seen:  # e.g. an alias, or a method
-                continue                                        # that shares its docstring
-            seen.update((r["prompt"], r["completion"]))
-            records.append(r)
-    splits = split(records, args.seed)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, recs in splits.items():
-        with open(args.out / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for r in recs:
-                f.write(json.dumps({"prompt": r["prompt"], "completion": r["completion"]},
-                                   ensure_ascii=False) + "\n")
-    write_readme(args.out / "README.md", splits, args.seed)
-    print(f"{len(records)} records from {len(TASK_MODULES)} modules -> {args.out}: "
-          + ", ".join(f"{n} {len(r)}" for n, r in splits.items()))
+        for f in functions_of(name):
+            if f["head"] in seen:   # an alias defined twice
+                continue
+            seen.add(f["head"])
+            functions.append(f)
+    tasks = build(functions, args.seed)
+    for task, splits in tasks.items():
+        folder = args.out / task
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, recs in splits.items():
+            with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as f:
+                for r in recs:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        print(f"{task}: " + ", ".join(f"{s} {len(r)}" for s, r in splits.items()))
+    meta = {"python": platform.python_version(), "seed": args.seed, "functions": len(functions),
+            "modules": {s: sorted(m) for s, m in split_modules(functions, args.seed).items()}}
+    (args.out / "build.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
