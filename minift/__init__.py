@@ -3,10 +3,11 @@ from .data import DataError, collate, load_dataset, load_jsonl, load_text
 from .model import GPT, CausalLMOutput, GPTConfig
 from .optim import (AdamW, build_param_groups, get_constant_schedule_with_warmup,
                     get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup)
-from .regularize import EWC, GradualUnfreezing
+from .config import TrainConfig
+from .regularize import EWC, EarlyStopping, GradualUnfreezing
+from .step import NonFiniteError
 from .tokenizer import Tokenizer
-from .train import (EarlyStopping, NonFiniteError, TrainConfig, TrainingInterrupted, TrainResult,
-                    train)
+from .train import TrainingInterrupted, TrainResult, train
 
 __all__ = [
     "GPT", "GPTConfig", "CausalLMOutput", "Tokenizer",

@@ -3,14 +3,8 @@
 
 One optimizer step consumes `gradient_accumulation_steps` micro-batches of `batch_size`
 examples on each of the `world_size` processes. Its loss is the mean over every target
-token of all of them,
-
-    loss = (sum over micro-batches j of sum over targets t of l_jt) / N,   N = all targets,
-
-so micro-batch j backpropagates (its mean loss) * n_j / N (`accumulate_gradients`) and
-the processes sum what they hold. Accumulated, unaccumulated and multi-process runs
-then get the same gradient. (Dividing each micro-batch mean by the number of
-micro-batches instead over-weights the tokens of short micro-batches.)
+token of all of them: step.py's `accumulate_gradients` scales each micro-batch by its
+share of the step's N target tokens, and the processes sum what they hold (this module).
 
 Processes. Launch with torchrun; train() joins the process group it describes
 (WORLD_SIZE, RANK, LOCAL_RANK) over gloo on CPU or nccl on CUDA, and rank 0 writes:
@@ -50,6 +44,7 @@ import contextlib
 import math
 import os
 import sys
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -91,29 +86,6 @@ def micro_batch_stream(data, batch_size: int, seed: int, epoch: int = 0, index: 
                                      start=index):
             yield epoch, i, examples
         epoch, index = epoch + 1, 0
-
-
-def accumulate_gradients(model: nn.Module, batches: list[dict], n_targets: int | None = None,
-                         autocast: Callable = contextlib.nullcontext,
-                         seeds: list[int] | None = None) -> torch.Tensor:
-    """Backpropagate the mean loss over all `n_targets` target tokens of `batches` (default:
-    the targets in `batches`; pass the global count when other processes hold the rest).
-    Gradients add into `.grad`. Returns each micro-batch's summed (not mean) loss, (k,)
-    float64, detached. `seeds[j]` seeds the RNG before micro-batch j (dropout masks)."""
-    counts = [count_targets(b) for b in batches]
-    total = sum(counts) if n_targets is None else n_targets
-    sums = []   # kept on the device: no synchronisation per micro-batch
-    for j, (batch, n) in enumerate(zip(batches, counts)):
-        if n == 0:  # its loss would be nan (0/0), and it has nothing to learn from
-            sums.append(torch.zeros((), dtype=torch.float64, device=batch["labels"].device))
-            continue
-        if seeds is not None:
-            torch.manual_seed(seeds[j])
-        with autocast():
-            loss = model(**batch, return_logits=False).loss      # mean over this batch's n targets
-        (loss * (n / total)).backward()                          # = its summed loss / N
-        sums.append(loss.detach().double() * n)
-    return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 Each option is an `Opt`, the flag --name-with-dashes and the config key `name`. RUN_OPTIONS
 (model, data, evaluation, method) are written out below; TRAIN_OPTIONS are generated from
-TrainConfig, a flag per field with its source comment as help, so the two never drift.
+TrainConfig, a flag per field with its `help` metadata (config.py), so the two never drift.
 
 Options come in three layers, later ones winning:
 
@@ -10,21 +10,19 @@ Options come in three layers, later ones winning:
     read_config_file(path)       a --config file: TOML or JSON, keys = option names
     convert(opt, value, where)   the command line (each flag's text)
 
-cli.py makes the flags and stacks the layers (`resolve_finetune`). The resolved options are
-saved as config.json in the run folder: `--config` on it repeats the run, `--resume`
-continues it. A wrong key or value raises `UsageError` naming where it came from (exit code 2).
+commands/finetune.py makes the flags and stacks the layers (`resolve_finetune`). The
+resolved options are saved as config.json in the run folder: `--config` on it repeats the
+run, `--resume` continues it. A wrong key or value raises `UsageError` naming where it came from (exit code 2).
 """
 from __future__ import annotations
 
 import difflib
-import inspect
 import json
-import re
 import typing
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
-from .train import TrainConfig
+from .config import TrainConfig
 
 METHODS = {
     "lora": "LoRA, low-rank updates of linear layers (Hu et al. 2021)",
@@ -112,29 +110,6 @@ def _kind_name(opt: Opt) -> str:
     return name + (" or none" if opt.optional else "")
 
 
-def _field_comments(cls) -> dict[str, str]:
-    """{field: its comment} from a dataclass's source: `name: type = x  # why`, continued by
-    comment lines starting in the same column."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):  # no source shipped: flags without help
-        return {}
-    comments, last, column = {}, None, None
-    for line in source.splitlines():
-        if re.match(r"^\s+def ", line):  # the fields are over
-            break
-        field = re.match(r"^\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-        more = re.match(r"^(\s+)#\s*(.*)$", line)
-        if field:
-            last, column = field.group(1), line.index("#")
-            comments[last] = field.group(2).strip()
-        elif more and last and len(more.group(1)) == column:
-            comments[last] += " " + more.group(2).strip()
-        else:
-            last = None
-    return comments
-
-
 def _type_kind(name: str, hint) -> tuple[str, bool]:
     """A type annotation -> (kind, optional); e.g. `int | None` -> ("int", True)."""
     args = typing.get_args(hint)
@@ -146,25 +121,19 @@ def _type_kind(name: str, hint) -> tuple[str, bool]:
         return "pair", optional
     kinds = {bool: "bool", int: "int", float: "float", str: "str"}
     if hint not in kinds:
-        raise TypeError(f"minift.cli has no command-line form for TrainConfig.{name}: {hint}")
+        raise TypeError(f"minift finetune has no command-line form for TrainConfig.{name}: {hint}")
     return kinds[hint], optional
 
 
-# Help for the TrainConfig fields whose source line has no comment (a comment wins).
-TRAIN_HELP = {"adam_eps": "AdamW's epsilon, added to the denominator",
-              "lr": "peak learning rate, reached after warmup"}
-
-
 def train_options() -> list[Opt]:
-    """One Opt per TrainConfig field (but MANAGED), with the field's comment as help."""
+    """One Opt per TrainConfig field (but MANAGED), with the field's help metadata."""
     hints = typing.get_type_hints(TrainConfig)
-    comments = {**TRAIN_HELP, **_field_comments(TrainConfig)}
     opts = []
     for f in fields(TrainConfig):
         if f.name not in MANAGED:
             kind, optional = _type_kind(f.name, hints[f.name])
             default = f.default if f.default is not MISSING else f.default_factory()
-            opts.append(Opt(f.name, kind, default, comments.get(f.name, f"TrainConfig.{f.name}"),
+            opts.append(Opt(f.name, kind, default, f.metadata.get("help", f"TrainConfig.{f.name}"),
                             optional))
     return opts
 

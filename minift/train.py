@@ -3,10 +3,12 @@ signals and non-finite guards.
 
     result = train(model, train_data, val_data, TrainConfig(output_dir="run", max_steps=1000))
 
+TrainConfig (config.py) holds every option, with its help text.
+
 One optimizer step consumes `gradient_accumulation_steps` micro-batches of `batch_size`
 examples on each of the `world_size` processes; its loss is the mean over every target
 token of all of them, so accumulated, unaccumulated and multi-process runs get the same
-gradient (distributed.py spells out the sum and how it is split).
+gradient (step.py spells out the sum; distributed.py how it is split).
 
 Everything random in a step is a function of (seed, step, micro-batch index in the step):
 the data order comes from `data.shuffled_batches(seed, epoch)` and each micro-batch runs
@@ -18,9 +20,11 @@ SIGINT / SIGTERM finish the current step, write a checkpoint and raise TrainingI
 (exit_code 130 / 143). A nan/inf loss or gradient raises NonFiniteError naming the step
 and the batch or parameter (nonfinite="skip" drops that step instead).
 
-Two neighbours do the rest: distributed.py splits a step over micro-batches and
-processes (data parallel, or sharded with FSDP); rundir.py writes the run folder
-(metrics, atomic checkpoints with a sha256 manifest, best/) and resumes from it.
+Three neighbours do the rest: step.py is one optimizer step (where accumulation is
+normalised by the step's target tokens, then clipping, EWC and the update); distributed.py
+splits a step over processes (data parallel, or sharded with FSDP) and evaluates;
+rundir.py writes the run folder (metrics, atomic checkpoints with a sha256 manifest,
+best/) and resumes from it.
 """
 from __future__ import annotations
 
@@ -36,123 +40,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .data import DataError, collate
-from .distributed import (accumulate_gradients, all_reduce_sum, barrier, broadcast_parameters,
-                          choose_device, count_targets, evaluate_loss, grad_norm, idle_pass,
-                          init_process_group, local, micro_batch_stream, microbatch_seed,
-                          rank_world, reduce_gradients, reshard, shard_model, to_device)
+from .config import TrainConfig
+from .data import DataError
+from .distributed import (barrier, broadcast_parameters, choose_device, evaluate_loss,
+                          init_process_group, micro_batch_stream, rank_world, reshard, shard_model)
 from .model import GPT, compile_blocks
 from .optim import (AdamW, build_param_groups, get_constant_schedule_with_warmup,
                     get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup)
 from .regularize import EWC, EarlyStopping, GradualUnfreezing, restore_dropout, set_dropout
-from .rundir import RUN_FILES, Progress, Run, StopSignals, list_checkpoints, prepare_output_dir
-
-# The names the loop's users import from here, including those that live next door.
-__all__ = ["TrainConfig", "train", "TrainResult", "TrainingInterrupted", "NonFiniteError",
-           "make_optimizer", "total_steps", "EarlyStopping", "set_dropout", "restore_dropout",
-           "evaluate_loss", "accumulate_gradients", "count_targets", "micro_batch_stream",
-           "RUN_FILES", "list_checkpoints"]
-
-SCHEDULES = ("linear", "cosine", "constant")
-NONFINITE_POLICIES = ("stop", "skip")
-
-
-@dataclass
-class TrainConfig:
-    # -- where and how to start
-    output_dir: str | None = None     # checkpoints, best/, metrics.jsonl; None writes nothing
-    resume: bool = False              # continue from the newest intact checkpoint in output_dir
-    overwrite: bool = False           # delete a previous run's files in output_dir first
-    seed: int = 0                     # data order and dropout masks
-    # -- how long
-    max_steps: int | None = None      # optimizer steps; when set, `epochs` is ignored
-    epochs: int = 1                   # passes over train_data when max_steps is None
-    # -- batches
-    batch_size: int = 8               # examples per micro-batch, per process
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, per process
-    max_length: int | None = None     # truncate examples; None = the model's n_positions
-    pad_token_id: int = 0             # any valid id: padding is masked out and has label -100
-    # -- optimizer (AdamW, Loshchilov & Hutter 2019) and learning-rate schedule
-    lr: float = 5e-5                  # full fine-tuning of GPT-2; LoRA / prompts want ~1e-3
-    weight_decay: float = 0.01        # decoupled; never on biases, LayerNorm or embeddings
-    adam_betas: tuple[float, float] = (0.9, 0.999)  # Adam's defaults (Kingma & Ba 2015)
-    adam_eps: float = 1e-8
-    max_grad_norm: float | None = 1.0  # clip the global L2 norm of the gradient; None = off
-    schedule: str = "linear"          # after warmup: "linear" or "cosine" decay to 0, or "constant"
-    warmup_steps: int = 0             # lr rises linearly from 0 over these steps
-    dropout: float | None = None      # replaces GPT-2's three dropout rates; None keeps the model's
-    # -- evaluation and early stopping (needs val_data)
-    eval_every: int = 100             # steps between evaluations; the last step is always evaluated
-    eval_batch_size: int | None = None  # None = batch_size
-    patience: int | None = None       # stop after this many evaluations without improvement
-    min_delta: float = 0.0            # an improvement must lower the val loss by more than this
-    restore_best: bool = False        # end with the trainable weights of the best evaluation
-    # -- logging and checkpoints
-    log_every: int = 10               # steps between metrics.jsonl lines (stderr lines off a TTY)
-    save_every: int | None = None     # steps between checkpoints; None = eval_every
-    keep_last: int = 3                # checkpoints kept (older ones deleted); best/ is kept apart
-    nonfinite: str = "stop"           # on a nan/inf loss or gradient: "stop" (raise) or "skip"
-    # -- regularisation (regularize.py)
-    ewc_lambda: float = 0.0           # EWC strength; > 0 needs reference_data. F is small
-                                      # (per-token mean loss), so useful values are ~1e4-1e6
-    unfreeze_every: int | None = None  # gradual unfreezing: a block more every N steps (ULMFiT 3.3)
-    layer_decay: float | None = None  # discriminative lr: lr * layer_decay**depth (ULMFiT §3.2)
-    # -- speed and memory
-    compile: bool = False             # torch.compile the blocks in place (model.compile_blocks)
-    gradient_checkpointing: bool = False  # True sets model.gradient_checkpointing during train()
-    device: str | None = None         # None: CUDA if available (cuda:LOCAL_RANK under torchrun)
-    bf16: bool | None = None          # bf16 autocast; None = on where bf16 is native (most
-                                      # CUDA GPUs; CPUs with AVX512-BF16 or AMX), fp32 weights
-    fsdp: bool = False                # under torchrun: shard weights, gradients and AdamW state
-                                      # over the processes (FSDP2, see distributed.py)
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise one ValueError naming the first bad field."""
-        def need(ok, name, what):
-            if not ok:
-                raise ValueError(f"TrainConfig.{name} {what}, got {getattr(self, name)!r}")
-
-        def is_int(x):
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        for name in ("batch_size", "gradient_accumulation_steps", "epochs", "eval_every",
-                     "log_every", "keep_last"):
-            need(is_int(getattr(self, name)) and getattr(self, name) >= 1, name,
-                 "must be an integer >= 1")
-        for name in ("max_steps", "eval_batch_size", "save_every", "patience", "unfreeze_every",
-                     "max_length"):
-            v = getattr(self, name)
-            need(v is None or (is_int(v) and v >= 1), name, "must be None or an integer >= 1")
-        need(is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps",
-             "must be an integer >= 0")
-        need(is_int(self.seed) and self.seed >= 0, "seed", "must be an integer >= 0")
-        need(is_int(self.pad_token_id) and self.pad_token_id >= 0, "pad_token_id",
-             "must be an integer >= 0")
-        need(isinstance(self.lr, (int, float)) and self.lr >= 0, "lr", "must be a number >= 0")
-        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        need(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas",
-             "must be two numbers in [0, 1)")
-        need(self.adam_eps >= 0, "adam_eps", "must be >= 0")
-        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
-             "must be None or > 0")
-        need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
-        need(self.nonfinite in NONFINITE_POLICIES, "nonfinite",
-             f"must be one of {NONFINITE_POLICIES}")
-        need(self.dropout is None or 0 <= self.dropout < 1, "dropout", "must be None or in [0, 1)")
-        need(self.min_delta >= 0, "min_delta", "must be >= 0")
-        need(self.ewc_lambda >= 0, "ewc_lambda", "must be >= 0")
-        need(self.layer_decay is None or self.layer_decay > 0, "layer_decay", "must be None or > 0")
-        need(not (self.resume and self.overwrite), "overwrite",
-             "cannot be combined with resume=True")
-        need(self.output_dir is not None or not self.resume, "resume", "needs an output_dir")
-        for name, why in (("ewc_lambda", "the Fisher needs per-example gradients of whole weights"),
-                          ("unfreeze_every", "changing which sharded weights train is unsupported"),
-                          ("compile", "compiling sharded blocks is not supported")):
-            need(not (self.fsdp and getattr(self, name)), "fsdp",
-                 f"cannot be combined with {name} ({why})")
+from .rundir import Progress, Run, StopSignals, prepare_output_dir
+from .step import train_step
 
 
 class TrainingInterrupted(Exception):
@@ -161,11 +58,6 @@ class TrainingInterrupted(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum, self.exit_code = signum, 128 + signum
-
-
-class NonFiniteError(RuntimeError):
-    """A nan/inf loss or gradient with nonfinite="stop"; the message names the step and the
-    batch or parameter."""
 
 
 @dataclass
@@ -221,9 +113,29 @@ def total_steps(n_examples: int, config: TrainConfig, world_size: int = 1) -> in
     return math.ceil(config.epochs * math.ceil(n_examples / config.batch_size) / per_step)
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- train()
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _check_inputs(model, train_data, val_data, reference_data, config: TrainConfig) -> None:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)  # GPT's or PeftModel's
+    _check_examples(train_data, "train_data", vocab)
+    if val_data is not None:
+        _check_examples(val_data, "val_data", vocab)
+    elif config.patience is not None or config.restore_best:
+        raise ValueError("early stopping (patience) and restore_best need val_data")
+    if config.ewc_lambda > 0 and not reference_data:
+        raise ValueError("ewc_lambda > 0 needs reference_data (examples of the original domain)")
+    if config.ewc_lambda > 0:
+        _check_examples(reference_data, "reference_data", vocab)
+
+
+def _autocast_for(device: torch.device, bf16: bool) -> Callable:
+    """A factory of the forward passes' autocast context (bf16 matmuls, fp32 weights)."""
+    if bf16:
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | None = None, *,
@@ -246,70 +158,22 @@ def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | Non
     """
     config = config or TrainConfig()
     config.validate()
-    model_config = getattr(model, "config", None)   # a GPT's or a PeftModel's GPTConfig
-    vocab = getattr(model_config, "vocab_size", None)
-    _check_examples(train_data, "train_data", vocab)
-    if val_data is not None:
-        _check_examples(val_data, "val_data", vocab)
-    elif config.patience is not None or config.restore_best:
-        raise ValueError("early stopping (patience) and restore_best need val_data")
-    if config.ewc_lambda > 0 and not reference_data:
-        raise ValueError("ewc_lambda > 0 needs reference_data (examples of the original domain)")
-    if config.ewc_lambda > 0:
-        _check_examples(reference_data, "reference_data", vocab)
+    _check_inputs(model, train_data, val_data, reference_data, config)
     device, bf16 = choose_device(config.device, config.bf16)
-
-    def autocast():
-        return (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
-                else contextlib.nullcontext())
-
+    autocast = _autocast_for(device, bf16)
     init_process_group(device)   # under torchrun; left in place for the caller
     rank, world = rank_world()
-    out = Path(config.output_dir) if config.output_dir else None
-    was_training = model.training
-    gpts = [m for m in model.modules() if isinstance(m, GPT)]
-    old_checkpointing = [m.gradient_checkpointing for m in gpts]
-    old_dropout = unfreezing = None
-    max_length = config.max_length or getattr(model_config, "n_positions", None)
     n_steps = total_steps(len(train_data), config, world)
     progress = Progress(n_steps, config.log_every, enabled=rank == 0)
-    try:
-        if out is not None:
-            prepare_output_dir(out, config)
-        model.to(device)
-        if not _trainable(model):
-            raise ValueError("the model has no trainable parameters (requires_grad=True)")
-        # every rank starts from rank 0's weights (e.g. a randomly initialised LoRA); before
-        # sharding, as FSDP keeps each process's own rows
-        broadcast_parameters([p for _, p in _trainable(model)])
-        if config.fsdp and world > 1:   # in place and lasting, like compile
-            shard_model(model, device)
-        elif config.fsdp:
-            progress.say("note: fsdp=True has no effect in a single process")
-        trainable = _trainable(model)   # after sharding: FSDP replaced the parameters
-        if config.dropout is not None:
-            old_dropout = set_dropout(model, config.dropout)
-        if config.gradient_checkpointing:
-            for m in gpts:
-                m.gradient_checkpointing = True
-        if config.compile:   # in place and lasting: the blocks stay compiled after train()
-            compile_blocks(model)
-        ewc = None
-        if config.ewc_lambda > 0:  # Fisher at the starting weights, before any checkpoint loads
-            with autocast():
-                ewc = EWC.from_data(model, reference_data, config.ewc_lambda,
-                                    config.pad_token_id, max_length)
-        optimizer, scheduler = make_optimizer(model, config, n_steps)
-        if config.unfreeze_every is not None:  # after the optimizer: it holds every stage
-            unfreezing = GradualUnfreezing(model, config.unfreeze_every)
-        run = Run(model, config, optimizer, scheduler, trainable, out, progress,
-                  TrainResult(), EarlyStopping(config.patience, config.min_delta))
-        if config.resume:
-            run.resume()
+    max_length = config.max_length or getattr(getattr(model, "config", None), "n_positions", None)
+    with contextlib.ExitStack() as undo:   # restores the model's settings, even on errors
+        undo.callback(progress.close)      # (runs first: ends a \r status line before errors)
+        run, ewc, unfreezing = _prepare(model, config, device, autocast, progress, max_length,
+                                        reference_data, undo)
         model.train()
         with StopSignals(progress.say) as signals:
-            _loop(run, train_data, val_data, n_steps, ewc, unfreezing, autocast, signals,
-                  callback, device, max_length)
+            _loop(_Loop(run, train_data, val_data, n_steps, max_length, device, autocast, ewc,
+                        unfreezing, signals, callback))
         progress.close()
         barrier()   # when train() returns, rank 0's files are complete
         if run.sharded:
@@ -320,36 +184,107 @@ def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | Non
             else:
                 run.restore_best()
         return run.result
-    finally:
-        progress.close()   # end a \r status line before any error message
-        if unfreezing is not None:
-            unfreezing.restore()
-        if old_dropout is not None:
-            restore_dropout(model, old_dropout)
-        for m, flag in zip(gpts, old_checkpointing):
-            m.gradient_checkpointing = flag
-        model.train(was_training)
 
 
-def _loop(run: Run, train_data, val_data, n_steps, ewc, unfreezing, autocast, signals,
-          callback, device, max_length) -> None:
-    config, model, optimizer, result = run.config, run.model, run.optimizer, run.result
+def _prepare(model, config: TrainConfig, device, autocast, progress, max_length, reference_data,
+             undo: contextlib.ExitStack):
+    """Put the model on its device, shard, set dropout / checkpointing / compile, compute EWC's
+    Fisher, build the optimizer and resume. Each temporary change pushes its undo on `undo`.
+    Returns (run, ewc or None, unfreezing or None)."""
+    out = Path(config.output_dir) if config.output_dir else None
+    undo.callback(model.train, model.training)
+    gpts = [m for m in model.modules() if isinstance(m, GPT)]
+    undo.callback(_set_checkpointing, gpts, [m.gradient_checkpointing for m in gpts])
+    if out is not None:
+        prepare_output_dir(out, config)
+    model.to(device)
+    if not _trainable(model):
+        raise ValueError("the model has no trainable parameters (requires_grad=True)")
+    # every rank starts from rank 0's weights (e.g. a randomly initialised LoRA); before
+    # sharding, as FSDP keeps each process's own rows
+    broadcast_parameters([p for _, p in _trainable(model)])
+    if config.fsdp and rank_world()[1] > 1:   # in place and lasting, like compile
+        shard_model(model, device)
+    elif config.fsdp:
+        progress.say("note: fsdp=True has no effect in a single process")
+    trainable = _trainable(model)   # after sharding: FSDP replaced the parameters
+    if config.dropout is not None:
+        undo.callback(restore_dropout, model, set_dropout(model, config.dropout))
+    if config.gradient_checkpointing:
+        _set_checkpointing(gpts, [True] * len(gpts))
+    if config.compile:   # in place and lasting: the blocks stay compiled after train()
+        compile_blocks(model)
+    ewc = unfreezing = None
+    if config.ewc_lambda > 0:  # Fisher at the starting weights, before any checkpoint loads
+        with autocast():
+            ewc = EWC.from_data(model, reference_data, config.ewc_lambda,
+                                config.pad_token_id, max_length)
+    optimizer, scheduler = make_optimizer(model, config, progress.total)  # total: n_steps
+    if config.unfreeze_every is not None:  # after the optimizer: it holds every stage
+        unfreezing = GradualUnfreezing(model, config.unfreeze_every)
+        undo.callback(unfreezing.restore)
+    run = Run(model, config, optimizer, scheduler, trainable, out, progress,
+              TrainResult(), EarlyStopping(config.patience, config.min_delta))
+    if config.resume:
+        run.resume()
+    return run, ewc, unfreezing
+
+
+def _set_checkpointing(gpts: list[GPT], flags: list[bool]) -> None:
+    for m, flag in zip(gpts, flags):
+        m.gradient_checkpointing = flag
+
+
+# ----------------------------------------------------------------------------- the loop
+@dataclass
+class _Loop:
+    """What the loop needs besides the Run's state: the data, the budget, the optional parts."""
+    run: Run
+    train_data: list
+    val_data: list | None
+    n_steps: int
+    max_length: int | None
+    device: torch.device
+    autocast: Callable
+    ewc: EWC | None
+    unfreezing: GradualUnfreezing | None
+    signals: StopSignals
+    callback: Callable[[dict], bool | None] | None
+
+
+class _Throughput:
+    """Input tokens per second since the last log line, and the ETA from this call's steps."""
+
+    def __init__(self, n_steps: int):
+        self.n_steps, self.steps, self.tokens = n_steps, 0, 0
+        self.start = self.window_start = time.perf_counter()
+
+    def tick(self, step: int, n_tokens: int) -> tuple[float, float]:
+        """After step `step` of n_tokens input tokens -> (tokens per second, ETA in seconds)."""
+        self.steps, self.tokens = self.steps + 1, self.tokens + n_tokens
+        self.now = time.perf_counter()
+        tokens_per_s = self.tokens / max(self.now - self.window_start, 1e-9)
+        return tokens_per_s, (self.now - self.start) / self.steps * (self.n_steps - step)
+
+    def new_window(self) -> None:
+        self.tokens, self.window_start = 0, self.now
+
+
+def _loop(lp: _Loop) -> None:
+    run, config, result = lp.run, lp.run.config, lp.run.result
     per_step = config.gradient_accumulation_steps * run.world
-    stream = micro_batch_stream(train_data, config.batch_size, config.seed, run.epoch, run.batch,
-                                None if config.max_steps is not None else config.epochs)
+    stream = micro_batch_stream(lp.train_data, config.batch_size, config.seed, run.epoch,
+                                run.batch, None if config.max_steps is not None else config.epochs)
     save_every = config.save_every or config.eval_every
-    batches_per_epoch = math.ceil(len(train_data) / config.batch_size)
-    eval_batch = config.eval_batch_size or config.batch_size
-    t_start, steps_here = time.perf_counter(), 0
-    window_tokens, window_start = 0, t_start      # throughput since the last log line
-    if result.step >= n_steps or run.es.early_stop:   # a finished run was resumed
+    clock = _Throughput(lp.n_steps)
+    if result.step >= lp.n_steps or run.es.early_stop:   # a finished run was resumed
         result.stopped = "early_stopping" if run.es.early_stop else "max_steps"
         return
 
-    while result.step < n_steps:
+    while result.step < lp.n_steps:
         step = result.step + 1                     # 1-based number of this step
-        if unfreezing is not None:
-            newly = unfreezing.apply(step - 1)
+        if lp.unfreezing is not None:
+            newly = lp.unfreezing.apply(step - 1)
             if newly and step > 1:
                 run.progress.say(f"step {step}: unfreezing {len(newly)} more tensors, "
                                  f"e.g. {newly[0]}")
@@ -358,61 +293,21 @@ def _loop(run: Run, train_data, val_data, n_steps, ewc, unfreezing, autocast, si
             result.stopped = "epochs"
             break
         run.epoch, run.batch = chunk[-1][0], chunk[-1][1] + 1
-        loss, norm, penalty, n_tokens, stop_requested = _train_step(
-            run, step, chunk, ewc, autocast, signals, device, max_length)
-        lr = max(g["lr"] for g in optimizer.param_groups)   # the top group's: lr * schedule
+        loss, norm, penalty, n_tokens, stop_requested = train_step(
+            run, step, chunk, lp.ewc, lp.autocast, lp.signals, lp.device, lp.max_length)
+        lr = max(g["lr"] for g in run.optimizer.param_groups)   # the top group's: lr * schedule
         run.scheduler.step()
         result.step = step
         result.train_loss.append(loss)
-        steps_here += 1
-
-        # -- progress, metrics
-        window_tokens += n_tokens
-        now = time.perf_counter()
-        tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-        eta = (now - t_start) / steps_here * (n_steps - step)
-        run.progress.update(step, loss, lr, tokens_per_s, eta)
-        epoch = run.epoch + run.batch / batches_per_epoch   # 1.5 = half-way through the 2nd
-        record = {"step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr, "grad_norm": norm}
-        if ewc is not None:
-            record["ewc_penalty"] = penalty
-        if step % config.log_every == 0 or step == n_steps:
-            since = result.train_loss[(step - 1) // config.log_every * config.log_every:]
-            run.log({"event": "train", **record, "tokens_per_s": tokens_per_s,
-                     "loss": sum(since) / len(since)})              # mean since the last line
-            window_tokens, window_start = 0, now
-
-        # -- evaluation, early stopping
-        evaluated = val_data is not None and (step % config.eval_every == 0 or step == n_steps)
-        if evaluated:
-            val_loss = evaluate_loss(model, val_data, eval_batch, config.pad_token_id, max_length,
-                                     autocast, run.rank, run.world)
-            run.es(val_loss)
-            result.evals.append({"step": step, "val_loss": val_loss})
-            if run.es.improved:
-                result.best_step, result.best_val_loss = step, val_loss
-                run.save_best(val_loss)
-            record["val_loss"] = val_loss
-            run.log({"event": "eval", "step": step, "val_loss": val_loss,
-                     "best_val_loss": run.es.best_loss})
-            run.progress.say(f"step {step}: val_loss {val_loss:.4f}"
-                             + (" (best)" if run.es.improved else ""))
-            if run.es.early_stop:
-                result.stopped = "early_stopping"
-                run.progress.say(f"early stopping: no improvement in {run.es.counter} evaluations")
-
-        if callback is not None and callback(dict(record)) is True:
+        record = _log_step(lp, clock, step, loss, lr, norm, penalty, n_tokens)
+        if lp.val_data is not None and (step % config.eval_every == 0 or step == lp.n_steps):
+            record["val_loss"] = _evaluate(lp, step)
+        if lp.callback is not None and lp.callback(dict(record)) is True:
             result.stopped = "callback"
-        if stop_requested or result.stopped or step % save_every == 0 or step == n_steps:
+        if stop_requested or result.stopped or step % save_every == 0 or step == lp.n_steps:
             run.save()
         if stop_requested:
-            signum = signals.signum or signal.SIGTERM
-            where = (f"checkpoint written to {run.out / 'checkpoints' / f'step-{step:06d}'}; "
-                     f"continue with resume=True (from a shell: minift finetune --resume {run.out})"
-                     if run.out is not None else "no output_dir, so nothing was saved")
-            run.progress.close()
-            raise TrainingInterrupted(f"training interrupted by {signal.Signals(signum).name} "
-                                      f"after step {step}; {where}", signum)
+            _interrupted(lp, step)
         if result.stopped:
             break
     else:
@@ -420,80 +315,51 @@ def _loop(run: Run, train_data, val_data, n_steps, ewc, unfreezing, autocast, si
     run.save()   # no-op if this step is saved already
 
 
-def _train_step(run: Run, step, chunk, ewc, autocast, signals, device, max_length):
-    """One optimizer step on `chunk`, the step's micro-batches [(epoch, index, examples)]:
-    forward/backward with token-count normalisation, gradient reduction across processes,
-    EWC, the non-finite guard, clipping and the AdamW update. The scheduler is left to
-    the caller. Returns (loss, grad norm, EWC penalty, input tokens, stop requested)."""
-    config, model, optimizer, world = run.config, run.model, run.optimizer, run.world
-    mine = chunk[run.rank::world]   # this process's share: micro-batches rank, rank + world, ...
-    batches = [to_device(collate(ex, config.pad_token_id, max_length), device) for _, _, ex in mine]
-    counts = all_reduce_sum(torch.tensor([sum(count_targets(b) for b in batches),
-                                          sum(int(b["attention_mask"].sum()) for b in batches)],
-                                         dtype=torch.float64, device=device))
-    n_targets, n_tokens = int(counts[0]), int(counts[1])
-
-    params = [p for _, p in run.trainable if p.requires_grad]
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):   # the caller's RNG is left as it was
-        seeds = [microbatch_seed(config.seed, step, j) for j in range(run.rank, len(chunk), world)]
-        sums = accumulate_gradients(model, batches, max(n_targets, 1), autocast, seeds)
-        if run.sharded and n_targets > 0:  # FSDP: as many passes as the busiest process
-            passes = sum(count_targets(b) > 0 for b in batches)
-            for _ in range(math.ceil(len(chunk) / world) - passes):
-                idle_pass(model, device, autocast)
-    # summed loss and "stop requested" of all processes, so all take the same decisions
-    shared = all_reduce_sum(torch.tensor([float(sums.sum()), float(signals.signum is not None)],
-                                         dtype=torch.float64, device=device))
-    if world > 1 and not run.sharded:   # (FSDP has reduce-scattered them during backward)
-        reduce_gradients(params)
-    loss = shared[0].item() / max(n_targets, 1)
-
-    penalty = 0.0
-    if ewc is not None:  # after the reduction, so it is added exactly once
-        pen = ewc.penalty(model)
-        pen.backward()
-        penalty = pen.item()
-
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = grad_norm(grads)                                     # global L2 norm
-    problem = _nonfinite_problem(step, loss, norm, sums, mine, params, run)
-    if problem and config.nonfinite == "stop":
-        raise NonFiniteError(f"{problem}; {_last_checkpoint_hint(run)} "
-                             "(nonfinite='skip' skips such steps instead)")
-    if problem:
-        run.progress.say(problem + "; skipping this step (nonfinite='skip')")
-        run.result.skipped_steps.append(step)
-    else:
-        coef = config.max_grad_norm / (norm + 1e-6) if config.max_grad_norm else 1.0
-        if coef < 1.0:  # the same rule as torch.nn.utils.clip_grad_norm_
-            torch._foreach_mul_([local(g) for g in grads], coef)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, norm, penalty, n_tokens, shared[1].item() > 0
+def _log_step(lp: _Loop, clock: _Throughput, step, loss, lr, norm, penalty, n_tokens) -> dict:
+    """The progress line, and a metrics.jsonl line every log_every steps; returns the step's
+    record for the callback."""
+    run, config = lp.run, lp.run.config
+    tokens_per_s, eta = clock.tick(step, n_tokens)
+    run.progress.update(step, loss, lr, tokens_per_s, eta)
+    epoch = run.epoch + run.batch / math.ceil(len(lp.train_data) / config.batch_size)
+    record = {"step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr, "grad_norm": norm}
+    if lp.ewc is not None:                            # (epoch 1.5 = half-way through the 2nd)
+        record["ewc_penalty"] = penalty
+    if step % config.log_every == 0 or step == lp.n_steps:
+        since = run.result.train_loss[(step - 1) // config.log_every * config.log_every:]
+        run.log({"event": "train", **record, "tokens_per_s": tokens_per_s,
+                 "loss": sum(since) / len(since)})              # mean since the last line
+        clock.new_window()
+    return record
 
 
-def _nonfinite_problem(step, loss, norm, sums, mine, params, run) -> str | None:
-    """None if loss and gradient norm are finite, else a message naming the culprit."""
-    if not math.isfinite(loss):
-        bad = [j for j in range(len(sums)) if not math.isfinite(sums[j].item())]
-        if bad:
-            e, i, _ = mine[bad[0]]
-            where = f"micro-batch {bad[0]} of this process (epoch {e}, batch {i})"
-        else:
-            where = "a micro-batch of another process"
-        return f"step {step}: the loss is {loss} on {where}"
-    if not math.isfinite(norm):
-        names = {id(p): n for n, p in run.trainable}
-        culprit = next((names[id(p)] for p in params if p.grad is not None
-                        and not bool(torch.isfinite(local(p.grad)).all())),
-                       "a parameter shard of another process")
-        return f"step {step}: non-finite gradient (norm {norm}) in {culprit}"
-    return None
+def _evaluate(lp: _Loop, step: int) -> float:
+    """Validation loss, early stopping's bookkeeping and best/; returns the loss."""
+    run, config, result = lp.run, lp.run.config, lp.run.result
+    val_loss = evaluate_loss(run.model, lp.val_data, config.eval_batch_size or config.batch_size,
+                             config.pad_token_id, lp.max_length, lp.autocast, run.rank, run.world)
+    run.es(val_loss)
+    result.evals.append({"step": step, "val_loss": val_loss})
+    if run.es.improved:
+        result.best_step, result.best_val_loss = step, val_loss
+        run.save_best(val_loss)
+    run.log({"event": "eval", "step": step, "val_loss": val_loss,
+             "best_val_loss": run.es.best_loss})
+    run.progress.say(f"step {step}: val_loss {val_loss:.4f}"
+                     + (" (best)" if run.es.improved else ""))
+    if run.es.early_stop:
+        result.stopped = "early_stopping"
+        run.progress.say(f"early stopping: no improvement in {run.es.counter} evaluations")
+    return val_loss
 
 
-def _last_checkpoint_hint(run: Run) -> str:
-    if run.out is None:
-        return "no checkpoint (no output_dir)"
-    found = list_checkpoints(run.out)
-    return f"the last checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+def _interrupted(lp: _Loop, step: int):
+    """SIGINT / SIGTERM arrived during `step`, whose checkpoint is written: stop."""
+    run = lp.run
+    signum = lp.signals.signum or signal.SIGTERM
+    where = (f"checkpoint written to {run.out / 'checkpoints' / f'step-{step:06d}'}; "
+             f"continue with resume=True (from a shell: minift finetune --resume {run.out})"
+             if run.out is not None else "no output_dir, so nothing was saved")
+    run.progress.close()
+    raise TrainingInterrupted(f"training interrupted by {signal.Signals(signum).name} "
+                              f"after step {step}; {where}", signum)

@@ -69,7 +69,7 @@ def max_diff(a, b):
 def cfg(**kw):
     """A TrainConfig with the training tests' defaults: a high lr, no logging or evaluation,
     fp32 (bf16=None would turn autocast on for CPUs with native bf16; the references are fp32)."""
-    from minift.train import TrainConfig
+    from minift.config import TrainConfig
     base = dict(lr=3e-3, batch_size=4, log_every=1000, eval_every=1000, weight_decay=0.01,
                 bf16=False)
     return TrainConfig(**{**base, **kw})

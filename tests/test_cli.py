@@ -17,9 +17,11 @@ import torch
 
 from minift import GPT, Tokenizer
 from minift.checkpoint import resolve_source
-from minift.cli import MANAGED, build_parser, main, read_config_file, resolve_finetune
+from minift.cli import build_parser, main
+from minift.commands.finetune import resolve_finetune
+from minift.config import TrainConfig
+from minift.options import MANAGED, read_config_file
 from minift.peft import AdapterConfig, PeftModel, get_peft_model
-from minift.train import TrainConfig
 
 MODEL = "minift-tiny"
 # Budgets: 30 steps learn something; evaluation on a handful of prompts keeps it quick.

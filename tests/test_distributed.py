@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_file
 from conftest import pattern_data, tiny_model
 from minift import GPT
 from minift.data import shuffled_batches
+from minift.config import TrainConfig
 from minift.rundir import list_checkpoints
-from minift.train import TrainConfig, train
+from minift.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -302,7 +302,8 @@ def test_dropout_keeps_a_bool_mask_and_scales_the_rest():
 def test_train_with_compile_equals_eager(eager_and_compiled):
     """TrainConfig.compile=True (train.py calls compile_blocks): the same losses and weights.
     Runs after the fixture compiled the same block code, so no new compilation is needed."""
-    from minift.train import TrainConfig, train
+    from minift.config import TrainConfig
+    from minift.train import train
     g = torch.Generator().manual_seed(3)
     rows = torch.randint(0, TINY["vocab_size"], (8, 16), generator=g).tolist()
     data = [{"input_ids": r, "labels": r} for r in rows]  # one length: no padding mask

@@ -7,9 +7,11 @@ import torch
 from conftest import cfg, pattern_data, tiny_model, weights
 from minift import GPT
 from minift.checkpoint import TRANSPOSED
+from minift.config import TrainConfig
+from minift.distributed import evaluate_loss
 from minift.optim import AdamW
 from minift.regularize import EWC, GradualUnfreezing, fisher_diagonal, layer_depth
-from minift.train import TrainConfig, evaluate_loss, make_optimizer, train
+from minift.train import make_optimizer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

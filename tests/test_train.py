@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from conftest import cfg, max_diff, pattern_data, tiny_model, weights
 from minift.data import collate, shuffled_batches
 from minift.optim import build_param_groups
+from minift.config import TrainConfig
+from minift.distributed import evaluate_loss
+from minift.regularize import EarlyStopping, restore_dropout, set_dropout
 from minift.rundir import Progress, list_checkpoints
-from minift.train import (EarlyStopping, NonFiniteError, TrainConfig, TrainingInterrupted,
-                          accumulate_gradients, evaluate_loss, restore_dropout, set_dropout,
-                          train)
+from minift.step import NonFiniteError, accumulate_gradients
+from minift.train import TrainingInterrupted, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

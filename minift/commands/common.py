@@ -1,0 +1,132 @@
+"""Helpers every command uses: output on rank 0 only, flag builders, the model a command
+works on (--model, --adapter, or a finetune --run folder), CPU threads, run folders."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import typing
+from pathlib import Path
+
+import torch
+
+from ..model import GPT
+from ..options import UsageError, read_config_file
+from ..peft import PeftModel
+from ..tokenizer import Tokenizer
+
+TASK = Path(__file__).parent.parent / "assets" / "task"   # the built-in task (its README.md)
+SMALL_MODEL = 10_000_000  # parameters: below this, one CPU thread by default (set_threads)
+RANK = int(os.environ.get("RANK", "0"))          # torchrun's process rank; only 0 talks
+
+
+def say(*lines) -> None:
+    """Progress for a human, on stderr (stdout carries the results); rank 0 only."""
+    if RANK == 0:
+        print(*lines, sep="\n", file=sys.stderr, flush=True)
+
+
+def show(*lines) -> None:
+    """Results, on stdout; rank 0 only."""
+    if RANK == 0:
+        print(*lines, sep="\n", flush=True)
+
+
+# ----------------------------------------------------------------------------- flags
+def add_command(subparsers, name: str, help: str, epilog: str, run) -> argparse.ArgumentParser:
+    """A subcommand `name` whose parser calls `run(args)`."""
+    p = subparsers.add_parser(name, help=help, description=help, epilog=epilog,
+                              allow_abbrev=False,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=run)
+    return p
+
+
+def number(parser, flag: str, kind, default, help: str) -> None:
+    """An int or float option; its default (when not None) is shown in the help."""
+    shown = "" if default is None or "default:" in help else f" (default: {default:g})"
+    parser.add_argument(flag, type=kind, default=default, metavar="N" if kind is int else "X",
+                        help=help + shown)
+
+
+def add_model_flags(p) -> None:
+    """--model, --adapter, --run: what load_for_inference loads."""
+    p.add_argument("--model", metavar="PATH", help="base model: folder, cached hub id or "
+                   "minift-tiny (default: minift-tiny)")
+    p.add_argument("--adapter", metavar="DIR", help="adapter folder (PEFT format)")
+    p.add_argument("--run", metavar="RUN_DIR", help="a finetune run: its model and adapter")
+
+
+def device_of(args) -> str:
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------- models, runs
+def read_run_config(run: Path) -> dict:
+    if not (run / "config.json").is_file():
+        raise FileNotFoundError(f"{run}: no config.json, so not a minift finetune run folder")
+    return read_config_file(run / "config.json")
+
+
+class Loaded(typing.NamedTuple):
+    model: torch.nn.Module   # in eval mode
+    tok: Tokenizer
+    weights: str             # the folder or id of the model's own weights
+    base: str                # the model it was fine-tuned from (== weights for a base model)
+    adapter: Path | None
+
+
+def load_for_inference(args) -> Loaded:
+    """The model of --model (+ --adapter), or of --run: a run's model/ folder (full, partial)
+    is loaded as the model itself, its adapter/ onto its base model."""
+    if args.run is not None:
+        if args.model or args.adapter:
+            raise UsageError("--run names the model and adapter already; drop --model/--adapter")
+        run = Path(args.run)
+        base = read_run_config(run)["model"]
+        if (run / "model").is_dir():
+            return Loaded(GPT.from_pretrained(run / "model").eval(),
+                          Tokenizer.from_pretrained(run / "model"), str(run / "model"), base,
+                          None)
+        adapter = run / "adapter"
+        if not adapter.is_dir():
+            raise FileNotFoundError(f"{run}: no adapter/ or model/ folder yet (training did not "
+                                    f"finish); continue it with: minift finetune --resume {run}")
+    else:
+        base = args.model or "minift-tiny"
+        adapter = Path(args.adapter) if args.adapter else None
+    model = GPT.from_pretrained(base)
+    has_tokenizer = adapter is not None and any(
+        (adapter / f).is_file() for f in ("tokenizer.json", "vocab.json"))
+    tok = Tokenizer.from_pretrained(adapter if has_tokenizer else base)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    return Loaded(model.eval(), tok, base, base, adapter)  # eval(): new modules start training
+
+
+def set_threads(threads: int | None, n_parameters: int) -> None:
+    """--threads; or, for None, one thread for a model under SMALL_MODEL parameters unless
+    OMP_NUM_THREADS says otherwise, and torch's default (a thread per core) for larger ones.
+    On 2 cores shared with other jobs, minift-tiny's tiny matmuls wait at every thread
+    barrier for a descheduled thread, so one thread is much faster there; with a core to
+    spare, two threads make a step faster (scripts/ benchmarks measure it)."""
+    if threads is None and n_parameters < SMALL_MODEL and "OMP_NUM_THREADS" not in os.environ:
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total), each shared tensor (tied lm_head / wte) counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def jsonl_records(path: Path) -> list[dict]:
+    """The lines of a JSONL file that load_dataset has already checked, one per example
+    (a .txt file has none)."""
+    if path.suffix.lower() != ".jsonl":
+        return []
+    text = path.read_text(encoding="utf-8-sig")
+    return [json.loads(line) for line in text.split("\n") if line.strip()]

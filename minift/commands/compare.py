@@ -1,0 +1,156 @@
+"""`minift compare`: every method on the same budget, one table (report.md, report.json,
+loss_curves.png and a run folder per method)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..evaluate import forgetting_report, format_table
+from ..model import GPT
+from ..options import OPTIONS, RECIPE, UsageError, defaults
+from ..report import (compare_markdown, compare_rows, loss_curves, plot_losses, read_metrics,
+                      write_json)
+from ..tokenizer import Tokenizer
+from .common import add_command, number, say, set_threads
+from .taskdata import evaluate_model, load_task_data
+
+COMPARE_METHODS = ["full", "partial", "adapter", "lora", "prefix", "prompt", "ptuning", "full+ewc"]
+QUICK = dict(max_steps=50, eval_every=25, eval_samples=32)  # `compare --quick`
+EWC_LAMBDA = 1e4   # full+ewc in `compare`
+
+COMPARE_EPILOG = """examples:
+  minift compare --quick                          2-3 minutes on 2 CPU cores
+  minift compare --methods lora,full,full+ewc --max-steps 200
+methods: """ + ", ".join(COMPARE_METHODS) + """
+(full+ewc: full fine-tuning with an EWC penalty, its Fisher from the reference text).
+Each method is a `minift finetune` in its own process (honest peak memory, for about 3 s
+of start-up each), on the same data, step budget, batch size, seed and CPU threads, with
+its own learning rate. Writes report.md, report.json, loss_curves.png and
+a run folder per method."""
+
+
+def register(subparsers) -> None:
+    p = add_command(subparsers, "compare", "train every method on the same budget; one table",
+                    COMPARE_EPILOG, run)
+    p.add_argument("--quick", action="store_true", help=f"a short budget: {QUICK['max_steps']} "
+                   f"steps, task metrics on {QUICK['eval_samples']} prompts")
+    p.add_argument("--methods", default=",".join(COMPARE_METHODS), metavar="A,B",
+                   help="comma-separated subset (default: all)")
+    number(p, "--max-steps", int, None, f"steps per method (default: {RECIPE['max_steps']}, "
+           f"--quick {QUICK['max_steps']})")
+    number(p, "--eval-every", int, None, f"steps between evaluations (default: "
+           f"{RECIPE['eval_every']}, --quick {QUICK['eval_every']})")
+    number(p, "--eval-samples", int, None, f"prompts for the task metrics (default: 64, "
+           f"--quick {QUICK['eval_samples']})")
+    number(p, "--batch-size", int, RECIPE["batch_size"], "examples per step")
+    number(p, "--seed", int, 0, "data order, initialisation, dropout")
+    number(p, "--ewc-lambda", float, EWC_LAMBDA, "EWC strength of full+ewc")
+    number(p, "--threads", int, None, "CPU threads of every process (default: as finetune's, "
+           "one for minift-tiny)")
+    for o in ("model", "data", "val_data", "test_data", "reference"):
+        p.add_argument("--" + o.replace("_", "-"), metavar=OPTIONS[o].metavar,
+                       help=OPTIONS[o].help.replace("%", "%%"))
+    p.add_argument("--output-dir", metavar="DIR", help="(default: runs/compare-<date>-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous comparison")
+
+
+def run(args) -> int:
+    """Each method is `python -m minift finetune ...` in its own process, so its peak memory
+    is its own; this process evaluates the base model once, the "before" of every method."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in COMPARE_METHODS]
+    if unknown or not methods:
+        raise UsageError(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from "
+                         f"{','.join(COMPARE_METHODS)}")
+    preset = QUICK if args.quick else {**RECIPE, "eval_samples": 64}
+    steps = args.max_steps or preset["max_steps"]
+    n_eval = args.eval_samples or preset["eval_samples"]
+    out = Path(args.output_dir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    if any((out / f).exists() for f in ("report.json", *methods)) and not args.overwrite:
+        raise ValueError(f"{out} already holds a comparison; pass --overwrite to replace it")
+
+    paths = {o: getattr(args, o) for o in ("model", "data", "val_data", "test_data", "reference")}
+    common = _common_flags(args, steps, min(args.eval_every or preset["eval_every"], steps),
+                           n_eval, paths)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    opts = {**defaults("lora"), **paths, "model": args.model or "minift-tiny",
+            "seed": args.seed, "eval_samples": n_eval}
+    say(f"evaluating the base model {opts['model']} ...")
+    model, tok = GPT.from_pretrained(opts["model"]), Tokenizer.from_pretrained(opts["model"])
+    set_threads(args.threads, model.num_parameters())
+    threads = torch.get_num_threads()  # what every child will choose too
+    data = load_task_data(opts, tok, model.config.n_positions)
+    base, _ = evaluate_model(model, tok, data, args.batch_size, opts["max_new_tokens"])
+    del model
+
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(  # the children run this same minift
+        [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+    rows, curves = [], {}
+    for i, m in enumerate(methods, 1):
+        argv = [sys.executable, "-m", "minift", "finetune", "--output-dir", out / m, *common,
+                "--method", "full" if m == "full+ewc" else m]
+        argv += ["--ewc-lambda", args.ewc_lambda] if m == "full+ewc" else []
+        argv += ["--overwrite"] if args.overwrite else []
+        say(f"[{i}/{len(methods)}] {m}: {steps} steps ...")
+        row = _run_method(m, argv, out / m, env, base)
+        rows.append(row)
+        if "error" not in row:
+            curves[m] = loss_curves(read_metrics(out / m / "metrics.jsonl"), base["val_loss"])
+
+    plotted = plot_losses(curves, out / "loss_curves.png", f"minift compare ({steps} steps)")
+    summary = {"model": opts["model"], "data_detail": data.detail, "eval_detail": data.eval_detail,
+               "reference": data.reference_name, "max_steps": steps,
+               "batch_size": args.batch_size, "seed": args.seed, "threads": threads,
+               "base": base, "methods": rows,
+               "plot": "loss_curves.png" if plotted else None}
+    write_json(out / "report.json", summary)
+    (out / "report.md").write_text(compare_markdown(summary), encoding="utf-8")
+    print(format_table(compare_rows(summary), max_width=44))
+    print(f"\nreport: {out / 'report.md'}" + ("" if plotted else
+          " (no loss_curves.png: install matplotlib, pip install minift[plot])"))
+    failed = [r["method"] for r in rows if "error" in r]
+    if failed:
+        raise ValueError(f"{', '.join(failed)} failed; see their log.txt in {out}")
+    return 0
+
+
+def _common_flags(args, steps: int, eval_every: int, n_eval: int, paths: dict) -> list:
+    """The finetune flags every method shares: budget, evaluation, data, seed, threads."""
+    common = ["--max-steps", steps, "--eval-every", eval_every, "--eval-samples", n_eval,
+              "--batch-size", args.batch_size, "--seed", args.seed, "--no-eval-before"]
+    for o, v in {**paths, "threads": args.threads}.items():
+        common += [f"--{o.replace('_', '-')}", v] if v else []
+    return common
+
+
+def _run_method(m: str, argv: list, folder: Path, env: dict, base: dict) -> dict:
+    """One method's `minift finetune` process -> its report.json (+ "forgetting" against the
+    base model), or {"method", "error"} when it failed."""
+    folder.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    with open(folder / "log.txt", "w", encoding="utf-8") as log:
+        code = subprocess.run(list(map(str, argv)), stdout=log, stderr=subprocess.STDOUT,
+                              env=env).returncode
+    if code in (130, 143, -signal.SIGINT, -signal.SIGTERM):
+        raise KeyboardInterrupt
+    if code != 0:
+        lines = (folder / "log.txt").read_text(encoding="utf-8").splitlines()
+        error = next((ln.split("error: ", 1)[1] for ln in reversed(lines)
+                      if ln.startswith("minift: error:")), f"exit code {code}")
+        say(f"    failed: {error} (log: {folder / 'log.txt'})")
+        return {"method": m, "error": error}
+    r = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    r["method"] = m
+    if "reference_ppl" in base:
+        r["forgetting"] = forgetting_report(base["reference_ppl"], r["after"]["reference_ppl"])
+    say(f"    {time.perf_counter() - t0:.1f} s, validation loss {r['after']['val_loss']:.4f}")
+    return r

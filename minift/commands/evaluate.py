@@ -1,0 +1,90 @@
+"""`minift eval`: loss, perplexity, task metrics, forgetting and the bias probe of a model,
+an adapter or a finetune run."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..data import load_dataset
+from ..evaluate import bias_probe, evaluate_generation, forgetting_report, format_table, perplexity
+from ..model import GPT
+from ..options import RECIPE
+from .common import (TASK, add_command, add_model_flags, device_of, jsonl_records,
+                     load_for_inference, number)
+from .taskdata import context_length
+
+EVAL_EPILOG = """examples:
+  minift eval                                   minift-tiny on the built-in test split
+  minift eval --run runs/lora-20250101-120000 --forgetting --bias
+  minift eval --model gpt2 --adapter my-adapter --data test.jsonl --json
+Prints loss and perplexity on --data (every target token), task metrics (exact match,
+token F1, ROUGE-L of greedy answers) when its lines are {"prompt", "completion"},
+reference perplexity with --forgetting (and the base model's, for an adapter or a run),
+and the log-likelihood gaps of minift's minimal pairs with --bias."""
+
+
+def register(subparsers) -> None:
+    p = add_command(subparsers, "eval", "evaluate a model, an adapter or a run", EVAL_EPILOG, run)
+    add_model_flags(p)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--data", metavar="FILE",
+                   help="a .jsonl or .txt file (default: the built-in test split)")
+    number(p, "--eval-samples", int, 64, "task metrics on the first N prompts")
+    number(p, "--max-new-tokens", int, 48, "answer length for the task metrics")
+    number(p, "--batch-size", int, RECIPE["batch_size"], "as finetune's evaluations")
+    p.add_argument("--forgetting", action="store_true",
+                   help="perplexity on --reference, and the base model's for comparison")
+    p.add_argument("--reference", metavar="FILE",
+                   help="text for --forgetting (default: the built-in reference.txt)")
+    p.add_argument("--bias", action="store_true", help="run the minimal-pairs bias probe")
+    p.add_argument("--bias-pairs", metavar="FILE",
+                   help="JSONL of {category, a, b} pairs (default: minift's 40)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        elif v is not None:
+            flat[prefix + k] = v
+    return flat
+
+
+def run(args) -> int:
+    model, tok, weights, base, adapter = load_for_inference(args)
+    model.to(device_of(args))
+    n_virtual = model.peft_config.num_virtual_tokens if getattr(
+        model, "is_prompt_learning", False) else 0
+    context, block = context_length(model.config.n_positions, n_virtual)
+    path = Path(args.data) if args.data else TASK / "test.jsonl"
+    examples = load_dataset(path, tok, block_size=context, max_length=context)
+    ppl = perplexity(model, examples, batch_size=args.batch_size)
+    result = {"model": weights, "adapter": str(adapter) if adapter else None,
+              "base_model": base if weights != base else None, "data": str(path),
+              "examples": len(examples), "loss": math.log(ppl), "perplexity": ppl}
+    room = context - args.max_new_tokens
+    records = [r for r in jsonl_records(path) if "prompt" in r and len(tok.encode(r["prompt"])) <= room]
+    if records:
+        result["task"] = evaluate_generation(model, tok, records[:args.eval_samples],
+                                             args.max_new_tokens, args.batch_size)
+    if args.forgetting:
+        ref_path = Path(args.reference) if args.reference else TASK / "reference.txt"
+        try:
+            text = ref_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{ref_path}: no such reference text file") from None
+        ppl_ref = perplexity(model, text, tok, args.batch_size, block)
+        result["reference"] = {"file": str(ref_path), "perplexity": ppl_ref}
+        if weights != base or adapter is not None:  # the base model, for comparison
+            base_model = GPT.from_pretrained(base).to(device_of(args))
+            result["reference"]["forgetting"] = forgetting_report(
+                perplexity(base_model, text, tok, args.batch_size, block), ppl_ref)
+    if args.bias:
+        probe = bias_probe(model, tok, args.bias_pairs, args.batch_size)
+        result["bias"] = {k: v for k, v in probe.items() if k != "pairs"}
+    print(json.dumps(result, indent=2) if args.json else
+          format_table(_flatten(result), max_width=60))
+    return 0
