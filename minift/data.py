@@ -113,6 +113,22 @@ def load_records(path: str | os.PathLike, tokenizer, max_length: int | None = No
     return examples
 
 
+def eval_records(path: str | os.PathLike, tokenizer, fields: dict | None = None) -> list[dict]:
+    """The {"prompt", "completion"} pair of every record, for task metrics (one per example,
+    in file order): prompt/completion and instruction records as trained, chat records as
+    their last assistant turn after the conversation before it (minift.chat.eval_record).
+    A text file or text records have none."""
+    path = Path(path)
+    if path.suffix.lower() == ".txt":
+        return []
+    kind, records = read_records(path, fields)
+    if kind == "chat":
+        return [chat.eval_record(tokenizer, m) for _, m in records]
+    if kind == "text":
+        return []
+    return [{"prompt": p, "completion": c} for _, (p, c) in records]
+
+
 def load_jsonl(path: str | os.PathLike, tokenizer, max_length: int | None = None,
                fields: dict | None = None) -> list[dict]:
     """load_records for a file read as JSONL whatever its suffix (blank lines skipped)."""

@@ -234,6 +234,19 @@ def check_fields(fields: dict | None) -> dict:
     return fields
 
 
+def parse_fields(text: str) -> dict:
+    """--fields "prompt=question,completion=answer" -> {"prompt": "question", ...}, checked."""
+    fields = {}
+    for item in (x.strip() for x in text.split(",")):
+        key, eq, col = item.partition("=")
+        if not eq or not key.strip() or not col.strip():
+            raise DataError(f"--fields: expected FIELD=COLUMN[,FIELD=COLUMN...], got {item!r}")
+        if key.strip() in fields:
+            raise DataError(f"--fields: {key.strip()!r} is mapped twice")
+        fields[key.strip()] = col.strip()
+    return check_fields(fields)
+
+
 def _rename(rec: dict, fields: dict) -> dict:
     source = {col: key for key, col in fields.items()}
     return {source.get(k, k): v for k, v in rec.items() if k in source or k not in fields}

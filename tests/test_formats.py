@@ -241,3 +241,26 @@ def test_token_cache_is_keyed_by_file_and_tokenizer_and_reused(tok, tmp_path, mo
         load_text(tmp_path / "blank.txt", tok, 8, memmap=True, cache_dir=cache)
     assert not [p for p in cache.iterdir() if ".tmp-" in p.name]     # no half-written folders
     assert os.environ["XDG_CACHE_HOME"] == str(tmp_path / "xdg")
+
+
+def test_eval_records_and_fields_option(tok, tmp_path):
+    from minift.chat import eval_record
+    from minift.data import eval_records
+    from minift.formats import parse_fields
+    assert parse_fields("prompt=question, completion=answer") == {"prompt": "question",
+                                                                  "completion": "answer"}
+    for bad, message in (("prompt", "expected FIELD=COLUMN"), ("prompt=", "expected FIELD"),
+                         ("prompt=a,prompt=b", "mapped twice"), ("answer=x", "unknown field")):
+        with pytest.raises(DataError, match=message):
+            parse_fields(bad)
+    pairs = write_jsonl(tmp_path / "p.jsonl", RECORDS["completion"])
+    assert eval_records(pairs, tok) == RECORDS["completion"]
+    alpaca = eval_records(write_jsonl(tmp_path / "i.jsonl", RECORDS["instruction"]), tok)
+    assert [r["completion"] for r in alpaca] == ["5", "hi", "hi"]
+    assert alpaca[1]["prompt"] == INSTRUCTION_TEMPLATE.format(instruction="Say hi.")
+    chats = eval_records(write_jsonl(tmp_path / "c.jsonl", RECORDS["chat"]), tok)
+    assert chats == [eval_record(tok, r["messages"]) for r in RECORDS["chat"]]
+    assert chats[1] == {"prompt": "### System:\nBe brief.\n\n### User:\n2+2?\n\n### Assistant:\n4"
+                                  "<|endoftext|>\n\n### User:\nand 3+3?\n\n### Assistant:\n",
+                        "completion": "6"}
+    assert eval_records(write_jsonl(tmp_path / "t.jsonl", RECORDS["text"]), tok) == []
