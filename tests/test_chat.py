@@ -246,3 +246,31 @@ def test_chat_test_sets_score_the_last_assistant_turn(folders):
     assert [r["reference"] for r in rows] == [p["completion"] for p in pairs]
     assert evaluate_generation(model, tok, records, 12) == task_metrics(
         [p.split("\n", 1)[0] for p in preds], [p["completion"] for p in pairs])
+
+
+def test_chat_and_instruction_examples_pack_exactly(folders, tmp_path):
+    """Packed rows (minift.packing) of chat and instruction examples give the loss and the
+    gradients of the padded batch."""
+    import torch
+
+    from conftest import tiny_model
+    from minift.data import collate
+    from minift.packing import collate_packed
+    tok = Tokenizer.from_pretrained(folders["none"])
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text(json.dumps({"instruction": "Say hi.", "input": "politely", "output": "Hi!"})
+                    + "\n" + json.dumps({"instruction": "Add 2 and 2.", "output": "4"}) + "\n")
+    examples = chat_examples(tok, CONVERSATIONS, ["x"] * 3) + load_dataset(path, tok)
+    model = tiny_model(vocab_size=len(tok), n_positions=128)
+    results = []
+    for batch in (collate(examples, tok.eos_token_id), collate_packed(examples, tok.eos_token_id,
+                                                                      row_length=128)):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (padded, g_padded), (packed, g_packed) = results
+    assert collate_packed(examples, tok.eos_token_id, row_length=128)["input_ids"].shape[0] < 5
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_packed, g_padded):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
