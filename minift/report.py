@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -90,14 +89,6 @@ class MemoryProbe:
 
 
 # ----------------------------------------------------------------------------- files
-def write_json(path: Path, obj) -> None:
-    """Write `obj` as indented JSON through a temporary file, so a reader never sees half."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl; a line cut short by a crash is skipped."""
     records = []

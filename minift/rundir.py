@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .checkpoint import atomic_write_json
+from .io import save_safetensors, write_json, write_text
 from .distributed import (barrier, gather_optimizer_state, gather_to_rank0, is_sharded, local,
                           rank_world, shard_like, shard_optimizer_state)
 
@@ -76,7 +76,7 @@ def write_checkpoint_dir(final: Path, writers: dict[str, Callable[[Path], None]]
         write(tmp / name)
         _fsync(tmp / name)
         manifest[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-    atomic_write_json(tmp / "manifest.json", {"files": manifest})
+    write_json(tmp / "manifest.json", {"files": manifest})
     _fsync(tmp / "manifest.json")
     _fsync(tmp)
     old = final.with_name(f".old-{final.name}")
@@ -136,7 +136,7 @@ def prepare_output_dir(out: Path, config) -> None:
                 path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "run.json").exists():
-        atomic_write_json(out / "run.json", {"config": dataclasses.asdict(config)})
+        write_json(out / "run.json", {"config": dataclasses.asdict(config)})
 
 
 # ----------------------------------------------------------------------------- a run's state
@@ -189,11 +189,11 @@ class Run:
         if torch.cuda.is_available():
             rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         write_checkpoint_dir(self.out / "checkpoints" / f"step-{step:06d}", {
-            "trainable.safetensors": lambda p: save_file(weights, str(p)),
+            "trainable.safetensors": lambda p: save_safetensors(p, weights),
             "optimizer.pt": lambda p: torch.save({"optimizer": optimizer,
                                                   "scheduler": self.scheduler.state_dict()}, p),
-            "rng.safetensors": lambda p: save_file(rng, str(p)),
-            "state.json": lambda p: atomic_write_json(p, state),
+            "rng.safetensors": lambda p: save_safetensors(p, rng),
+            "state.json": lambda p: write_json(p, state),
         })
         for old in list_checkpoints(self.out)[:-self.config.keep_last]:
             shutil.rmtree(old)
@@ -208,8 +208,8 @@ class Run:
         if self.rank == 0:
             info = {"step": self.result.step, "val_loss": val_loss}
             write_checkpoint_dir(self.out / "best", {
-                "trainable.safetensors": lambda p: save_file(weights, str(p)),
-                "state.json": lambda p: atomic_write_json(p, info)})
+                "trainable.safetensors": lambda p: save_safetensors(p, weights),
+                "state.json": lambda p: write_json(p, info)})
 
     def restore_best(self) -> None:
         with torch.no_grad():
@@ -311,9 +311,7 @@ class Run:
                     keep.append(line)
             except (ValueError, KeyError, TypeError):
                 pass  # a line cut short by a crash
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, "".join(x + "\n" for x in keep))
 
 
 # ----------------------------------------------------------------------------- console, signals

@@ -314,6 +314,9 @@ def test_train_with_compile_equals_eager(eager_and_compiled):
                              log_every=100, eval_every=100, bf16=False)
         train(model, data, config=config, callback=lambda rec: losses.append(rec["loss"]))
         runs.append((losses, [p.detach() for p in model.parameters() if p.requires_grad]))
+        # compile_blocks is in place and lasting: each block's call goes through torch.compile
+        blocks = model.get_base_model().transformer.h
+        assert [b._compiled_call_impl is not None for b in blocks] == [compile_] * len(blocks)
     (l_e, p_e), (l_c, p_c) = runs
     assert len(l_e) == 2 and max(abs(a - b) for a, b in zip(l_e, l_c)) <= 1e-5
     assert max((a - b).abs().max() for a, b in zip(p_e, p_c)) <= 1e-5

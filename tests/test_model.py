@@ -190,11 +190,17 @@ def test_gradient_checkpointing_gives_equal_gradients():
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, vocab_size=30, n_positions=16,
                           embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0))
     ids = torch.randint(0, 30, (2, 8))
+    calls = []   # every block forward, the recomputations in backward included
+    for block in model.transformer.h:
+        block.register_forward_pre_hook(lambda *_: calls.append(1))  # (the recompute stops early:
+        # torch's checkpoint ends it once the saved tensors are back, so a post-hook misses it)
     model(ids, labels=ids).loss.backward()
     plain = [p.grad.clone() for p in model.parameters()]
+    assert len(calls) == 2
     model.zero_grad()
     model.gradient_checkpointing = True
     model(ids, labels=ids).loss.backward()
+    assert len(calls) == 2 + 4   # each block ran again in backward
     for a, p in zip(plain, model.parameters()):
         assert torch.allclose(a, p.grad, atol=1e-7)
 

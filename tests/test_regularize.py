@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from conftest import cfg, pattern_data, tiny_model, weights
+from conftest import cfg, max_diff, pattern_data, tiny_model, weights
 from minift import GPT
 from minift.checkpoint import TRANSPOSED
 from minift.config import TrainConfig
@@ -143,9 +143,26 @@ def test_layer_wise_learning_rates():
             assert group["lr"] == pytest.approx(1e-3 * 0.5 ** depth, rel=1e-12), n
             seen.add(n)
     assert seen == set(names.values())
-    # through train(): after warmup each group keeps base_lr * decay**depth
-    result_lrs = []
-    train(model, pattern_data(8, seed=9),
-          config=cfg(max_steps=3, lr=1e-3, layer_decay=0.5, schedule="constant", warmup_steps=1),
-          callback=lambda r: result_lrs.append(r["lr"]))
-    assert result_lrs == pytest.approx([0.0, 1e-3, 1e-3])   # the top group's lr is logged
+
+
+@pytest.mark.parametrize("schedule,warmup,factor", [("constant", 0, 1.0), ("linear", 2, 0.5)])
+def test_train_steps_each_group_with_its_scheduled_lr_times_decay_to_the_depth(
+        schedule, warmup, factor):
+    """Through train(): every step sees the same full batch, so Adam's bias-corrected update
+    of an entry is lr_group * g / (|g| + eps) whatever the step, and each parameter's largest
+    change in a step is its group's scheduled lr, factor * lr * 0.5**depth (depths as spelled
+    out above). With warmup 2 the first step runs at lr 0 and the second at half of it."""
+    model, snapshots = tiny_model(), []
+    snapshots.append(weights(model))
+    train(model, pattern_data(8, seed=9), callback=lambda r: snapshots.append(weights(model)),
+          config=cfg(max_steps=warmup + 1, lr=1e-3, layer_decay=0.5, schedule=schedule,
+                     warmup_steps=warmup, weight_decay=0.0, max_grad_norm=None, batch_size=8))
+    depth = {"transformer.ln_f": 0, "transformer.h.1": 1, "transformer.h.0": 2,
+             "transformer.wte": 3, "transformer.wpe": 3}
+    if warmup:
+        assert max_diff(snapshots[0], snapshots[1]) == 0.0   # lr 0 at the first step
+    before, after = (snapshots[1], snapshots[2]) if warmup else (snapshots[0], snapshots[1])
+    for n, w in before.items():
+        d = next(v for prefix, v in depth.items() if n.startswith(prefix + "."))
+        step = (after[n] - w).abs().max().item()
+        assert step == pytest.approx(factor * 1e-3 * 0.5 ** d, rel=1e-3), (n, d, step)

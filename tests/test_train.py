@@ -450,9 +450,15 @@ def test_dropout_override_and_gradient_checkpointing_are_explicit_and_restored()
     assert {m.p for m in a.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
 
     c, d = tiny_model(dropout=0.1), tiny_model(dropout=0.1)   # checkpointing recomputes the
-    train(c, data, config=cfg(max_steps=3, gradient_checkpointing=True))  # same dropout masks
+    calls = {"c": 0, "d": 0}                                  # same dropout masks
+    for name, m in (("c", c), ("d", d)):   # each block's forward, counted (recomputes included;
+        for block in m.transformer.h:      # a pre-hook, as torch ends a recompute early)
+            block.register_forward_pre_hook(lambda *_, k=name: calls.update({k: calls[k] + 1}))
+    train(c, data, config=cfg(max_steps=3, gradient_checkpointing=True))
     train(d, data, config=cfg(max_steps=3))
     assert max_diff(weights(c), weights(d)) <= 1e-6
+    # 3 steps x 1 micro-batch x 2 blocks: once each without checkpointing, twice with it
+    assert (calls["c"], calls["d"]) == (12, 6)
     assert c.gradient_checkpointing is False
 
 

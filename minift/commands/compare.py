@@ -15,8 +15,8 @@ import torch
 from ..evaluate import forgetting_report, format_table
 from ..model import GPT
 from ..options import OPTIONS, RECIPE, UsageError, defaults
-from ..report import (compare_markdown, compare_rows, loss_curves, plot_losses, read_metrics,
-                      write_json)
+from ..io import write_json
+from ..report import compare_markdown, compare_rows, loss_curves, plot_losses, read_metrics
 from ..tokenizer import Tokenizer
 from .common import add_command, number, say, set_threads
 from .taskdata import evaluate_model, load_task_data

@@ -26,8 +26,9 @@ from ..options import (METHOD_DEFAULTS, METHODS, MODEL_KEYS, OPTIONS, RUN_OPTION
                        Opt, UsageError, _show, convert, defaults, read_config_file)
 from ..peft import (AdapterConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
                     PromptTuningConfig, freeze_all_but_top, get_peft_model, unfreeze_all)
+from ..io import write_json
 from ..report import (METRIC_NAMES, MemoryProbe, StepTimer, finetune_markdown, loss_curves,
-                      metrics_rows, plot_losses, read_metrics, write_json)
+                      metrics_rows, plot_losses, read_metrics)
 from ..rundir import RUN_FILES
 from ..tokenizer import Tokenizer
 from ..train import train
