@@ -1,6 +1,7 @@
 """Do the tests catch the bugs they are named after? Each patch below is a small bug (a flag
-that train() ignores, a normalisation done the naive way, ...). For each, this script copies
-the working tree to a temporary folder, applies the patch there, runs the tests that should
+that train() ignores, a normalisation done the naive way, ...). First it checks that the
+listed tests pass on an unpatched copy of the last commit. Then, for each patch, it copies
+the commit to a temporary folder, applies the patch there, runs the tests that should
 catch it, and reports `caught` (they failed) or `SURVIVED` (they passed: the tests are too
 weak). Not part of CI: it runs the listed tests once per patch.
 
@@ -87,31 +88,60 @@ PATCHES = [
 ]
 
 
-def run_patch(patch: Patch, timeout: int) -> tuple[str, float, str]:
+def copy_tree(dest: Path, worktree: bool) -> None:
+    """The committed tree (git archive HEAD), or the working tree as it is."""
+    if worktree:
+        shutil.copytree(ROOT, dest, ignore=COPY_IGNORE)
+        return
+    dest.mkdir()
+    archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+
+
+def run_tests(copy: Path, tests: list[str], timeout: int) -> tuple[int | None, float, str]:
+    """pytest on `tests` in `copy` -> (exit code or None on timeout, seconds, output tail)."""
+    env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p",
+                               "no:cacheprovider", *tests], cwd=copy, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, time.perf_counter() - t0, ""
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+    return proc.returncode, time.perf_counter() - t0, tail
+
+
+def run_patch(patch: Patch, timeout: int, worktree: bool) -> tuple[str, float, str]:
     """(verdict, seconds, last lines of pytest's output) for one patch."""
     with tempfile.TemporaryDirectory(prefix="minift-mutant-") as tmp:
         copy = Path(tmp) / "repo"
-        shutil.copytree(ROOT, copy, ignore=COPY_IGNORE)
+        copy_tree(copy, worktree)
         target = copy / patch.file
         text = target.read_text(encoding="utf-8")
         if text.count(patch.old) != 1:
-            return "stale", 0.0, f"{patch.file}: the patch's text occurs {text.count(patch.old)} times"
+            return "stale", 0.0, f"{patch.file}: the text occurs {text.count(patch.old)} times"
         target.write_text(text.replace(patch.old, patch.new), encoding="utf-8")
-        env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p",
-                                   "no:cacheprovider", *patch.tests], cwd=copy, env=env,
-                                  capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return "timeout", time.perf_counter() - t0, ""
-        seconds = time.perf_counter() - t0
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
-        if proc.returncode == 1:   # pytest: some test failed
-            return "caught", seconds, tail
-        if proc.returncode == 0:
-            return "SURVIVED", seconds, tail
-        return f"error (pytest exit {proc.returncode})", seconds, tail
+        code, seconds, tail = run_tests(copy, patch.tests, timeout)
+    if code == 1:   # pytest: some test failed
+        return "caught", seconds, tail
+    if code == 0:
+        return "SURVIVED", seconds, tail
+    return ("timeout" if code is None else f"error (pytest exit {code})"), seconds, tail
+
+
+def baseline(patches: list[Patch], timeout: int, worktree: bool) -> bool:
+    """Every listed test passes without a patch (else a 'caught' would mean nothing)."""
+    tests = sorted({t for p in patches for t in p.tests})
+    with tempfile.TemporaryDirectory(prefix="minift-baseline-") as tmp:
+        copy_tree(Path(tmp) / "repo", worktree)
+        code, seconds, tail = run_tests(Path(tmp) / "repo", tests, timeout * 2)
+    print(f"baseline: the {len(tests)} tests {'pass' if code == 0 else 'DO NOT PASS'} "
+          f"unpatched ({seconds:.0f} s)", flush=True)
+    if code != 0:
+        print("    " + tail.replace("\n", "\n    "), flush=True)
+    return code == 0
 
 
 def main() -> int:
@@ -119,15 +149,19 @@ def main() -> int:
     ap.add_argument("-k", default="", help="only patches whose name contains this")
     ap.add_argument("--list", action="store_true", help="list the patches and exit")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per patch")
+    ap.add_argument("--worktree", action="store_true",
+                    help="patch a copy of the working tree (default: of the last commit)")
     args = ap.parse_args()
     patches = [p for p in PATCHES if args.k in p.name]
     if args.list:
         for p in patches:
             print(f"{p.name}: {p.file}; {' '.join(p.tests)}")
         return 0
+    if not baseline(patches, args.timeout, args.worktree):
+        return 1
     results = []
     for i, p in enumerate(patches, 1):
-        verdict, seconds, tail = run_patch(p, args.timeout)
+        verdict, seconds, tail = run_patch(p, args.timeout, args.worktree)
         results.append((p.name, verdict))
         print(f"[{i}/{len(patches)}] {verdict:8s} {p.name} ({seconds:.0f} s)", flush=True)
         if verdict != "caught":
