@@ -113,20 +113,21 @@ def load_records(path: str | os.PathLike, tokenizer, max_length: int | None = No
     return examples
 
 
-def eval_records(path: str | os.PathLike, tokenizer, fields: dict | None = None) -> list[dict]:
-    """The {"prompt", "completion"} pair of every record, for task metrics (one per example,
-    in file order): prompt/completion and instruction records as trained, chat records as
-    their last assistant turn after the conversation before it (minift.chat.eval_record).
-    A text file or text records have none."""
+def eval_records(path: str | os.PathLike, tokenizer,
+                 fields: dict | None = None) -> tuple[str, list[dict]]:
+    """(the file's kind, the {"prompt", "completion"} pair of every record) for task
+    metrics, one per example in file order: prompt/completion and instruction records as
+    trained, chat records as their last assistant turn after the conversation before it
+    (minift.chat.eval_record; generate up to chat.end_of_turn_id). Text has no pairs."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
-        return []
+        return "text", []
     kind, records = read_records(path, fields)
     if kind == "chat":
-        return [chat.eval_record(tokenizer, m) for _, m in records]
+        return kind, [chat.eval_record(tokenizer, m) for _, m in records]
     if kind == "text":
-        return []
-    return [{"prompt": p, "completion": c} for _, (p, c) in records]
+        return kind, []
+    return kind, [{"prompt": p, "completion": c} for _, (p, c) in records]
 
 
 def load_jsonl(path: str | os.PathLike, tokenizer, max_length: int | None = None,

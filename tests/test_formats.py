@@ -254,13 +254,15 @@ def test_eval_records_and_fields_option(tok, tmp_path):
         with pytest.raises(DataError, match=message):
             parse_fields(bad)
     pairs = write_jsonl(tmp_path / "p.jsonl", RECORDS["completion"])
-    assert eval_records(pairs, tok) == RECORDS["completion"]
-    alpaca = eval_records(write_jsonl(tmp_path / "i.jsonl", RECORDS["instruction"]), tok)
+    assert eval_records(pairs, tok) == ("completion", RECORDS["completion"])
+    kind, alpaca = eval_records(write_jsonl(tmp_path / "i.jsonl", RECORDS["instruction"]), tok)
+    assert kind == "instruction"
     assert [r["completion"] for r in alpaca] == ["5", "hi", "hi"]
     assert alpaca[1]["prompt"] == INSTRUCTION_TEMPLATE.format(instruction="Say hi.")
-    chats = eval_records(write_jsonl(tmp_path / "c.jsonl", RECORDS["chat"]), tok)
+    kind, chats = eval_records(write_jsonl(tmp_path / "c.jsonl", RECORDS["chat"]), tok)
+    assert kind == "chat"
     assert chats == [eval_record(tok, r["messages"]) for r in RECORDS["chat"]]
     assert chats[1] == {"prompt": "### System:\nBe brief.\n\n### User:\n2+2?\n\n### Assistant:\n4"
                                   "<|endoftext|>\n\n### User:\nand 3+3?\n\n### Assistant:\n",
                         "completion": "6"}
-    assert eval_records(write_jsonl(tmp_path / "t.jsonl", RECORDS["text"]), tok) == []
+    assert eval_records(write_jsonl(tmp_path / "t.jsonl", RECORDS["text"]), tok) == ("text", [])
