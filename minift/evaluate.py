@@ -287,11 +287,13 @@ def _check_records(records) -> None:
 
 
 def evaluate_generation(model, tokenizer, records: list[dict], max_new_tokens: int = 32,
-                        batch_size: int = 8, stop_at_newline: bool = True) -> dict:
+                        batch_size: int = 8, stop_at_newline: bool = True,
+                        eos_token_id: int | None = None) -> dict:
     """Greedy answers to each record's "prompt", scored against its "completion":
     task_metrics' exact_match / f1 / rouge_l means and n. Chat records {"messages"} are
-    scored on their last assistant turn."""
+    scored on their last assistant turn. eos_token_id: as in generate_completions."""
     records, stop = _prompt_records(tokenizer, records)
+    stop = eos_token_id if eos_token_id is not None else stop
     _check_records(records)
     preds = generate_completions(model, tokenizer, [r["prompt"] for r in records],
                                  max_new_tokens, batch_size, stop_at_newline, stop)
