@@ -1,5 +1,5 @@
 """AdamW, parameter groups (no decay on bias/LayerNorm/embeddings, optional layer-wise
-lr decay) and the three warmup schedules of transformers.optimization.
+lr decay, LoRA+'s faster B) and the three warmup schedules of transformers.optimization.
 
 AdamW is written from the update rule of Loshchilov & Hutter, "Decoupled Weight Decay
 Regularization" (ICLR 2019, Algorithm 2) on top of Adam (Kingma & Ba, ICLR 2015,
@@ -108,7 +108,8 @@ NO_DECAY = ("bias", "ln_1", "ln_2", "ln_f", "wte", "wpe")
 _BLOCK = re.compile(r"(?:^|\.)h\.(\d+)\.")  # transformer.h.{i}.  (also under a PEFT wrapper)
 
 
-def build_param_groups(model, weight_decay, lr=None, layer_decay=None, no_decay=NO_DECAY):
+def build_param_groups(model, weight_decay, lr=None, layer_decay=None, no_decay=NO_DECAY,
+                       loraplus_lr_ratio=None):
     """Parameter groups for AdamW: trainable parameters with and without weight decay.
 
     A parameter gets no decay if any dotted part of its name is in `no_decay` (biases,
@@ -123,9 +124,18 @@ def build_param_groups(model, weight_decay, lr=None, layer_decay=None, no_decay=
       depth n_layer - i  anything inside block i, `transformer.h.{i}.` (adapters included)
       depth n_layer + 1  the embeddings wte and wpe (so a tied lm_head gets this lr too)
     Groups are then named like "depth3_decay" and ordered from the embeddings up.
+
+    loraplus_lr_ratio (LoRA+, Hayou et al. 2024 §4: B learns faster than A, lr_B = ratio * lr_A)
+    puts every `lora_B` matrix in groups of its own (names ending "_lora_B") with lr * ratio;
+    their weight decay follows the rule above, as for every other parameter. (PEFT's
+    create_loraplus_optimizer also gives the ratio to every 1-D trainable parameter, e.g.
+    DoRA's magnitude; here only the B matrices get it, as in the paper.)
     """
-    if layer_decay is not None and lr is None:
-        raise ValueError("build_param_groups: layer_decay needs the base lr")
+    if (layer_decay is not None or loraplus_lr_ratio is not None) and lr is None:
+        raise ValueError("build_param_groups: layer_decay and loraplus_lr_ratio need the base lr")
+    if loraplus_lr_ratio is not None and not loraplus_lr_ratio > 0:
+        raise ValueError(f"build_param_groups: loraplus_lr_ratio must be > 0, "
+                         f"got {loraplus_lr_ratio!r}")
     if layer_decay is not None and not 0 < layer_decay:
         raise ValueError(f"build_param_groups: layer_decay must be > 0, got {layer_decay!r}")
     blocks = [int(m.group(1)) for n, _ in model.named_parameters() if (m := _BLOCK.search(n))]
@@ -147,10 +157,15 @@ def build_param_groups(model, weight_decay, lr=None, layer_decay=None, no_decay=
                     depth = n_layer - int(m.group(1))
                 elif mod_name.split(".")[-1] in ("wte", "wpe"):
                     depth = n_layer + 1
-            groups.setdefault((depth, decay), []).append(p)
+            is_b = loraplus_lr_ratio is not None and "lora_B" in parts
+            groups.setdefault((depth, decay, is_b), []).append(p)
 
     out = []
-    for (depth, decay), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1])):
+    def order(item):  # from the embeddings up; in each depth A-side, then B; decay first
+        (depth, decay, is_b), _ = item
+        return -depth, is_b, not decay
+
+    for (depth, decay, is_b), params in sorted(groups.items(), key=order):
         g = {"params": params, "weight_decay": weight_decay if decay else 0.0,
              "name": ("decay" if decay else "no_decay")}
         if layer_decay is not None:
@@ -158,6 +173,9 @@ def build_param_groups(model, weight_decay, lr=None, layer_decay=None, no_decay=
             g["lr"] = lr * layer_decay ** depth
         elif lr is not None:
             g["lr"] = lr
+        if is_b:
+            g["name"] += "_lora_B"
+            g["lr"] *= loraplus_lr_ratio
         out.append(g)
     return out
 

@@ -15,8 +15,12 @@ def hf_model(folder):
 
 
 def peft_params(peft_model) -> dict:
-    """PEFT's parameters under minift's names: PEFT's only difference is the adapter name."""
-    return {n.replace(".default.", "."): p for n, p in peft_model.named_parameters()}
+    """PEFT's parameters under minift's names: PEFT's differences are the adapter name and
+    DoRA's magnitude, a module's `.weight` in PEFT and a plain parameter in minift (as in
+    both files)."""
+    return {n.replace(".default.", ".").replace("lora_magnitude_vector.weight",
+                                                "lora_magnitude_vector"): p
+            for n, p in peft_model.named_parameters()}
 
 
 def pair(folder, minift_config, peft_config, seed=0, scale=0.3):

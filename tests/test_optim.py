@@ -1,5 +1,6 @@
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -268,3 +269,43 @@ def test_param_groups_on_real_gpt():
     assert "transformer.wte.weight" in by["depth3_no_decay"]
     assert "transformer.h.0.attn.c_attn.weight" in by["depth2_decay"]
     assert "transformer.ln_f.weight" in by["depth0_no_decay"]
+
+
+def test_loraplus_groups_and_lrs_after_scheduling_match_peft():
+    """LoRA+ (Hayou et al. 2024): every lora_B at lr * ratio in groups of its own, decay rules
+    unchanged; each parameter's lr after warmup steps equals PEFT's create_loraplus_optimizer
+    under transformers' schedule on torch.optim.AdamW."""
+    peft = pytest.importorskip("peft")
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import get_linear_schedule_with_warmup as hf_linear
+
+    from minift.model import GPT, GPTConfig
+    from minift.peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    model = get_peft_model(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, vocab_size=50,
+                                         n_positions=32)),
+                           LoraConfig(r=2, target_modules=["c_attn", "c_fc"]))
+    lr, ratio = 1e-3, 16.0
+    groups = build_param_groups(model, weight_decay=0.1, lr=lr, loraplus_lr_ratio=ratio)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        is_b = [".lora_B." in names[id(p)] for p in g["params"]]
+        assert all(is_b) == g["name"].endswith("_lora_B") and len(set(is_b)) == 1
+        assert g["lr"] == (lr * ratio if all(is_b) else lr)
+        assert g["weight_decay"] == 0.1          # A and B are matrices: both decay
+    assert sum(len(g["params"]) for g in groups) == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr,
+                                           loraplus_lr_ratio=ratio)
+    ours = AdamW(groups)
+    s_ours, s_theirs = get_linear_schedule_with_warmup(ours, 3, 10), hf_linear(theirs, 3, 10)
+    for _ in range(4):
+        ours.step(), theirs.step(), s_ours.step(), s_theirs.step()
+        mine = {id(p): g["lr"] for g in ours.param_groups for p in g["params"]}
+        other = {id(p): g["lr"] for g in theirs.param_groups for p in g["params"]}
+        assert mine == other and len(set(mine.values())) == 2
+    with pytest.raises(ValueError, match="loraplus_lr_ratio"):
+        build_param_groups(model, 0.1, lr=lr, loraplus_lr_ratio=0)
+    with pytest.raises(ValueError, match="need the base lr"):
+        build_param_groups(model, 0.1, loraplus_lr_ratio=4)

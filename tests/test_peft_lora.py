@@ -182,7 +182,7 @@ def test_bad_adapter_folders_raise_one_clear_error(hf_tiny, tmp_path):
         PeftModel.from_pretrained(wide, tmp_path / "nocfg")
     cfg = json.loads((tmp_path / "ok/adapter_config.json").read_text())
     for name, change, message in [("unknown", {"peft_type": "IA3"}, "'IA3'"),
-                                  ("dora", {"use_dora": True}, "use_dora"),
+                                  ("bias", {"lora_bias": True}, "lora_bias"),
                                   ("rank", {"r": 0}, "r=0")]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_config.json").write_text(json.dumps({**cfg, **change}))

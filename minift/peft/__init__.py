@@ -6,7 +6,9 @@
 """
 from .adapters import AdapterConfig, BottleneckAdapter, LinearWithAdapter
 from .config import AdapterFileNotFoundError, PeftError, TaskType
-from .lora import LoraConfig, LoraLinear
+from .lora import LoraConfig
+from .lora_layer import LoraLinear
+from .merge import merge_lora
 from .model import PeftModel, get_peft_model
 from .partial import freeze_all_but_top, unfreeze_all
 from .prompts import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
@@ -14,4 +16,4 @@ from .prompts import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 __all__ = ["AdapterConfig", "AdapterFileNotFoundError", "BottleneckAdapter", "LinearWithAdapter",
            "LoraConfig", "LoraLinear", "PeftError", "PeftModel", "PrefixTuningConfig",
            "PromptEncoderConfig", "PromptTuningConfig", "TaskType", "freeze_all_but_top",
-           "get_peft_model", "unfreeze_all"]
+           "get_peft_model", "merge_lora", "unfreeze_all"]

@@ -96,9 +96,11 @@ class LinearWithAdapter(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.adapter = adapter
+        self.disabled = False  # True: the base layer alone (PeftModel.disable_adapter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter(self.base_layer(x))
+        h = self.base_layer(x)
+        return h if self.disabled else self.adapter(h)
 
 
 def is_layer_norm_parameter(name: str) -> bool:

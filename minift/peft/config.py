@@ -43,10 +43,13 @@ def config_to_dict(config) -> dict:
 
 def config_from_dict(cls, d: dict, source: str):
     """PEFT's adapter_config.json dict -> `cls`. Unknown keys are accepted only when they are off
-    (None, False, {}, []): a PEFT feature minift lacks (DoRA, rank_pattern, ...) is refused by
+    (None, False, {}, []): a PEFT feature minift lacks (lora_bias, rank_pattern, ...) is refused by
     name rather than silently giving different numbers."""
     known = {f.name: f.type for f in fields(cls) if f.init and f.metadata.get("save", True)}
     for key, value in d.items():
+        if key == "use_dora" and value and key not in known:
+            raise PeftError(f"{source}: use_dora=True applies to LoRA only (DoRA decomposes a "
+                            f"LoRA-adapted weight), not to {cls.peft_type}")
         if key not in known and key not in IGNORED_KEYS and value not in (None, False, {}, []):
             raise PeftError(f"{source}: {key}={value!r} is a PEFT feature minift does not implement")
         if key in known and not _fits(value, str(known[key])):
@@ -112,10 +115,13 @@ def is_target(name: str, target_modules, layers_to_transform=None, layers_patter
     return idx is not None and idx in wanted
 
 
-def find_targets(model: nn.Module, config) -> list[str]:
+def find_targets(model: nn.Module, config, holders: tuple = ()) -> list[str]:
     """Names of the nn.Linear modules of `model` that `config` targets. Every entry of a
-    target list must exist somewhere in the model, and every match must be a Linear."""
-    names = [n for n, _ in model.named_modules() if n]
+    target list must exist somewhere in the model, and every match must be a Linear, or one
+    of the adapter layers `holders` (which then gets one more adapter; nothing inside a
+    holder is ever a target)."""
+    inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, holders)]
+    names = [n for n, _ in model.named_modules() if n and not any(n.startswith(i) for i in inner)]
     tm = config.target_modules
     if not isinstance(tm, str):
         for t in tm:
@@ -131,7 +137,7 @@ def find_targets(model: nn.Module, config) -> list[str]:
                         f"{config.layers_to_transform!r} matches no module of the model")
     modules = dict(model.named_modules())
     for n in targets:
-        if type(modules[n]) is not nn.Linear:
+        if type(modules[n]) is not nn.Linear and not isinstance(modules[n], holders):
             raise PeftError(f"target module {n!r} is a {type(modules[n]).__name__}, not an nn.Linear "
                             "(or it already holds an adapter); only linear layers can be targeted")
     return targets

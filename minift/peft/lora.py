@@ -9,10 +9,9 @@ training starts exactly at the pretrained function. rsLoRA (Kalajdzievski 2023, 
 Stabilization Scaling Factor for Fine-Tuning with LoRA") scales by alpha / sqrt(r) instead,
 so the update does not vanish as r grows.
 
-Injection swaps each targeted nn.Linear child for a `LoraLinear` that holds it as
-`base_layer`. Parameter names are PEFT's without the adapter name: `...c_attn.lora_A.weight`.
-PEFT wraps GPT-2's Conv1D with fan_in_fan_out=True but still stores lora_A as (r, in) and
-lora_B as (out, r), exactly these nn.Linear shapes, so files need no transposition.
+This file holds the config and the fused op; the layer that uses them (LoraLinear, and
+several named adapters per layer) is in lora_layer.py, DoRA in dora.py, merging and adapter
+arithmetic as pure functions over tensors in merge.py.
 """
 from __future__ import annotations
 
@@ -21,11 +20,15 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import keep_mask
-from .config import PeftError, check_task_type, find_targets, swap_module
+from .config import PeftError, check_task_type
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """The factor s on B A: lora_alpha / r (Hu et al. §4.1), or lora_alpha / sqrt(r) (rsLoRA)."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
 
 
 @dataclass
@@ -46,6 +49,8 @@ class LoraConfig:
     bias: str = "none"                    # biases stay frozen; PEFT's "all"/"lora_only" are refused
     init_lora_weights: bool | str = True  # True: A Kaiming-uniform, B = 0; "gaussian": A ~ N(0, 1/r),
                                           # B = 0; False: nn.Linear's init for both (not a no-op)
+    use_dora: bool = False                # DoRA (Liu et al. 2024): a trained magnitude per output
+                                          # feature, `lora_magnitude_vector`; see dora.py
     peft_type: ClassVar[str] = "LORA"
 
     def __post_init__(self):
@@ -75,7 +80,7 @@ class LoraConfig:
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -98,9 +103,10 @@ class LoraLinearFunction(torch.autograd.Function):
     Plain tensor ops only, so torch.compile traces it without a graph break and fuses the
     mask, the scalings and the adds into the surrounding kernels. Adapters kept in float32
     over a float16/bfloat16 base compute the LoRA branch in float32 (the `.to`s are no-ops
-    otherwise), as LoraLinear always did. The forward returns u too (not differentiable), so
-    that setup_context, apart from the forward as torch.func asks, can keep it: `grad` and
-    `vmap` (per-example gradients) work through the op. `lora_linear` returns y alone.
+    otherwise), the precision the optimizer updates them in. The forward returns u too (not
+    differentiable), so that setup_context, apart from the forward as torch.func asks, can
+    keep it: `grad` and `vmap` (per-example gradients) work through the op. `lora_linear`
+    returns y alone.
     """
     generate_vmap_rule = True
 
@@ -167,116 +173,3 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     return y
 
 
-class LoraLinear(nn.Module):
-    """`base_layer(x) + scaling * lora_B(lora_A(dropout(x)))` with `base_layer` frozen.
-
-    Adapter weights live in float32 when the base is float16/bfloat16 (as PEFT), so the
-    optimizer updates them at full precision; the output keeps the base layer's dtype.
-    The forward is one LoraLinearFunction; after an explicit merge() it is the base layer's
-    single matmul (the path for evaluation and generation once training is done).
-    """
-
-    def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout=0.0,
-                 use_rslora=False, init_lora_weights=True):
-        super().__init__()
-        if r <= 0:
-            raise PeftError(f"LoRA rank r must be positive, got {r}")
-        w = base_layer.weight
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-        self.base_layer = base_layer
-        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=w.device, dtype=dtype)
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=w.device, dtype=dtype)
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.merged = False
-        # While merged: the base weight as it was, so unmerge() restores it bit for bit
-        # (subtracting B A again would leave rounding errors). Not saved; moves with .to().
-        self.register_buffer("unmerged_weight", None, persistent=False)
-        if init_lora_weights is True:      # Hu et al. §4.1; B = 0 makes B A = 0 at the start
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B.weight)
-        elif init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / r)
-            nn.init.zeros_(self.lora_B.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:                                # B A already folded into W: one matmul
-            return self.base_layer(x)                  # (..., out)
-        drop = self.lora_dropout
-        p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-        return lora_linear(x, self.base_layer.weight, self.base_layer.bias,  # (..., out)
-                           self.lora_A.weight, self.lora_B.weight, self.scaling, p)
-
-    def delta_weight(self) -> torch.Tensor:
-        """scaling * B A, (out, in): what merging adds to base_layer.weight."""
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """W <- W + scaling * B A, keeping the old W for unmerge(). A no-op when merged."""
-        if self.merged:
-            return
-        w = self.base_layer.weight
-        self.unmerged_weight = w.detach().clone()
-        w.add_(self.delta_weight().to(w.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore the exact base weight saved by merge(). A no-op when not merged."""
-        if not self.merged:
-            return
-        self.base_layer.weight.copy_(self.unmerged_weight)
-        self.unmerged_weight = None
-        self.merged = False
-
-    def extra_repr(self) -> str:
-        return f"r={self.lora_A.out_features}, scaling={self.scaling:g}, merged={self.merged}"
-
-
-class LoraModel(nn.Module):
-    """The GPT with LoraLinear layers swapped in, kept as `self.model` (PEFT's LoraModel), so
-    parameter names read `base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`."""
-
-    def __init__(self, model: nn.Module, config: LoraConfig):
-        super().__init__()
-        self.targets = find_targets(model, config)  # raises before anything is changed
-        for name in self.targets:
-            swap_module(model, name, LoraLinear(
-                model.get_submodule(name), config.r, config.lora_alpha, config.lora_dropout,
-                config.use_rslora, config.init_lora_weights))
-        self.model = model
-        self.config = config
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    @staticmethod
-    def is_adapter_parameter(name: str) -> bool:
-        return ".lora_A." in name or ".lora_B." in name
-
-    def lora_layers(self) -> dict[str, LoraLinear]:
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, LoraLinear)}
-
-    def merge(self) -> None:
-        tied = getattr(self.model.config, "tie_word_embeddings", False)
-        if tied and "lm_head" in self.lora_layers():
-            raise PeftError("cannot merge LoRA on 'lm_head': its weight is tied to "
-                            "transformer.wte, so merging would change the input embeddings too")
-        for layer in self.lora_layers().values():
-            layer.merge()
-
-    def unmerge(self) -> None:
-        for layer in self.lora_layers().values():
-            layer.unmerge()
-
-    def unload(self) -> nn.Module:
-        """Swap every LoraLinear back for its base_layer (merged or not); return the GPT."""
-        for name, layer in self.lora_layers().items():
-            layer.unmerged_weight = None
-            swap_module(self.model, name, layer.base_layer)
-        return self.model
-
-    def merge_and_unload(self) -> nn.Module:
-        self.merge()
-        return self.unload()

@@ -19,33 +19,34 @@ prepended again; that is how `generate` reuses the KV cache.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import atomic_write_json
 from ..model import CausalLMOutput, generate
-from .adapters import AdapterConfig, AdapterModel
-from .config import AdapterFileNotFoundError, PeftError, config_from_dict, config_to_dict
-from .lora import LoraConfig, LoraModel
+from .adapters import AdapterConfig, AdapterModel, LinearWithAdapter
+from .config import PeftError, config_to_dict
+from .files import (CONFIG_NAME, CONFIGS, WEIGHTS_NAME, adapter_folder, load_adapter_config,
+                    load_adapter_tensors)
+from .lora import LoraConfig
+from .lora_layer import LoraModel
+from .merge import combine, combined_config
 from .prompts import (PROMPT_CONFIGS, PrefixTuningConfig, PromptEmbedding, build_prompt_encoder,
                       fit_to_model, prefix_key_values)
 
-CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
-PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
-CONFIGS = {c.peft_type: c for c in (LoraConfig, AdapterConfig, *PROMPT_CONFIGS)}
 PREFIX = "base_model.model."  # PEFT's key prefix for LoRA-style adapter tensors
 
 
 class PeftModel(nn.Module):
-    def __init__(self, model: nn.Module, peft_config):
-        """Freeze `model`, add the adapter `peft_config` describes, make only it trainable
-        (nothing when config.inference_mode). `model` is changed in place, as in PEFT."""
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default"):
+        """Freeze `model`, add the adapter `peft_config` describes under `adapter_name`, make
+        only it trainable (nothing when config.inference_mode). `model` is changed in place,
+        as in PEFT. LoRA models take further adapters: load_adapter, add_weighted_adapter."""
         super().__init__()
         if not isinstance(peft_config, tuple(CONFIGS.values())):
             names, kind = ", ".join(c.__name__ for c in CONFIGS.values()), type(peft_config)
@@ -55,16 +56,33 @@ class PeftModel(nn.Module):
         if isinstance(peft_config, PROMPT_CONFIGS):
             peft_config = fit_to_model(peft_config, model.config)
         if isinstance(peft_config, LoraConfig):
-            self.base_model = LoraModel(model, peft_config)
+            self.base_model = LoraModel(model, peft_config, adapter_name)
         elif isinstance(peft_config, AdapterConfig):
             self.base_model = AdapterModel(model, peft_config)
         else:
             self.base_model = model
             self.prompt_encoder = build_prompt_encoder(peft_config, model)
-        self.peft_config = peft_config
+        # name -> config; LoRA keeps several (the LoraModel's own dict), other methods one
+        self.peft_configs = (self.base_model.peft_config if self.is_lora
+                             else {adapter_name: peft_config})
+        self._active = adapter_name
+        self._disabled = False
         self.set_adapter_trainable(not peft_config.inference_mode)  # freezes the base model
 
     # ------------------------------------------------------------------ structure
+    @property
+    def active_adapter(self) -> str:
+        return self._active
+
+    @property
+    def peft_config(self):
+        """The active adapter's config (PEFT keeps a dict of them: here `peft_configs`)."""
+        return self.peft_configs[self._active]
+
+    @property
+    def is_lora(self) -> bool:
+        return isinstance(self.base_model, LoraModel)
+
     @property
     def is_prompt_learning(self) -> bool:
         return isinstance(self.peft_config, PROMPT_CONFIGS)
@@ -80,15 +98,23 @@ class PeftModel(nn.Module):
     def device(self) -> torch.device:
         return self.get_base_model().device
 
-    def is_adapter_parameter(self, name: str) -> bool:
-        """Is `name` (a PeftModel parameter name) part of the adapter: trained and saved."""
+    def adapter_parameters(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The parameters of adapter `adapter_name` (default: the active one), trained and
+        saved, by their names in this PeftModel."""
+        if self.is_lora:
+            name = adapter_name or self._active
+            ids = {id(p) for p in self.base_model.adapter_tensors(name).values()}
+            return {n: p for n, p in self.named_parameters() if id(p) in ids}
         if self.is_prompt_learning:
-            return name.startswith("prompt_encoder.")
-        return name.startswith(PREFIX) and self.base_model.is_adapter_parameter(name[len(PREFIX):])
+            return {n: p for n, p in self.named_parameters() if n.startswith("prompt_encoder.")}
+        return {n: p for n, p in self.named_parameters() if n.startswith(PREFIX)
+                and self.base_model.is_adapter_parameter(n[len(PREFIX):])}
 
     def set_adapter_trainable(self, trainable: bool = True) -> None:
-        for name, p in self.named_parameters():
-            p.requires_grad_(trainable and self.is_adapter_parameter(name))
+        """Only the active adapter trains (when `trainable`); the rest is frozen."""
+        active = {id(p) for p in self.adapter_parameters().values()}
+        for p in self.parameters():
+            p.requires_grad_(trainable and id(p) in active)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         params = list(self.parameters())  # tied lm_head / wte counted once, as in PEFT
@@ -118,7 +144,7 @@ class PeftModel(nn.Module):
                 return_logits=True) -> CausalLMOutput:
         """GPT's forward with the adapter active; see the module docstring for virtual tokens."""
         model = self.get_base_model()
-        if not self.is_prompt_learning:
+        if not self.is_prompt_learning or self._disabled:  # (disabled: no virtual tokens)
             return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                          inputs_embeds=inputs_embeds, position_ids=position_ids,
                          past_key_values=past_key_values, use_cache=use_cache,
@@ -163,14 +189,14 @@ class PeftModel(nn.Module):
                         seed=seed)
 
     # ------------------------------------------------------------------ LoRA merging
-    def _lora(self) -> LoraModel:
-        if not isinstance(self.base_model, LoraModel):
-            raise PeftError(f"{self.peft_config.peft_type} cannot be merged into the base weights "
-                            "(adapters are non-linear, prompts add tokens); only LoRA merges")
+    def _lora(self, what="merged into the base weights") -> LoraModel:
+        if not self.is_lora:
+            raise PeftError(f"{self.peft_config.peft_type} cannot be {what} (adapters are "
+                            "non-linear, prompts add tokens); only LoRA can")
         return self.base_model
 
     def merge(self) -> None:
-        """Fold B A into the base weights (an explicit call, never a side effect)."""
+        """Fold the active adapter into the base weights (an explicit call, never a side effect)."""
         self._lora().merge()
 
     def unmerge(self) -> None:
@@ -178,34 +204,132 @@ class PeftModel(nn.Module):
         self._lora().unmerge()
 
     def merge_and_unload(self) -> nn.Module:
-        """The plain GPT with LoRA merged into its weights; this PeftModel is spent."""
+        """The plain GPT with the active adapter merged into its weights (merge.merge_lora);
+        this PeftModel is spent."""
         return self._lora().merge_and_unload()
 
     def unload(self) -> nn.Module:
         """The GPT without the adapter layers (not merged); this PeftModel is spent."""
         return self.base_model if self.is_prompt_learning else self.base_model.unload()
 
+    # ------------------------------------------------------------------ several adapters
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the active adapter; it trains unless its config says
+        inference_mode (an adapter loaded with is_trainable=False), the others are frozen."""
+        self._lora("switched between adapters").set_adapter(adapter_name)
+        self._active = adapter_name
+        self.set_adapter_trainable(not self.peft_config.inference_mode)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """`with peft_model.disable_adapter(): ...` runs the base model alone (every method;
+        for Houlsby adapters the LayerNorms keep their trained values)."""
+        if self.is_lora and any(m.merged for m in self.base_model.lora_layers().values()):
+            raise PeftError("disable_adapter: the adapter is merged into the base weights; "
+                            "unmerge() first")
+        self._set_disabled(True)
+        try:
+            yield
+        finally:
+            self._set_disabled(False)
+
+    def _set_disabled(self, disabled: bool) -> None:
+        self._disabled = disabled
+        if self.is_lora:
+            self.base_model.set_disabled(disabled)
+        elif not self.is_prompt_learning:
+            for m in self.base_model.modules():
+                if isinstance(m, LinearWithAdapter):
+                    m.disabled = disabled
+
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False,
+                     subfolder: str | None = None) -> None:
+        """Add the LoRA adapter saved in `model_id` under `adapter_name` (not made active:
+        set_adapter does that). On any error the model is left as it was."""
+        lora = self._lora("given a second adapter")
+        if adapter_name in self.peft_configs:
+            raise PeftError(f"an adapter named {adapter_name!r} is already loaded")
+        folder = adapter_folder(model_id, subfolder)
+        config, tensors = load_adapter_config(folder), load_adapter_tensors(folder)
+        if not isinstance(config, LoraConfig):
+            raise PeftError(f"{folder / CONFIG_NAME}: a {config.peft_type} adapter; only LoRA "
+                            "adapters can share a model")
+        config.inference_mode = not is_trainable
+        flags = [(p, p.requires_grad) for p in self.parameters()]
+        try:
+            lora.add_adapter(adapter_name, config)
+        except PeftError as e:
+            raise PeftError(f"{folder / CONFIG_NAME}: {e}") from None
+        try:
+            self.load_adapter_state_dict(tensors, str(folder / WEIGHTS_NAME), adapter_name)
+        except Exception:
+            lora.remove_adapter(adapter_name)
+            raise
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    @torch.no_grad()
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """A new LoRA adapter from weighted existing ones, with PEFT's semantics and formulas
+        (merge.py): "linear", "cat", "ties" (needs `density`) or "svd". The new adapter is
+        frozen and not made active. Nothing happens if `adapter_name` exists, as in PEFT."""
+        lora = self._lora("combined")
+        if adapter_name in self.peft_configs:
+            return
+        unknown = [a for a in adapters if a not in self.peft_configs]
+        if unknown or not adapters:
+            raise PeftError(f"add_weighted_adapter: no adapter named {unknown or adapters!r}; "
+                            f"this model has {sorted(self.peft_configs)}")
+        config, kind = combined_config([self.peft_configs[a] for a in adapters], list(weights),
+                                       combination_type, density)
+        lora.add_adapter(adapter_name, config)
+        for layer in lora.lora_layers().values():
+            new = layer.parts(adapter_name)
+            found = [(layer.parts(a), w) for a, w in zip(adapters, weights) if layer.parts(a)]
+            if new is None or not found:
+                continue
+            A, B = combine([(p.lora_A.weight, p.lora_B.weight, p.scaling) for p, _ in found],
+                           [w for _, w in found], kind, config.r, density, majority_sign_method)
+            new.lora_A.weight.copy_(A)
+            new.lora_B.weight.copy_(B)
+        for p in self.adapter_parameters(adapter_name).values():
+            p.requires_grad_(False)
+
     # ------------------------------------------------------------------ files
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """What adapter_model.safetensors holds, under PEFT's key names."""
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """What adapter `adapter_name`'s (default: the active one) adapter_model.safetensors
+        holds, under PEFT's key names."""
+        return {k: v.detach() for k, v in self._adapter_targets(adapter_name).items()}
+
+    def _adapter_targets(self, adapter_name=None) -> dict[str, torch.Tensor]:
+        if self.is_lora:
+            tensors = self.base_model.adapter_tensors(adapter_name or self._active)
+            return {PREFIX + k: v for k, v in tensors.items()}
         if self.is_prompt_learning:  # the final virtual tokens only, as PEFT
-            with torch.no_grad():
-                return {"prompt_embeddings": self.prompt_encoder().detach()}
-        return {n: p.detach() for n, p in self.named_parameters() if self.is_adapter_parameter(n)}
+            if not isinstance(self.prompt_encoder, PromptEmbedding):
+                with torch.no_grad():
+                    return {"prompt_embeddings": self.prompt_encoder()}
+            return {"prompt_embeddings": self.prompt_encoder.embedding.weight}
+        return self.adapter_parameters()
 
     def save_pretrained(self, save_directory) -> None:
-        """Write adapter_config.json + adapter_model.safetensors, PEFT's format."""
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
-        tmp = folder / (WEIGHTS_NAME + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, folder / WEIGHTS_NAME)
-        atomic_write_json(folder / CONFIG_NAME, config_to_dict(self.peft_config))
+        """Write adapter_config.json + adapter_model.safetensors, PEFT's format: the adapter
+        "default" in `save_directory`, every other one in `save_directory/<name>/` (PEFT's
+        subfolders)."""
+        for name, config in self.peft_configs.items():
+            folder = Path(save_directory) / (name if name != "default" else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict(name).items()}
+            tmp = folder / (WEIGHTS_NAME + ".tmp")
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, folder / WEIGHTS_NAME)
+            atomic_write_json(folder / CONFIG_NAME, config_to_dict(config))
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id, is_trainable: bool = False,
-                        subfolder: str | None = None) -> PeftModel:
+    def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default",
+                        is_trainable: bool = False, subfolder: str | None = None) -> PeftModel:
         """Load an adapter folder saved by minift or PEFT onto `model`. On any error the model
         is left as it was. is_trainable=True continues training the loaded values (for the
         virtual-token methods: the saved tokens themselves; encoders are not saved)."""
@@ -215,7 +339,7 @@ class PeftModel(nn.Module):
         config.inference_mode = True      # a loaded prompt is the saved form (see prompts.py)
         flags = [(p, p.requires_grad) for p in model.parameters()]
         try:
-            peft_model = cls(model, config)
+            peft_model = cls(model, config, adapter_name)
         except PeftError as e:  # the config does not fit this model: name the file
             raise PeftError(f"{folder / CONFIG_NAME}: {e}") from None
         try:
@@ -232,15 +356,13 @@ class PeftModel(nn.Module):
         return peft_model
 
     @torch.no_grad()
-    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source="state dict"):
+    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source="state dict",
+                                adapter_name: str | None = None):
         """Copy adapter tensors in; every key and shape is checked before anything is copied."""
-        if self.is_prompt_learning:
-            if not isinstance(self.prompt_encoder, PromptEmbedding):
-                raise PeftError("saved prompt_embeddings are an encoder's output; load them with "
-                                "PeftModel.from_pretrained, not into a training-form encoder")
-            targets = {"prompt_embeddings": self.prompt_encoder.embedding.weight}
-        else:
-            targets = {n: p for n, p in self.named_parameters() if self.is_adapter_parameter(n)}
+        if self.is_prompt_learning and not isinstance(self.prompt_encoder, PromptEmbedding):
+            raise PeftError("saved prompt_embeddings are an encoder's output; load them with "
+                            "PeftModel.from_pretrained, not into a training-form encoder")
+        targets = self._adapter_targets(adapter_name)
         for key, t in tensors.items():
             if key not in targets:
                 raise PeftError(f"{source}: unexpected key {key!r}; it is not a parameter of this "
@@ -258,56 +380,3 @@ class PeftModel(nn.Module):
 def get_peft_model(model: nn.Module, peft_config) -> PeftModel:
     """PEFT's entry point: freeze `model`, add the adapter, return the PeftModel."""
     return PeftModel(model, peft_config)
-
-
-# ---------------------------------------------------------------------- reading adapter folders
-def _inside(folder: Path, name: str) -> Path:
-    """folder / name, refusing anything (.., absolute paths, symlinks) that leads outside."""
-    path = folder / name
-    if not path.resolve().is_relative_to(folder.resolve()):
-        raise PeftError(f"{path} leads outside the adapter folder {folder}; refusing to read it")
-    return path
-
-
-def adapter_folder(model_id, subfolder=None) -> Path:
-    folder = Path(model_id).expanduser()
-    if subfolder:
-        folder = _inside(folder, subfolder)
-    if not folder.is_dir():
-        raise AdapterFileNotFoundError(f"{folder}: no such adapter folder (minift reads local "
-                                       "folders holding adapter_config.json)")
-    return folder
-
-
-def load_adapter_config(folder: Path):
-    """adapter_config.json -> the config dataclass its peft_type names."""
-    path = _inside(folder, CONFIG_NAME)
-    if not path.is_file():
-        raise AdapterFileNotFoundError(f"{path}: missing; an adapter folder holds {CONFIG_NAME} "
-                                       f"and {WEIGHTS_NAME}")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:  # also a 5000-digit number, [[[[... too deep
-        raise PeftError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
-    got = d.get("peft_type") if isinstance(d, dict) else None
-    if not isinstance(got, str) or got not in CONFIGS:
-        raise PeftError(f"{path}: unknown peft_type {got!r}; minift loads {sorted(CONFIGS)}")
-    return config_from_dict(CONFIGS[d["peft_type"]], d, str(path))
-
-
-def load_adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """adapter_model.safetensors -> tensors. Pickled .bin files are refused, never opened."""
-    path = _inside(folder, WEIGHTS_NAME)
-    if not path.is_file():
-        pickles = [n for n in PICKLE_NAMES if (folder / n).exists()]
-        if pickles:
-            raise PeftError(f"{folder}: only {pickles[0]} found, a pickle that could run code; "
-                            "minift reads adapter_model.safetensors only. Re-save it with PEFT: "
-                            "PeftModel.from_pretrained(...).save_pretrained(dir)")
-        raise AdapterFileNotFoundError(f"{path}: missing; an adapter folder holds {CONFIG_NAME} "
-                                       f"and {WEIGHTS_NAME}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # a truncated or foreign file: name it
-        raise PeftError(f"{path}: not a readable safetensors file ({e})") from None
