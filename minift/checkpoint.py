@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from .io import save_safetensors, write_json
 
 EMBEDDED = {"minift-tiny": Path(__file__).parent / "assets" / "minift-tiny"}
 
@@ -224,16 +225,9 @@ def hf_config_dict(config) -> dict:
     return d
 
 
-def atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_pretrained(model, folder) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "config.json", hf_config_dict(model.config))
-    tmp = folder / "model.safetensors.tmp"
-    save_file(to_hf_state_dict(model), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "model.safetensors")
+    write_json(folder / "config.json", hf_config_dict(model.config))
+    save_safetensors(folder / "model.safetensors", to_hf_state_dict(model),
+                     metadata={"format": "pt"})

@@ -24,7 +24,8 @@ from tokenizers import decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
-from minift.checkpoint import resolve_source
+from .checkpoint import resolve_source
+from .io import atomic_write, write_json
 
 EOS = "<|endoftext|>"  # GPT-2's only special token; it serves as eos, bos and (by habit) pad
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token")
@@ -113,7 +114,7 @@ class Tokenizer:
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(folder / "tokenizer.json"))
+        atomic_write(folder / "tokenizer.json", lambda tmp: self.backend.save(str(tmp)))
         specials = {k: getattr(self, k) for k in SPECIAL_KEYS if getattr(self, k) is not None}
         config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, **specials}
         if self.model_max_length is not None:
@@ -121,7 +122,7 @@ class Tokenizer:
         if self.chat_template is not None:  # in the config, where every transformers version reads it
             config["chat_template"] = self.chat_template
         for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
-            (folder / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+            write_json(folder / name, data)
 
     @classmethod
     def train_bpe(cls, texts, vocab_size: int, min_frequency: int = 2) -> "Tokenizer":

@@ -20,14 +20,12 @@ prepended again; that is how `generate` reuses the KV cache.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
-from ..checkpoint import atomic_write_json
+from ..io import save_safetensors, write_json
 from ..model import CausalLMOutput, generate
 from .adapters import AdapterConfig, AdapterModel, LinearWithAdapter
 from .config import PeftError, config_to_dict
@@ -322,10 +320,8 @@ class PeftModel(nn.Module):
             folder = Path(save_directory) / (name if name != "default" else "")
             folder.mkdir(parents=True, exist_ok=True)
             tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict(name).items()}
-            tmp = folder / (WEIGHTS_NAME + ".tmp")
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, folder / WEIGHTS_NAME)
-            atomic_write_json(folder / CONFIG_NAME, config_to_dict(config))
+            save_safetensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+            write_json(folder / CONFIG_NAME, config_to_dict(config))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default",
