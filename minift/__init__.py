@@ -1,5 +1,6 @@
 """minift: a minimal, readable library for fine-tuning GPT-2-style language models."""
-from .data import DataError, collate, load_dataset, load_jsonl, load_text
+from .data import collate, load_dataset, load_jsonl, load_text
+from .formats import DataError
 from .model import GPT, CausalLMOutput, GPTConfig
 from .optim import (AdamW, build_param_groups, get_constant_schedule_with_warmup,
                     get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup)
