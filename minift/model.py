@@ -486,20 +486,17 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens=20, do_sample=False, temperature=1.0,
-                 top_k=None, top_p=None, eos_token_id=None, attention_mask=None,
-                 pad_token_id=None, use_cache=True, generator=None, seed=None):
+    def generate(self, input_ids, **kwargs):
         """Continue each prompt; returns (B, T + new) ids, prompt included, as transformers.
+        The keyword arguments (max_new_tokens, do_sample, temperature, top_k, top_p,
+        eos_token_id, attention_mask, pad_token_id, use_cache, generator, seed) and their
+        defaults are generation.generate's, written there once.
 
         Batched prompts must be left-padded with `attention_mask` marking real tokens. After a
         row emits `eos_token_id` it is filled with `pad_token_id` (default: eos) until every
         row is done. Sampling draws from `generator` (or one seeded with `seed`).
         """
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                        temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_token_id=eos_token_id, attention_mask=attention_mask,
-                        pad_token_id=pad_token_id, use_cache=use_cache, generator=generator,
-                        seed=seed)
+        return generate(self, input_ids, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

@@ -117,12 +117,6 @@ def set_threads(threads: int | None, n_parameters: int) -> None:
         torch.set_num_threads(threads)
 
 
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total), each shared tensor (tied lm_head / wte) counted once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 def jsonl_records(path: Path) -> list[dict]:
     """The lines of a JSONL file that load_dataset has already checked, one per example
     (a .txt file has none)."""

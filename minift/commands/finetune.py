@@ -32,8 +32,7 @@ from ..report import (METRIC_NAMES, MemoryProbe, StepTimer, finetune_markdown, l
 from ..rundir import RUN_FILES
 from ..tokenizer import Tokenizer
 from ..train import train
-from .common import (RANK, add_command, count_parameters, read_run_config, say, set_threads,
-                     show)
+from .common import RANK, add_command, read_run_config, say, set_threads, show
 from .taskdata import evaluate_model, load_task_data
 
 RUN_OUTPUTS = ("config.json", "adapter", "model", "report.md", "report.json", "loss.png")
@@ -253,7 +252,7 @@ def run(args) -> int:
 def _train(model, data, config: TrainConfig, opts: dict, device, out: Path):
     """train(), with its timing and memory -> (the trained model, unsharded on rank 0; the
     report's "train" section)."""
-    trainable, total = count_parameters(model)
+    trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
     say(f"{opts['method']}: {trainable:,d} of {total:,d} parameters trainable "
         f"({100 * trainable / total:.3g}%); training in {out} ...")
     timer = StepTimer()
@@ -281,7 +280,7 @@ def _train(model, data, config: TrainConfig, opts: dict, device, out: Path):
 def _report(out: Path, opts, peft_config, model, data, before, after, samples, training,
             artifact) -> None:
     """report.json, report.md and loss.png in the run folder; the tables on stdout."""
-    trainable, total = count_parameters(model)
+    trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
     curve = loss_curves(read_metrics(out / "metrics.jsonl"), before and before["val_loss"])
     plotted = plot_losses({opts["method"]: curve}, out / "loss.png",
                           f"minift finetune: {opts['method']} on {opts['model']}")

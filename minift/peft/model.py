@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..io import save_safetensors, write_json
-from ..model import CausalLMOutput, generate
+from ..model import GPT, CausalLMOutput, generate
 from .adapters import AdapterConfig, AdapterModel, LinearWithAdapter
 from .config import PeftError, config_to_dict
 from .files import (CONFIG_NAME, CONFIGS, WEIGHTS_NAME, adapter_folder, load_adapter_config,
@@ -114,13 +114,10 @@ class PeftModel(nn.Module):
         for p in self.parameters():
             p.requires_grad_(trainable and id(p) in active)
 
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        params = list(self.parameters())  # tied lm_head / wte counted once, as in PEFT
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    num_parameters = GPT.num_parameters   # the one count (tied lm_head / wte once, as PEFT)
 
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        trainable, total = self.get_nb_trainable_parameters()
-        return trainable if trainable_only else total
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        return self.num_parameters(trainable_only=True), self.num_parameters()
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -175,16 +172,10 @@ class PeftModel(nn.Module):
                      return_logits=return_logits)
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens=20, do_sample=False, temperature=1.0,
-                 top_k=None, top_p=None, eos_token_id=None, attention_mask=None,
-                 pad_token_id=None, use_cache=True, generator=None, seed=None):
-        """GPT.generate with the adapter active: returns (B, T + new) ids, prompt included
-        and virtual tokens not."""
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                        temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_token_id=eos_token_id, attention_mask=attention_mask,
-                        pad_token_id=pad_token_id, use_cache=use_cache, generator=generator,
-                        seed=seed)
+    def generate(self, input_ids, **kwargs):
+        """GPT.generate with the adapter active (generation.generate's keyword arguments):
+        returns (B, T + new) ids, prompt included and virtual tokens not."""
+        return generate(self, input_ids, **kwargs)
 
     # ------------------------------------------------------------------ LoRA merging
     def _lora(self, what="merged into the base weights") -> LoraModel:
