@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 folders <-> minift models.
+"""Hugging Face GPT-2 folders <-> minift's named tensors and config dict.
 
 A GPT-2 checkpoint folder holds `config.json` and either `model.safetensors` or a
 sharded `model.safetensors.index.json` pointing at several safetensors files.
@@ -6,7 +6,9 @@ minift keeps GPT-2's parameter names, so loading is one shape-checked loop; the 
 twist is that OpenAI's GPT-2 stores its linear layers as `Conv1D` with the weight
 transposed, (in, out) instead of nn.Linear's (out, in).
 
-Nothing here unpickles: `.bin` / `.pt` files are refused (a pickle can run code).
+This module knows files, not the model: GPT.from_pretrained / save_pretrained (model.py)
+call it, so the imports run one way. Nothing here unpickles: `.bin` / `.pt` files are
+refused (a pickle can run code).
 """
 from __future__ import annotations
 
@@ -112,9 +114,9 @@ def _check_config_types(d: dict, path: Path) -> None:
             raise ValueError(f"{path}: {name} is a probability, got {v!r}")
 
 
-def load_config(folder: Path):
-    """config.json -> GPTConfig, refusing architectures minift does not implement."""
-    from .model import GPTConfig
+def read_config(folder: Path) -> dict:
+    """config.json, checked: a JSON object of a GPT-2 model whose numbers are sane (GPT's
+    from_pretrained turns it into a GPTConfig)."""
     d = _read_json(folder / "config.json")
     _check_config_types(d, folder / "config.json")
     if d.get("model_type", "gpt2") != "gpt2":
@@ -123,10 +125,7 @@ def load_config(folder: Path):
     if d.get("scale_attn_by_inverse_layer_idx") or d.get("add_cross_attention"):
         raise ValueError(f"{folder / 'config.json'}: scale_attn_by_inverse_layer_idx / "
                          "add_cross_attention are not supported by minift")
-    try:
-        return GPTConfig.from_dict(d)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{folder / 'config.json'}: {e}") from None
+    return d
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -162,12 +161,11 @@ def hf_to_minift_name(key: str) -> str | None:
     return key if key.startswith("lm_head.") else "transformer." + key
 
 
-def load_pretrained(src, dtype: torch.dtype | None = None, device=None):
-    """Build a GPT from a Hugging Face GPT-2 folder. Every tensor is shape-checked by name."""
-    from .model import GPT
-    folder = resolve_source(src)
-    config = load_config(folder)
-    tensors = []  # (file, key, tensor): read before the model is built, to check n_layer
+def read_weights(folder: Path, expected: dict[str, torch.Size], n_layer: int,
+                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The folder's tensors under minift's names, each checked against `expected` (name ->
+    shape of the model being built; a tied lm_head is absent from it and skipped here)."""
+    tensors = []  # (file, key, tensor): all read first, to check n_layer
     for file in weight_files(folder):
         try:
             with safe_open(str(file), framework="pt") as f:
@@ -176,16 +174,13 @@ def load_pretrained(src, dtype: torch.dtype | None = None, device=None):
             raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
     blocks = {key.removeprefix("transformer.").split(".")[1] for _, key, _ in tensors
               if key.removeprefix("transformer.").startswith("h.")}
-    if len(blocks) != config.n_layer:
-        raise ValueError(f"{folder / 'config.json'}: n_layer={config.n_layer}, but the weights "
+    if len(blocks) != n_layer:
+        raise ValueError(f"{folder / 'config.json'}: n_layer={n_layer}, but the weights "
                          f"hold {len(blocks)} blocks")
-    with torch.device("meta"):  # no random init: every tensor is overwritten below
-        model = GPT(config)
-    expected = dict(model.named_parameters())  # tied lm_head appears once, as wte
     loaded = {}
     for file, key, t in tensors:
         name = hf_to_minift_name(key)
-        if name is None or (name == "lm_head.weight" and config.tie_word_embeddings):
+        if name is None or (name == "lm_head.weight" and name not in expected):
             continue
         if name not in expected:
             raise ValueError(f"{file}: unexpected key {key!r} for a GPT-2 model")
@@ -193,41 +188,39 @@ def load_pretrained(src, dtype: torch.dtype | None = None, device=None):
             raise ValueError(f"{file}: key {key!r} holds {t.dtype}, not floating point")
         if name.endswith(TRANSPOSED) and t.ndim == 2:
             t = t.t()  # Conv1D (in, out) -> Linear (out, in): a view, no copy (FSDP copies later)
-        if t.shape != expected[name].shape:
+        if t.shape != expected[name]:
             raise ValueError(f"{file}: key {key!r} has shape {tuple(t.shape)} but "
-                             f"config.json implies {tuple(expected[name].shape)}")
+                             f"config.json implies {tuple(expected[name])}")
         loaded[name] = t.to(dtype) if dtype is not None else t
     missing = sorted(set(expected) - set(loaded))
     if missing:
         raise ValueError(f"{folder}: checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")
-    model.load_state_dict(loaded, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.transformer.wte.weight
-    model.eval()  # as transformers: from_pretrained gives an eval-mode model
-    return model.to(device) if device is not None else model
+    return loaded
 
 
-def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
     """minift parameters -> GPT-2's checkpoint keys and Conv1D layout (lm_head left out if tied)."""
     sd = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+    for name, t in state_dict.items():
+        if name == "lm_head.weight" and tied:
             continue
         t = t.t() if name.endswith(TRANSPOSED) else t
         sd[name] = t.detach().contiguous().cpu()
     return sd
 
 
-def hf_config_dict(config) -> dict:
-    d = config.to_dict()
-    d.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=config.n_positions,
-             scale_attn_weights=True, summary_type="cls_index", use_cache=True)
-    return d
+def hf_config_dict(config: dict) -> dict:
+    """A GPTConfig's fields plus what transformers' GPT2Config expects to find."""
+    return {**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+            "n_ctx": config["n_positions"], "scale_attn_weights": True,
+            "summary_type": "cls_index", "use_cache": True}
 
 
-def save_pretrained(model, folder) -> None:
+def write_folder(folder, config: dict, state_dict: dict[str, torch.Tensor]) -> None:
+    """config.json + model.safetensors, in the layout transformers loads (config: GPTConfig
+    fields as a dict)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "config.json", hf_config_dict(model.config))
-    save_safetensors(folder / "model.safetensors", to_hf_state_dict(model),
-                     metadata={"format": "pt"})
+    write_json(folder / "config.json", hf_config_dict(config))
+    tensors = to_hf_state_dict(state_dict, config.get("tie_word_embeddings", True))
+    save_safetensors(folder / "model.safetensors", tensors, metadata={"format": "pt"})

@@ -2,8 +2,10 @@
 Multitask Learners"; architecture of Radford et al. 2018 with pre-LayerNorm, §2.3).
 
 Module and parameter names are GPT-2's own (`transformer.h.0.attn.c_attn.weight`, ...),
-so Hugging Face checkpoints load with one loop (see checkpoint.py). Unlike OpenAI's
-Conv1D, every projection here is a plain `nn.Linear` storing (out, in).
+so Hugging Face checkpoints load with one loop (checkpoint.py reads the files). Unlike
+OpenAI's Conv1D, every projection here is a plain `nn.Linear` storing (out, in). Where a
+reference calls nn.Dropout, scaled_dot_product_attention, c_proj(act(h)) or the full
+cross-entropy, this calls ops.py's equals, which keep less for the backward.
 
 Shapes: B batch, T new tokens, P past tokens (KV cache or prefix), C n_embd,
 nh heads, hs = C // nh head size, V vocabulary.
@@ -18,22 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import checkpoint as files
+from .generation import generate
+from .ops import ACTIVATIONS, ActLinear, Dropout, attention, masked_lm_loss
+
 # A KV cache / prefix: one (key, value) pair per layer, each (B, nh, P, hs).
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]
-
-ACTIVATIONS = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "relu": F.relu,
-}
-# d act(h)/dh times a gradient g, for _ActLinear's backward: the kernels autograd itself uses
-ACTIVATION_GRADS = {
-    "gelu_new": lambda g, h: torch.ops.aten.gelu_backward(g, h, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda g, h: torch.ops.aten.gelu_backward(g, h, approximate="tanh"),
-    "gelu": lambda g, h: torch.ops.aten.gelu_backward(g, h),
-    "relu": lambda g, h: torch.ops.aten.threshold_backward(g, h, 0),
-}
 
 
 @dataclass
@@ -74,115 +66,47 @@ class GPTConfig:
         return asdict(self)
 
 
-@dataclass
 class CausalLMOutput:
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None           # (B, T, V), None when return_logits=False
-    past_key_values: KeyValues | None = None     # when use_cache=True
+    """GPT.forward's result, with transformers' names: loss, logits (B, T, V), past_key_values.
 
+    The logits are computed when first read (then kept): lm_head over the final hidden
+    states the forward returned, under the grad mode and autocast state the forward ran
+    in, so they are the very numbers, and as differentiable, as logits computed eagerly.
+    A loop that reads only `.loss` never builds the (B, T, V) logits.
 
-def keep_mask(shape, p: float, device: torch.device) -> torch.Tensor:
-    """Dropout's keep-mask: 1 where a uniform draw is >= p (probability 1 - p), else 0, one
-    byte an element; multiply by it (then by 1 / (1 - p)) to drop out.
-
-    Eager code gets a bool tensor. On the CPU its uniform numbers are drawn 64K at a time
-    into a buffer that stays in cache (the same numbers, in the same order, as one draw):
-    GPT-2 small's attention mask at 4 x 256 would otherwise pass through a 12.6 MB float
-    tensor per layer, which is slower and leaves heap fragments behind (a LoRA step's peak
-    RSS: about 100 MB lower). Code compiled by inductor gets int8 0/1 made with `where`:
-    inductor's C++ stores and loads bool tensors several times slower than int8 ones (that
-    attention mask fused into the softmax: 10 ms instead of 1 ms on a 2-core CPU). The
-    products are the same numbers.
-    """
-    if torch.compiler.is_compiling():
-        return torch.where(torch.rand(shape, device=device) >= p, 1, 0).to(torch.int8)
-    if torch.device(device).type != "cpu":
-        return torch.rand(shape, device=device) >= p
-    keep = torch.empty(shape, dtype=torch.bool, device=device)
-    for part in keep.view(-1).split(1 << 16):
-        torch.ge(torch.rand(part.shape, device=device), p, out=part)
-    return keep
-
-
-def _attention_probs(q, k, mask):
-    """softmax(q k^T) over the keys `mask` allows (bool, broadcast to (B, nh, T, S)) or, for
-    mask None, over keys j <= query i (causal, T == S); q comes scaled by 1 / sqrt(hs).
-    A query allowed no key at all (left padding) gets zeros, as in SDPA."""
-    scores = q @ k.transpose(-2, -1)                                     # (B, nh, T, S)
-    if mask is None:
-        T, S = scores.shape[-2:]
-        future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu_(1)
-        return scores.masked_fill_(future, float("-inf")).softmax(-1)
-    probs = scores.masked_fill_(~mask, float("-inf")).softmax(-1)
-    return probs.masked_fill_(~mask.any(-1, keepdim=True), 0.0)
-
-
-class _AttentionDropout(torch.autograd.Function):
-    """Attention with dropout on the probabilities (Vaswani et al. 2017, §3.2.1 and §5.4):
-
-        y = ((softmax(q k^T / sqrt(hs)) * keep) / (1 - p)) v         keep: 0/1 (B, nh, T, S)
-
-    For training on CPU, where SDPA under dropout falls back to its math kernel, which keeps
-    the (B, nh, T, S) scores, probabilities and dropped probabilities for the backward:
-    42 MB a layer for GPT-2 small at 4 x 256. This keeps q (scaled), k, v, as contiguous
-    copies that replace c_attn's output, and the 1-byte mask, and recomputes the
-    probabilities in the backward: "selective activation recomputation" (Korthikanti et al.
-    2022, §4.3), one more QK^T per layer. With the mask saved, no random numbers are drawn
-    twice. The backward, with P the probabilities and D = P * keep / (1 - p):
-
-        dv = D^T dy      dP = (dy v^T) * keep / (1 - p)      dS = P * (dP - rowsum(dP * P))
-        dq = dS k / sqrt(hs)      dk = dS^T q / sqrt(hs)
+    The one edge: logits first read after `loss.backward()` hang below a graph autograd has
+    freed; their values are right, but a backward through them raises ("backward through
+    the graph a second time"). Read them before the backward, or pass return_logits=True.
     """
 
-    @staticmethod
-    def forward(ctx, q, k, v, mask, keep, p: float):
-        # q (B, nh, T, hs); k, v (B, nh, S, hs); mask bool broadcast to (B, nh, T, S), or
-        # None for causal; keep 0/1, bool or int8 (B, nh, T, S) (see keep_mask). Contiguous,
-        # so the matmuls copy nothing.
-        q = q * (1.0 / math.sqrt(q.shape[-1]))
-        k, v = k.contiguous(), v.contiguous()
-        probs = _attention_probs(q, k, mask)                               # (B, nh, T, S)
-        y = (probs.mul_(keep) @ v).mul_(1.0 / (1.0 - p))                   # (B, nh, T, hs)
-        ctx.save_for_backward(q, k, v, mask, keep)
-        ctx.p = p
-        return y
+    def __init__(self, loss=None, logits=None, past_key_values=None, hidden=None, head=None):
+        self.loss, self.past_key_values = loss, past_key_values
+        self._logits, self._hidden, self._head = logits, hidden, head
+        if hidden is not None:  # the forward's modes, to compute the logits in later
+            dev = hidden.device.type
+            self._modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), dev,
+                           torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
 
-    @staticmethod
-    def backward(ctx, dy):
-        q, k, v, mask, keep = ctx.saved_tensors                            # q scaled
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        probs = _attention_probs(q, k, mask)                               # recomputed
-        dy = dy * (1.0 / (1.0 - ctx.p))                                    # (B, nh, T, hs)
-        dq = dk = dv = None
-        d_probs = (dy @ v.transpose(-2, -1)).mul_(keep)                    # (B, nh, T, S)
-        # softmax's backward, P * (dP - rowsum(dP * P)), in one pass
-        d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)
-        if need_v:  # after the softmax backward: this drops out of probs in place
-            dv = probs.mul_(keep).transpose(-2, -1) @ dy                   # (B, nh, S, hs)
-        if need_q:  # not in block 0 under prefix tuning: nothing below it trains
-            dq = d_scores @ k * (1.0 / math.sqrt(q.shape[-1]))             # (B, nh, T, hs)
-        if need_k:
-            dk = d_scores.transpose(-2, -1) @ q                            # (B, nh, S, hs)
-        return dq, dk, dv, None, None, None
+    @property
+    def logits(self) -> torch.Tensor | None:
+        if self._logits is None and self._hidden is not None:
+            grad, inference, dev, autocast, dtype = self._modes
+            # inference_mode first: leaving it (mode False) turns grad mode on
+            with (torch.inference_mode(inference), torch.set_grad_enabled(grad),
+                  torch.autocast(dev, dtype=dtype, enabled=autocast)):
+                self._logits = self._head(self._hidden)
+            self._hidden = self._head = None
+        return self._logits
 
+    @logits.setter
+    def logits(self, value):
+        self._logits, self._hidden, self._head = value, None, None
 
-class Dropout(nn.Dropout):
-    """nn.Dropout (Srivastava et al. 2014: zero each element with probability p, scale the
-    rest by 1 / (1 - p)) that keeps a 1-byte mask on the CPU.
-
-    torch's CPU dropout draws a float mask with bernoulli_ and keeps it, 4 bytes an element,
-    for the backward. Here the mask is `keep_mask` (uniform >= p, 1 byte), and
-    `(x * keep) * scale` lets autograd keep only that: a quarter of the memory (GPT-2 small
-    at 4 x 256: 56 MiB less over its 25 dropouts), and drawing uniform numbers takes half
-    the time of bernoulli_. Same distribution, same output for the same mask. On other
-    devices F.dropout is already one fused kernel with a 1-byte mask, so it is used as is.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
-            return super().forward(x)
-        keep = keep_mask(x.shape, self.p, x.device)                     # P(keep) = 1 - p
-        return torch.mul(x, keep).mul_(1.0 / (1.0 - self.p))
+    def __repr__(self):
+        lazy = self._logits is None and self._hidden is not None
+        logits = "<not computed yet>" if lazy else self._logits
+        return (f"CausalLMOutput(loss={self.loss}, logits={logits}, "
+                f"past_key_values={'None' if self.past_key_values is None else '...'})")
 
 
 class CausalSelfAttention(nn.Module):
@@ -201,60 +125,11 @@ class CausalSelfAttention(nn.Module):
         if past is not None:  # prepend cached or prefix keys/values: (B, nh, P + T, hs)
             k = torch.cat([past[0].to(k.dtype), k], dim=2)
             v = torch.cat([past[1].to(v.dtype), v], dim=2)
-        # mask: None means plain causal over T == P + T keys; else bool (B, 1, T, P + T), True = attend
+        # mask: None means causal (query i sees keys j <= P + i); else bool (B, 1, T, P + T)
         dropout_p = self.attn_pdrop if self.training else 0.0
-        if dropout_p > 0 and x.device.type == "cpu" and torch.is_grad_enabled():
-            # SDPA's CPU kernel under dropout is its math one, which keeps (B, nh, T, T)
-            # tensors for the backward; see _AttentionDropout.
-            if mask is None and past is not None:  # one new token: every key is allowed
-                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device)
-            keep = keep_mask((*q.shape[:-1], k.shape[2]), dropout_p, x.device)
-            y = _AttentionDropout.apply(q, k, v, mask, keep, dropout_p)   # (B, nh, T, hs)
-        else:
-            y = F.scaled_dot_product_attention(                           # (B, nh, T, hs)
-                q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                is_causal=mask is None and past is None)  # T == 1: one key, nothing to hide
+        y = attention(q, k, v, mask, dropout_p)                          # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y)), ((k, v) if use_cache else None)
-
-
-class _ActLinear(torch.autograd.Function):
-    """`F.linear(act(h), weight, bias)` keeping h, not act(h), for the backward.
-
-    When c_proj's weight trains, its gradient needs its input act(h), and the activation's
-    backward needs h: two (B, T, 4C) tensors a layer. This keeps h only and recomputes the
-    cheap pointwise act(h) in the backward ("selective activation recomputation",
-    Korthikanti et al. 2022, §4.3): 12 MB a layer for GPT-2 small at 4 x 256. The forward
-    and setup_context are apart and the backward is plain torch ops (the activation's
-    derivative from ACTIVATION_GRADS), so torch.func's grad and vmap (per-example
-    gradients) work through it.
-    """
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(h, weight, bias, activation: str):  # h (..., 4C), weight (C, 4C)
-        return F.linear(ACTIVATIONS[activation](h), weight, bias)        # (..., C)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        h, weight, _, activation = inputs
-        ctx.activation = activation
-        ctx.save_for_backward(h, weight)
-
-    @staticmethod
-    def backward(ctx, g):                                                # g (..., C)
-        h, weight = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        g2 = g.reshape(-1, g.shape[-1])
-        dh = dw = db = None
-        if need_w:
-            a = ACTIVATIONS[ctx.activation](h)                           # recomputed (..., 4C)
-            dw = g2.t() @ a.reshape(-1, a.shape[-1]).to(g.dtype)         # (C, 4C)
-        if need_b:
-            db = g2.sum(0)                                               # (C,)
-        if need_h:
-            dh = ACTIVATION_GRADS[ctx.activation]((g @ weight.to(g.dtype)).to(h.dtype), h)
-        return dh, dw, db, None
 
 
 class MLP(nn.Module):
@@ -272,7 +147,8 @@ class MLP(nn.Module):
         proj = self.c_proj  # an adapter may wrap it; then it runs as its own module
         if (type(proj) is nn.Linear and proj.weight.requires_grad and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):  # inductor picks what to recompute itself
-            return self.dropout(_ActLinear.apply(h, proj.weight, proj.bias, self.activation))
+            # c_proj(act(h)) keeping h only for the backward (ops.ActLinear)
+            return self.dropout(ActLinear.apply(h, proj.weight, proj.bias, self.activation))
         return self.dropout(proj(self.act(h)))
 
 
@@ -293,107 +169,23 @@ class Block(nn.Module):
         return x, kv
 
 
-def attention_mask_4d(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, P + T) padding mask of 1/0 -> bool (B, 1, T, P + T): causal AND not padding.
+def attention_mask_4d(attention_mask: torch.Tensor, T: int,
+                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, P + T) padding mask of 1/0 -> bool (B, 1, T, P + T): causal AND not padding,
+    AND (with segment_ids (B, T), P = 0: packed rows) within the same segment.
 
     Query i (absolute position P + i) may attend key j when j <= P + i and key j is real.
     A query whose row is all False (a left-padding position) gets zeros from SDPA, as in
-    transformers; its logits are meaningless and its labels should be -100.
+    transformers; its logits are meaningless and its labels should be -100. In a packed
+    row (packing.py) the mask is block-diagonal: no token attends across examples.
     """
     S = attention_mask.shape[1]
     q_pos = torch.arange(S - T, S, device=attention_mask.device)[:, None]   # (T, 1)
     k_pos = torch.arange(S, device=attention_mask.device)[None, :]          # (1, S)
-    causal = k_pos <= q_pos                                                  # (T, S)
-    return causal[None, None] & attention_mask.bool()[:, None, None, :]
-
-
-class _ChunkedHeadLoss(torch.autograd.Function):
-    """Summed cross-entropy of `h @ W^T` against `y`, one chunk of rows at a time.
-
-    The forward also computes both gradients chunk by chunk (the softmax's gradient is
-    `softmax - onehot`), so no (N, V) logits are ever kept for the backward: peak extra
-    memory is one (chunk, V) block, worked on in place, instead of the full logits and
-    their softmax. Same three matmuls as the plain forward + backward, so no extra compute.
-
-    Every chunk's logits go into one buffer whose rows are padded to a multiple of 64
-    elements: BLAS writes aligned rows faster (1.25x for GPT-2's V = 50257 on a 2-core CPU,
-    `h @ W^T` at 197 instead of 156 GFLOP/s), and one allocation replaces one per chunk.
-    The matmuls run in the autocast dtype when autocast is on (bf16 on CUDA), as they would
-    outside this op: writing into a buffer (`out=`) is exempt from autocast, so it is explicit.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, y, chunk_size):  # h (N, C), weight (V, C), y (N,)
-        need_w = weight.requires_grad
-        grad_h = torch.empty_like(h)
-        acc = torch.promote_types(h.dtype, torch.float32)  # fp16/bf16 accumulate in fp32
-        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
-        total = torch.zeros((), dtype=acc, device=h.device)
-        dev = h.device.type
-        mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        hm, wm = h.to(mm), weight.to(mm)                               # no-ops without autocast
-        V = weight.shape[0]
-        rows = torch.empty(min(chunk_size, h.shape[0]), -(-V // 64) * 64, dtype=mm,
-                           device=h.device)[:, :V]                     # (chunk, V), padded
-        for i in range(0, h.shape[0], chunk_size):
-            hc, yc = hm[i:i + chunk_size], y[i:i + chunk_size]
-            z = torch.mm(hc, wm.t(), out=rows[:len(yc)]).to(acc)       # (n, V) logits
-            z_y = z.gather(1, yc[:, None])                             # (n, 1) target logits
-            z_max = z.amax(dim=-1, keepdim=True)                       # (n, 1)
-            g = z.sub_(z_max).exp_()                                   # exp(z - max), in place
-            norm = g.sum(dim=-1, keepdim=True)                         # (n, 1)
-            total += (z_max + norm.log() - z_y).sum()                  # logsumexp(z) - z_y
-            g.div_(norm)                                               # softmax, in place
-            g[torch.arange(len(yc), device=g.device), yc] -= 1.0       # d loss / d logits
-            g = g.to(mm)
-            if grad_h.dtype == mm:
-                torch.mm(g, wm, out=grad_h[i:i + chunk_size])          # (n, C)
-            else:
-                grad_h[i:i + chunk_size] = g @ wm
-            if need_w and g.dtype == acc:
-                torch.addmm(grad_w, g.t(), hc, out=grad_w)             # (V, C) +=, no temporary
-            elif need_w:
-                grad_w += (g.t() @ hc).to(acc)
-        ctx.save_for_backward(grad_h)
-        # Not in save_for_backward: the backward scales it in place (it is ours alone),
-        # which saves a (V, C) copy at the moment memory peaks.
-        ctx.grad_w = grad_w
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_h, = ctx.saved_tensors
-        grad_w, ctx.grad_w = ctx.grad_w, None
-        if grad_w is None and ctx.needs_input_grad[1]:
-            raise RuntimeError("masked_lm_loss: backward ran twice through the same graph; "
-                               "its weight gradient was handed over in place the first time")
-        gw = None if grad_w is None else grad_w.mul_(grad_total).to(grad_h.dtype)
-        return grad_h * grad_total.to(grad_h.dtype), gw, None, None
-
-
-def masked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                   chunk_size: int = 256) -> torch.Tensor:
-    """Mean next-token cross-entropy computing the LM head only where a target exists.
-
-    hidden (B, T, C), labels (B, T) unshifted as in transformers: position t predicts
-    labels[t + 1]; -100 is ignored. Only the N target positions go through the head, in
-    chunks of `chunk_size` rows, so the (N, V) logits never exist at once, in the forward
-    or the backward. Equal to the full-logits loss and its gradients (tests check both).
-    """
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])         # (B*(T-1), C)
-    y = labels[:, 1:].reshape(-1).to(hidden.device)          # (B*(T-1),)
-    keep = y != -100
-    h, y = h[keep], y[keep]                                   # (N, C), (N,)
-    if y.numel() == 0:  # same as F.cross_entropy on no targets: nan, as in transformers
-        return hidden.sum() * float("nan")
-    acc = torch.promote_types(hidden.dtype, torch.float32)
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        total = _ChunkedHeadLoss.apply(h, weight, y, chunk_size)
-    else:  # evaluation: no gradients to precompute
-        total = sum(F.cross_entropy(F.linear(h[i:i + chunk_size], weight).to(acc),
-                                    y[i:i + chunk_size], reduction="sum")
-                    for i in range(0, y.numel(), chunk_size))
-    return total / y.numel()
+    mask = (k_pos <= q_pos)[None, None] & attention_mask.bool()[:, None, None, :]
+    if segment_ids is not None:
+        mask &= segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    return mask
 
 
 class GPT(nn.Module):
@@ -435,12 +227,16 @@ class GPT(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None,
                 position_ids=None, past_key_values: KeyValues | None = None, use_cache=False,
-                return_logits=True) -> CausalLMOutput:
+                return_logits: bool | None = None, segment_ids=None) -> CausalLMOutput:
         """input_ids (B, T) or inputs_embeds (B, T, C); attention_mask (B, P + T) of 1/0 over
         past and new tokens; labels (B, T), shifted inside, -100 ignored (transformers' rules).
+        A packed row (packing.py) also passes position_ids (B, T), restarting at 0 with each
+        example, and segment_ids (B, T), one id per example: no token attends across them.
 
-        return_logits=False with labels skips the (B, T, V) logits: the loss then runs the
-        LM head only at target positions (what training needs; see masked_lm_loss).
+        With labels, the loss runs the LM head only at target positions (ops.masked_lm_loss)
+        and `out.logits` is computed when read (see CausalLMOutput). return_logits=True
+        computes the logits now and the loss from them (transformers' way, same numbers);
+        False gives no logits at all.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -453,16 +249,7 @@ class GPT(nn.Module):
         if position_ids is None:  # as transformers: positions continue after the past, padding or not
             position_ids = torch.arange(P, P + T, device=x.device)[None]
         x = self.transformer.drop(x + self.transformer.wpe(position_ids))
-
-        mask = None
-        if attention_mask is not None:
-            if attention_mask.shape != (B, P + T):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
-                                 f"expected (batch, past + new tokens) = ({B}, {P + T})")
-            if not bool(attention_mask.bool().all()):
-                mask = attention_mask_4d(attention_mask, T)
-        if mask is None and P > 0 and T > 1:  # causal with an offset: SDPA's is_causal can't say it
-            mask = attention_mask_4d(torch.ones(B, P + T, dtype=torch.bool, device=x.device), T)
+        mask = self._mask(attention_mask, segment_ids, B, P, T, x.device)
 
         presents = [] if use_cache else None
         for i, block in enumerate(self.transformer.h):
@@ -473,18 +260,38 @@ class GPT(nn.Module):
                 x, kv = block(x, mask, past, use_cache)
             if use_cache:
                 presents.append(kv)
-        x = self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x)                                     # (B, T, C)
 
-        if labels is not None and not return_logits:
-            return CausalLMOutput(masked_lm_loss(x, self.lm_head.weight, labels), None, presents)
-        logits = self.lm_head(x)
+        if return_logits is None and torch._C._are_functorch_transforms_active():
+            return_logits = True  # torch.func's grad / vmap: the full head (a plain composition)
+        if not return_logits:  # None or False: the loss from the target positions only
+            loss = None if labels is None else masked_lm_loss(x, self.lm_head.weight, labels)
+            lazy = dict(hidden=x, head=self.lm_head) if return_logits is None else {}
+            return CausalLMOutput(loss, None, presents, **lazy)
+        logits = self.lm_head(x)                                         # (B, T, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                    labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
         return CausalLMOutput(loss, logits, presents)
 
-    # ------------------------------------------------------------------ generation
+    @staticmethod
+    def _mask(attention_mask, segment_ids, B, P, T, device) -> torch.Tensor | None:
+        """The bool (B, 1, T, P + T) attention mask, or None for plain causal attention."""
+        if attention_mask is not None and attention_mask.shape != (B, P + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"expected (batch, past + new tokens) = ({B}, {P + T})")
+        if segment_ids is not None:
+            if segment_ids.shape != (B, T) or P:
+                raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}, expected "
+                                 f"(batch, tokens) = ({B}, {T}) and no past_key_values")
+            if attention_mask is None:
+                attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
+            return attention_mask_4d(attention_mask, T, segment_ids.to(device))
+        if attention_mask is None or bool(attention_mask.bool().all()):
+            return None
+        return attention_mask_4d(attention_mask, T)
+
     @torch.no_grad()
     def generate(self, input_ids, **kwargs):
         """Continue each prompt; returns (B, T + new) ids, prompt included, as transformers.
@@ -498,17 +305,28 @@ class GPT(nn.Module):
         """
         return generate(self, input_ids, **kwargs)
 
-    # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, src, dtype: torch.dtype | None = None, device=None) -> GPT:
-        """Load a Hugging Face GPT-2 folder, a cached hub id, or "minift-tiny"."""
-        from .checkpoint import load_pretrained
-        return load_pretrained(src, dtype=dtype, device=device)
+        """Load a Hugging Face GPT-2 folder, a cached hub id, or "minift-tiny"; in eval mode,
+        as transformers does. Every tensor is shape-checked by name (checkpoint.py)."""
+        folder = files.resolve_source(src)
+        try:
+            config = GPTConfig.from_dict(files.read_config(folder))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{folder / 'config.json'}: {e}") from None
+        with torch.device("meta"):  # no random init: every tensor is overwritten below
+            model = cls(config)
+        expected = {n: p.shape for n, p in model.named_parameters()}  # a tied lm_head: wte only
+        model.load_state_dict(files.read_weights(folder, expected, config.n_layer, dtype),
+                              strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.transformer.wte.weight
+        model.eval()
+        return model.to(device) if device is not None else model
 
     def save_pretrained(self, folder) -> None:
         """Write config.json + model.safetensors in the layout transformers loads."""
-        from .checkpoint import save_pretrained
-        save_pretrained(self, folder)
+        files.write_folder(folder, self.config.to_dict(), self.state_dict())
 
 
 def compile_blocks(model: nn.Module, dynamic: bool = True, **compile_kwargs) -> nn.Module:
@@ -525,14 +343,16 @@ def compile_blocks(model: nn.Module, dynamic: bool = True, **compile_kwargs) -> 
     (and the batch size) symbolic, so a batch of a new length reuses that code instead of
     recompiling; only sizes 0 and 1 are specialised by torch (e.g. one-token decoding
     compiles its own graph). LoRA and adapter layers inside a block are compiled with it
-    (LoRA's op is one autograd.Function with no graph break), prefix key/values and
-    padding masks get their own graph, and `model.gradient_checkpointing` recomputes a
+    (LoRA's op is one autograd.Function with no graph break; attention with dropout runs
+    ops.AttentionDropout as one block over the whole square, which inductor fuses), prefix
+    key/values and padding masks get their own graph, and `model.gradient_checkpointing` recomputes a
     block by calling the compiled code again. On CPU inductor emits C++ (a C++ compiler
     is needed); on CUDA, Triton.
 
     On the CPU, inductor is told to draw dropout masks with torch's own generator
-    (`fallback_random`): its C++ random numbers took 0.33 s of a 3.3 s GPT-2 small LoRA
-    step, torch's 0.13 s, and the compiled blocks then draw the very masks eager ones do.
+    (`fallback_random`): its C++ random numbers are slower than torch's, and the compiled
+    blocks then draw the very masks eager ones do (up to T = ops.QUERY_BLOCK tokens; longer
+    rows draw attention's mask in query blocks when eager, so the streams part there).
     An explicit `options=` or `mode=` from the caller is passed through untouched.
     """
     blocks = [m for m in model.modules() if isinstance(m, Block)]
@@ -547,68 +367,3 @@ def compile_blocks(model: nn.Module, dynamic: bool = True, **compile_kwargs) -> 
     return model
 
 
-def filter_logits(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=None) -> torch.Tensor:
-    """(B, V) logits -> logits with the excluded tokens set to -inf, ready for softmax.
-
-    top_k keeps the k largest; top_p keeps the smallest set of most likely tokens whose
-    probability reaches top_p (nucleus sampling, Holtzman et al. 2020 §3.1), at least one.
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs      # mass of the strictly more likely tokens
-        drop_sorted = mass_before >= top_p          # the top token always has 0 before it
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1.0, top_k=None,
-             top_p=None, eos_token_id=None, attention_mask=None, pad_token_id=None,
-             use_cache=True, generator=None, seed=None, **forward_kwargs):
-    """Decoding loop shared by GPT and the PEFT wrappers: `model(...)` is any callable with
-    GPT's forward signature. Positions come from the attention mask (cumsum - 1), so a
-    left-padded prompt starts at position 0 exactly like an unpadded one."""
-    B, T = input_ids.shape
-    n_positions = model.config.n_positions
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-    pad = eos_token_id if pad_token_id is None else pad_token_id
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    ids, mask, past = input_ids, attention_mask, None
-    for _ in range(max_new_tokens):
-        if ids.shape[1] >= n_positions:
-            raise ValueError(f"generation reached the model's context n_positions={n_positions}; "
-                             "lower max_new_tokens or shorten the prompt")
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        if use_cache and past is not None:  # feed only the newest token; the cache holds the rest
-            out = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
-                        past_key_values=past, use_cache=True, **forward_kwargs)
-        else:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                        use_cache=use_cache, **forward_kwargs)
-        past = out.past_key_values
-        logits = out.logits[:, -1, :].float()                                  # (B, V)
-        if do_sample:
-            probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            nxt = logits.argmax(-1)
-        if eos_token_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            done |= nxt == eos_token_id
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        if eos_token_id is not None and bool(done.all()):
-            break
-    return ids

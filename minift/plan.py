@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import _from_hf_cache, load_config, resolve_source
+from .checkpoint import _from_hf_cache, read_config, resolve_source
 from .model import GPT, GPTConfig
 from .peft import (AdapterConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
                    PromptTuningConfig, get_peft_model)
@@ -96,7 +96,7 @@ def model_config(src: str) -> GPTConfig:
         n_layer, n_head, n_embd = SHAPES[src]
         return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     try:
-        return load_config(resolve_source(src))
+        return GPTConfig.from_dict(read_config(resolve_source(src)))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e} (or name a shape: {', '.join(SHAPES)})") from None
 

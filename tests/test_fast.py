@@ -1,5 +1,5 @@
 """The fast path against plain eager PyTorch: the fused LoRA op, compiled blocks, and the
-FLOP count scripts/bench.py divides by.
+FLOP count scripts/bench.py divides by (ops.py's pieces: tests/test_ops.py).
 
 Correctness only; timings live in scripts/bench.py. Compiling costs ~10-20 s per graph on
 a small CPU, so the compiled checks share one module-scoped compiled model.
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from minift import GPT, GPTConfig
-from minift.model import Block, CausalSelfAttention, compile_blocks
+from minift.model import Block, compile_blocks
 from minift.peft import LoraConfig, LoraLinear, PrefixTuningConfig, get_peft_model
 from minift.peft.lora import LoraLinearFunction, lora_linear
 
@@ -170,7 +170,7 @@ def eager_and_compiled():
 
 
 def test_explain_block_has_no_graph_break():
-    # with attention dropout, attention takes _AttentionDropout on the CPU
+    # with attention dropout, attention takes ops.AttentionDropout on the CPU
     block = Block(GPTConfig(**{**TINY, **DROPOUTS})).train()
     x = torch.randn(2, 7, TINY["n_embd"], requires_grad=True)
     out = torch._dynamo.explain(block)(x)
@@ -206,99 +206,6 @@ def test_compiled_with_checkpointing_equals_eager(eager_and_compiled):
     assert_close_grads(g_e, g_c)
 
 
-def attention_inputs(dtype, B=2, nh=2, T=6, P=0, hs=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, nh, T, hs, generator=g, dtype=dtype).requires_grad_()
-    k, v = (torch.randn(B, nh, P + T, hs, generator=g, dtype=dtype).requires_grad_()
-            for _ in range(2))
-    keep = torch.rand(B, nh, T, P + T, generator=g) >= 0.3
-    return q, k, v, keep
-
-
-def plain_attention(q, k, v, mask, keep, p):
-    scores = (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).masked_fill(~mask, float("-inf"))
-    probs = torch.nan_to_num(scores.softmax(-1))  # a row with no key: zeros
-    return (probs * keep / (1 - p)) @ v
-
-
-def padding_mask(T, P=0):
-    """Causal + padding, batch 2: row 1 left-padded by 2 (its first two queries see no key)."""
-    real = torch.ones(2, P + T, dtype=torch.long)
-    real[1, P:P + 2] = 0
-    from minift.model import attention_mask_4d
-    return attention_mask_4d(real, T)
-
-
-@pytest.mark.parametrize("masking", ["implicit causal", "causal", "padding"])
-def test_attention_dropout_gradcheck_and_plain_composition(masking):
-    from minift.model import _AttentionDropout
-    q, k, v, keep = attention_inputs(torch.float64)
-    mask = torch.ones(6, 6, dtype=torch.bool).tril() if "causal" in masking else padding_mask(6)
-    given = None if masking == "implicit causal" else mask  # None: the op builds the causal mask
-    f = lambda q, k, v: _AttentionDropout.apply(q, k, v, given, keep, 0.3)
-    assert torch.autograd.gradcheck(f, (q, k, v))
-    y, ref = f(q, k, v), plain_attention(q, k, v, mask, keep, 0.3)
-    assert (y - ref).abs().max() <= 1e-12
-    g = torch.randn_like(y)
-    for a, b in zip(torch.autograd.grad(y, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
-        assert (a - b).abs().max() <= 1e-12
-    # no dropout: SDPA's own numbers (a fully padded row is all zeros in both)
-    ones = torch.ones_like(keep)
-    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert (_AttentionDropout.apply(q, k, v, mask, ones, 0.0) - sdpa).abs().max() <= 1e-12
-
-
-def test_attention_in_training_keeps_no_square_tensor():
-    """CausalSelfAttention in training on CPU: output = the plain composition under the mask
-    drawn from torch's generator, and nothing (B, nh, T, T)-sized in float is kept."""
-    torch.manual_seed(0)
-    attn = CausalSelfAttention(GPTConfig(**{**TINY, "attn_pdrop": 0.5})).train()
-    x = torch.randn(2, 9, TINY["n_embd"], requires_grad=True)
-    saved = []
-    torch.manual_seed(1)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = attn(x)[0]
-    square = [t for t in saved if t.dim() == 4 and t.shape[-2:] == (9, 9)]
-    assert [t.dtype for t in square] == [torch.bool]  # the dropout mask only
-    torch.manual_seed(1)
-    q, k, v = (t.view(2, 9, 2, 16).transpose(1, 2) for t in attn.c_attn(x).split(32, dim=2))
-    keep = torch.rand(2, 2, 9, 9) >= 0.5
-    o = plain_attention(q, k, v, torch.ones(9, 9, dtype=torch.bool).tril(), keep, 0.5)
-    assert (y - attn.c_proj(o.transpose(1, 2).reshape(2, 9, 32))).abs().max() <= 1e-6
-
-
-@pytest.mark.parametrize("shape", [(3, 100_003), (2, 5)])
-def test_keep_mask_is_one_draw_of_uniform_numbers(shape):
-    """Drawn 64K numbers at a time on the CPU, yet the very mask of one torch.rand draw."""
-    from minift.model import keep_mask
-    torch.manual_seed(0)
-    keep = keep_mask(shape, 0.3, torch.device("cpu"))
-    torch.manual_seed(0)
-    assert keep.dtype == torch.bool and torch.equal(keep, torch.rand(shape) >= 0.3)
-
-
-def test_dropout_keeps_a_bool_mask_and_scales_the_rest():
-    """minift's Dropout on the CPU: zeros with probability p, the rest scaled by 1 / (1 - p),
-    the same mask in the backward, and only that mask (bool) kept for it."""
-    from minift.model import Dropout
-    drop = Dropout(0.25).train()
-    assert isinstance(drop, torch.nn.Dropout)  # set_dropout and friends still find it
-    x = torch.randn(64, 48, requires_grad=True)
-    saved = []
-    torch.manual_seed(3)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = drop(x)
-    assert [t.dtype for t in saved] == [torch.bool]
-    torch.manual_seed(3)
-    keep = torch.rand(64, 48) >= 0.25
-    assert 0.72 <= keep.float().mean() <= 0.78
-    assert torch.equal(y, x * keep * (1 / 0.75))
-    g = torch.randn(64, 48)
-    y.backward(g)
-    assert torch.equal(x.grad, g * keep * (1 / 0.75))
-    assert drop.eval()(x) is x and Dropout(0.0).train()(x) is x
-
-
 def test_train_with_compile_equals_eager(eager_and_compiled):
     """TrainConfig.compile=True (train.py calls compile_blocks): the same losses and weights.
     Runs after the fixture compiled the same block code, so no new compilation is needed."""
@@ -322,37 +229,9 @@ def test_train_with_compile_equals_eager(eager_and_compiled):
     assert max((a - b).abs().max() for a, b in zip(p_e, p_c)) <= 1e-5
 
 
-@pytest.mark.parametrize("activation", ["gelu_new", "gelu", "relu"])
-def test_act_linear_gradcheck_and_mlp_equals_plain(activation):
-    """The MLP's c_proj(act(h)) keeping only h (full fine-tuning) against autograd's own."""
-    from minift.model import MLP, _ActLinear
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda h, w, b: _ActLinear.apply(h, w, b, activation),
-                                    (h, w, b))
-
-    torch.manual_seed(0)
-    mlp = MLP(GPTConfig(**{**TINY, "activation_function": activation})).train()
-    x = torch.randn(2, 5, TINY["n_embd"], requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = mlp(x)
-    wide = [t for t in saved if t.dim() == 3 and t.shape[-1] == 4 * TINY["n_embd"]]
-    assert len(wide) == 1  # h, not act(h)
-    params = (x, mlp.c_fc.weight, mlp.c_proj.weight, mlp.c_proj.bias)
-    got = torch.autograd.grad(y.square().sum(), params)
-    ref_y = mlp.c_proj(mlp.act(mlp.c_fc(x)))
-    ref = torch.autograd.grad(ref_y.square().sum(), params)
-    assert torch.equal(y, ref_y)
-    for a, c in zip(got, ref):
-        assert (a - c).abs().max() <= 1e-6
-
-
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_torch_func_per_example_gradients(method):
-    """torch.func's vmap(grad(...)) through full fine-tuning (c_proj runs _ActLinear) and
+    """torch.func's vmap(grad(...)) through full fine-tuning (c_proj runs ops.ActLinear) and
     LoRA (LoraLinearFunction): per-example gradients equal one backward per example."""
     from torch.func import functional_call, grad, vmap
     model = GPT(GPTConfig(**TINY))  # no dropout

@@ -4,7 +4,7 @@ import torch
 from conftest import make_hf_gpt2
 
 from minift import GPT, GPTConfig
-from minift.model import filter_logits
+from minift.generation import filter_logits
 
 CONFIGS = [
     dict(n_layer=2, n_head=2, n_embd=32, vocab_size=97, n_positions=64),
@@ -205,30 +205,86 @@ def test_gradient_checkpointing_gives_equal_gradients():
         assert torch.allclose(a, p.grad, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("frozen_head", [False, True])
-def test_masked_chunked_loss_and_gradients_equal_full_logits(dtype, tol, frozen_head):
-    from minift.model import masked_lm_loss
+# ------------------------------------------------------------------ lazy logits
+def test_lazy_logits_equal_transformers_and_eager(pair):
+    """With labels, the loss comes from the target-only head and out.logits is computed
+    when read: transformers' logits, and the same tensor return_logits=True gives."""
+    ours, hf = pair
+    ids, mask = padded_batch(ours.config.vocab_size, "right")
+    labels = ids.masked_fill(mask == 0, -100)
+    ref = hf(input_ids=ids, attention_mask=mask, labels=labels)
+    with torch.no_grad():
+        out = ours(**{"input_ids": ids, "attention_mask": mask, "labels": labels})
+        assert "not computed" in repr(out)
+        eager = ours(ids, attention_mask=mask, labels=labels, return_logits=True)
+    assert abs(out.loss - ref.loss) <= 1e-5 and abs(eager.loss - ref.loss) <= 1e-5
+    assert (out.logits - ref.logits).abs().max() <= 1e-5
+    assert torch.equal(out.logits, eager.logits) and out.logits is out.logits  # computed once
+    assert not out.logits.requires_grad  # the forward's no_grad holds when read later
+
+
+def hf_grads(hf):
+    """transformers' gradients under minift's names and (out, in) layout."""
+    from minift.checkpoint import TRANSPOSED
+    out = {}
+    for name, p in hf.named_parameters():
+        if p.grad is not None and name != "lm_head.weight":
+            out[name] = p.grad.t() if name.endswith(TRANSPOSED) else p.grad
+    return out
+
+
+@pytest.mark.parametrize("loop", ["guides", "accumulation"])
+def test_plain_loops_give_transformers_gradients(hf_tiny, loop):
+    """The guides' loop (`model(**batch).loss.backward()`) and the classic accumulation
+    loop (loss / n_micro per micro-batch) give transformers' gradients, in train mode with
+    dropout off, reading the logits in one micro-batch (lazy, differentiable) too."""
+    folder, _ = hf_tiny
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel.from_pretrained(folder, embd_pdrop=0.0, attn_pdrop=0.0,
+                                         resid_pdrop=0.0).train()
+    ours = GPT.from_pretrained(folder)
+    for m in ours.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    ours.attn_pdrop = 0.0
+    for block in ours.transformer.h:
+        block.attn.attn_pdrop = 0.0
+    ours.train()
     torch.manual_seed(0)
-    h = torch.randn(3, 10, 8, dtype=dtype, requires_grad=True)
-    w = torch.randn(50, 8, dtype=dtype, requires_grad=not frozen_head)
-    y = torch.randint(0, 50, (3, 10))
-    y[0, :4] = -100          # a masked prompt
-    y[2, 7:] = -100          # right padding
-    full = torch.nn.functional.cross_entropy((h @ w.t())[:, :-1].flatten(0, 1), y[:, 1:].flatten())
-    inputs = (h,) if frozen_head else (h, w)
-    want = torch.autograd.grad(full, inputs)
-    for chunk in (1, 4, 1000):  # chunk boundaries anywhere, and one chunk for all
-        got_loss = masked_lm_loss(h, w, y, chunk_size=chunk)
-        got = torch.autograd.grad(got_loss, inputs)
-        assert abs(got_loss.item() - full.item()) <= tol
-        for a, b in zip(got, want):
-            assert (a - b).abs().max() <= tol
-    with torch.no_grad():  # the evaluation path gives the same number
-        assert abs(masked_lm_loss(h, w, y, chunk_size=4).item() - full.item()) <= tol
+    ids, mask = padded_batch(ours.config.vocab_size, "right")
+    labels = ids.masked_fill(mask == 0, -100)
+    micro = [slice(0, 3)] if loop == "guides" else [slice(0, 1), slice(1, 3)]
+    for model in (ours, hf):
+        for j, s in enumerate(micro):
+            out = model(input_ids=ids[s], attention_mask=mask[s], labels=labels[s])
+            loss = out.loss / len(micro)
+            if j == 0:  # the logits, read before the backward, carry a gradient too
+                loss = loss + 1e-3 * out.logits.float().square().mean()
+            loss.backward()
+    want = hf_grads(hf)
+    got = {n: p.grad for n, p in ours.named_parameters()}
+    assert got.keys() == want.keys()
+    for name in got:
+        assert (got[name] - want[name]).abs().max() <= 1e-5, name
 
 
-def test_masked_loss_with_no_targets_is_nan_like_transformers():
-    from minift.model import masked_lm_loss
-    h = torch.randn(1, 4, 8, requires_grad=True)
-    assert masked_lm_loss(h, torch.randn(20, 8), torch.full((1, 4), -100)).isnan()
+def test_lazy_logits_keep_the_forwards_autocast_and_the_edge_after_backward():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=30, n_positions=16,
+                          embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0))
+    ids = torch.randint(0, 30, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+        eager = model(ids, labels=ids, return_logits=True)
+    assert out.logits.dtype == eager.logits.dtype == torch.bfloat16  # read outside autocast
+    assert torch.equal(out.logits, eager.logits)
+    calls = []
+    model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert calls == []  # the loss alone never ran the full LM head
+    late = out.logits  # first read after the backward: right values, graph below freed
+    assert torch.equal(late, model(ids, return_logits=True).logits)
+    with pytest.raises(RuntimeError, match="second time"):
+        late.sum().backward()
+    assert model(ids, labels=ids, return_logits=False).logits is None

@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from ..model import ACTIVATIONS
+from ..ops import ACTIVATIONS
 from .config import PeftError, check_task_type, find_targets, swap_module
 
 

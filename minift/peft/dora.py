@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model import keep_mask
+from ..ops import keep_mask
 from .lora import LoraLinearFunction
 
 

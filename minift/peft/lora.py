@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..model import keep_mask
+from ..ops import keep_mask
 from .config import PeftError, check_task_type
 
 
@@ -90,7 +90,7 @@ class LoraLinearFunction(torch.autograd.Function):
         y = x W^T + b + s u B^T                 (..., out)  s = scaling
 
     Saved for the backward: x, the 1-byte mask (bool, or int8 when compiled: see
-    `minift.model.keep_mask`) and the thin u, plus references to W, A, B.
+    `minift.ops.keep_mask`) and the thin u, plus references to W, A, B.
     Not the dropped-out copy of x, and nothing for W, which is frozen: its gradient
     (and b's) is computed only if asked for. The backward, with g = dL/dy (N, out):
 

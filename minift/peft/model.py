@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 
 from ..io import save_safetensors, write_json
-from ..model import GPT, CausalLMOutput, generate
+from ..generation import generate
+from ..model import GPT, CausalLMOutput
 from .adapters import AdapterConfig, AdapterModel, LinearWithAdapter
 from .config import PeftError, config_to_dict
 from .files import (CONFIG_NAME, CONFIGS, WEIGHTS_NAME, adapter_folder, load_adapter_config,
@@ -136,14 +137,17 @@ class PeftModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None,
                 position_ids=None, past_key_values=None, use_cache=False,
-                return_logits=True) -> CausalLMOutput:
+                return_logits=None, segment_ids=None) -> CausalLMOutput:
         """GPT's forward with the adapter active; see the module docstring for virtual tokens."""
         model = self.get_base_model()
         if not self.is_prompt_learning or self._disabled:  # (disabled: no virtual tokens)
             return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                          inputs_embeds=inputs_embeds, position_ids=position_ids,
                          past_key_values=past_key_values, use_cache=use_cache,
-                         return_logits=return_logits)
+                         return_logits=return_logits, segment_ids=segment_ids)
+        if segment_ids is not None:  # virtual tokens would lead only the row's first example
+            raise ValueError(f"{self.peft_config.peft_type}: packed rows (segment_ids) are not "
+                             "supported with virtual tokens; train without packing")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         ref = input_ids if input_ids is not None else inputs_embeds

@@ -1,0 +1,243 @@
+"""ops.py, the fast path's pieces, against the plain compositions they replace: a gradcheck
+of every autograd Function, and the numbers of plain eager PyTorch (SDPA, nn.Dropout's
+distribution, autograd through act(h) and the full-logits cross-entropy)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minift import GPTConfig
+from minift.model import MLP, CausalSelfAttention, attention_mask_4d
+from minift.ops import (ActLinear, AttentionDropout, ChunkedHeadLoss, Dropout, attention,
+                        keep_mask, masked_lm_loss, query_blocks)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
+TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=97, n_positions=64,
+            embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+
+
+# ------------------------------------------------------------------ attention with dropout
+def attention_inputs(dtype, B=2, nh=2, T=6, P=0, hs=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, nh, T, hs, generator=g, dtype=dtype).requires_grad_()
+    k, v = (torch.randn(B, nh, P + T, hs, generator=g, dtype=dtype).requires_grad_()
+            for _ in range(2))
+    return q, k, v
+
+
+def square_keep(flat, B, nh, T, S, block):
+    """The flat block-ordered keep-mask as one (B, nh, T, S) square (False where not computed)."""
+    full = torch.zeros(B, nh, T, S, dtype=torch.bool)
+    at = 0
+    for i0, i1, n_keys in query_blocks(T, S, block):
+        n = B * nh * (i1 - i0) * n_keys
+        full[:, :, i0:i1, :n_keys] = flat[at:at + n].view(B, nh, i1 - i0, n_keys).bool()
+        at += n
+    assert at == flat.numel()
+    return full
+
+
+def plain_attention(q, k, v, mask, keep, p):
+    scores = (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).masked_fill(~mask, float("-inf"))
+    probs = torch.nan_to_num(scores.softmax(-1))  # a row with no key: zeros
+    return (probs * keep / (1 - p)) @ v
+
+
+def masks(kind, T, P):
+    """(mask the op is given or None, the same mask spelled out as (B, 1, T, S))."""
+    real = torch.ones(2, P + T, dtype=torch.long)
+    causal = attention_mask_4d(real, T)
+    if kind == "causal":
+        return None, causal
+    if kind == "padding":  # row 1 left-padded by 2: its first two queries see no key
+        real[1, P:P + 2] = 0
+        m = attention_mask_4d(real, T)
+        return m, m
+    segments = torch.tensor([[0] * 3 + [1] * (T - 3), [0] * (T - 4) + [1] * 4])  # packed rows
+    m = attention_mask_4d(real, T, segments)
+    return m, m
+
+
+@pytest.mark.parametrize("block", [None, 2, 4])
+@pytest.mark.parametrize("kind,P", [("causal", 0), ("causal", 3), ("padding", 0),
+                                    ("padding", 2), ("segments", 0)])
+def test_attention_dropout_gradcheck_and_plain_composition(kind, P, block):
+    """Every block size (None: one block, as compiled) against the whole square, with the
+    causal mask implied (with and without past keys), padding and packed segments."""
+    T, p = 7, 0.3
+    q, k, v = attention_inputs(torch.float64, T=T, P=P)
+    given, mask = masks(kind, T, P)
+    blocks = query_blocks(T, P + T, block)
+    assert len(blocks) == (1 if block is None else -(-T // block))
+    n = sum((i1 - i0) * keys for i0, i1, keys in blocks)
+    keep = torch.rand(2 * 2 * n, generator=torch.Generator().manual_seed(1)) >= p
+    f = lambda q, k, v: AttentionDropout.apply(q, k, v, given, keep, p, block)
+    if block == 2:  # (fast mode: a random projection of the Jacobian; the plain checks below)
+        assert torch.autograd.gradcheck(f, (q, k, v), fast_mode=True)
+    full_keep = square_keep(keep, 2, 2, T, P + T, block)
+    y, ref = f(q, k, v), plain_attention(q, k, v, mask, full_keep, p)
+    assert (y - ref).abs().max() <= 1e-12
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert (a - b).abs().max() <= 1e-12
+    # no dropout: SDPA's own numbers (a fully padded row is all zeros in both)
+    ones = torch.ones_like(keep)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (AttentionDropout.apply(q, k, v, given, ones, 0.0, block) - sdpa).abs().max() <= 1e-12
+
+
+def test_query_blocks_cover_the_causal_triangle_only():
+    assert query_blocks(5, 5, None) == [(0, 5, 5)] == query_blocks(5, 5, 8)
+    assert query_blocks(5, 7, 2) == [(0, 2, 4), (2, 4, 6), (4, 5, 7)]   # P = 2 past keys
+
+
+def test_attention_without_dropout_is_sdpa():
+    q, k, v = attention_inputs(torch.float64, T=5, P=3)
+    causal = torch.ones(5, 8, dtype=torch.bool).tril(3)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+    assert (attention(q, k, v) - ref).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("T", [9, 40])
+def test_attention_in_training_keeps_no_square_float_tensor(T, monkeypatch):
+    """CausalSelfAttention in training on CPU: output = the plain composition under the mask
+    drawn from torch's generator (flat, in block order), and nothing (T, T)-sized in float
+    is kept for the backward; with several blocks, the mask covers about half the square."""
+    monkeypatch.setattr("minift.ops.QUERY_BLOCK", 16)
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(GPTConfig(**{**TINY, "attn_pdrop": 0.5})).train()
+    x = torch.randn(2, T, TINY["n_embd"], requires_grad=True)
+    saved = []
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = attn(x)[0]
+    assert not [t for t in saved if t.is_floating_point() and t.dim() == 4 and t.shape[-1] == T]
+    blocks = query_blocks(T, T, 16)
+    n = 2 * 2 * sum((i1 - i0) * keys for i0, i1, keys in blocks)
+    assert [t.numel() for t in saved if t.dtype == torch.bool] == [n]
+    assert n < (0.75 if T > 16 else 1.01) * 2 * 2 * T * T
+    torch.manual_seed(1)
+    keep = square_keep(torch.rand(n) >= 0.5, 2, 2, T, T, 16)
+    q, k, v = (t.view(2, T, 2, 16).transpose(1, 2) for t in attn.c_attn(x).split(32, dim=2))
+    o = plain_attention(q, k, v, torch.ones(T, T, dtype=torch.bool).tril(), keep, 0.5)
+    assert (y - attn.c_proj(o.transpose(1, 2).reshape(2, T, 32))).abs().max() <= 1e-6
+
+
+# ------------------------------------------------------------------ dropout masks
+@pytest.mark.parametrize("shape", [(3, 100_003), (2, 5)])
+def test_keep_mask_is_one_draw_of_uniform_numbers(shape):
+    """Drawn 64K numbers at a time on the CPU, yet the very mask of one torch.rand draw."""
+    torch.manual_seed(0)
+    keep = keep_mask(shape, 0.3, torch.device("cpu"))
+    torch.manual_seed(0)
+    assert keep.dtype == torch.bool and torch.equal(keep, torch.rand(shape) >= 0.3)
+
+
+def test_dropout_keeps_a_bool_mask_and_scales_the_rest():
+    """minift's Dropout on the CPU: zeros with probability p, the rest scaled by 1 / (1 - p),
+    the same mask in the backward, and only that mask (bool) kept for it."""
+    drop = Dropout(0.25).train()
+    assert isinstance(drop, torch.nn.Dropout)  # set_dropout and friends still find it
+    x = torch.randn(64, 48, requires_grad=True)
+    saved = []
+    torch.manual_seed(3)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = drop(x)
+    assert [t.dtype for t in saved] == [torch.bool]
+    torch.manual_seed(3)
+    keep = torch.rand(64, 48) >= 0.25
+    assert 0.72 <= keep.float().mean() <= 0.78
+    assert torch.equal(y, x * keep * (1 / 0.75))
+    g = torch.randn(64, 48)
+    y.backward(g)
+    assert torch.equal(x.grad, g * keep * (1 / 0.75))
+    assert drop.eval()(x) is x and Dropout(0.0).train()(x) is x
+
+
+# ------------------------------------------------------------------ the MLP's c_proj
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu", "relu"])
+def test_act_linear_gradcheck_and_mlp_equals_plain(activation):
+    """The MLP's c_proj(act(h)) keeping only h (full fine-tuning) against autograd's own."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, w, b: ActLinear.apply(h, w, b, activation),
+                                    (h, w, b))
+
+    torch.manual_seed(0)
+    mlp = MLP(GPTConfig(**{**TINY, "activation_function": activation})).train()
+    x = torch.randn(2, 5, TINY["n_embd"], requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = mlp(x)
+    wide = [t for t in saved if t.dim() == 3 and t.shape[-1] == 4 * TINY["n_embd"]]
+    assert len(wide) == 1  # h, not act(h)
+    params = (x, mlp.c_fc.weight, mlp.c_proj.weight, mlp.c_proj.bias)
+    got = torch.autograd.grad(y.square().sum(), params)
+    ref_y = mlp.c_proj(mlp.act(mlp.c_fc(x)))
+    ref = torch.autograd.grad(ref_y.square().sum(), params)
+    assert torch.equal(y, ref_y)
+    for a, c in zip(got, ref):
+        assert (a - c).abs().max() <= 1e-6
+
+
+# ------------------------------------------------------------------ the LM-head loss
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_chunked_head_loss_gradcheck(frozen_head):
+    """Directional finite differences (torch's gradcheck runs several backwards through one
+    graph; this op hands its weight gradient over in place, once)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=not frozen_head)
+    y = torch.randint(0, 11, (7,), generator=g)
+    inputs = (h,) if frozen_head else (h, w)
+    grads = torch.autograd.grad(ChunkedHeadLoss.apply(h, w, y, 3), inputs)
+    f = lambda h, w: F.cross_entropy(h @ w.t(), y, reduction="sum")  # only for its values
+    for _ in range(3):
+        u = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in inputs]
+        eps = 1e-6
+        plus = [t.detach() + eps * d for t, d in zip(inputs, u)]
+        minus = [t.detach() - eps * d for t, d in zip(inputs, u)]
+        if frozen_head:
+            plus, minus = plus + [w.detach()], minus + [w.detach()]
+        with torch.no_grad():
+            numeric = (ChunkedHeadLoss.apply(*plus, y, 3) - ChunkedHeadLoss.apply(*minus, y, 3))
+        analytic = sum((a * d).sum() for a, d in zip(grads, u))
+        assert abs(numeric / (2 * eps) - analytic) <= 1e-7 * max(1.0, abs(analytic))
+        assert abs(ChunkedHeadLoss.apply(h, w, y, 3).item() - f(h, w).item()) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_masked_chunked_loss_and_gradients_equal_full_logits(dtype, tol, frozen_head):
+    torch.manual_seed(0)
+    h = torch.randn(3, 10, 8, dtype=dtype, requires_grad=True)
+    w = torch.randn(50, 8, dtype=dtype, requires_grad=not frozen_head)
+    y = torch.randint(0, 50, (3, 10))
+    y[0, :4] = -100          # a masked prompt
+    y[2, 7:] = -100          # right padding
+    full = F.cross_entropy((h @ w.t())[:, :-1].flatten(0, 1), y[:, 1:].flatten())
+    inputs = (h,) if frozen_head else (h, w)
+    want = torch.autograd.grad(full, inputs)
+    for chunk in (1, 4, 1000):  # chunk boundaries anywhere, and one chunk for all
+        got_loss = masked_lm_loss(h, w, y, chunk_size=chunk)
+        got = torch.autograd.grad(got_loss, inputs)
+        assert abs(got_loss.item() - full.item()) <= tol
+        for a, b in zip(got, want):
+            assert (a - b).abs().max() <= tol
+    with torch.no_grad():  # the evaluation path gives the same number
+        assert abs(masked_lm_loss(h, w, y, chunk_size=4).item() - full.item()) <= tol
+
+
+def test_masked_loss_with_no_targets_is_nan_like_transformers():
+    h = torch.randn(1, 4, 8, requires_grad=True)
+    assert masked_lm_loss(h, torch.randn(20, 8), torch.full((1, 4), -100)).isnan()
+
+
+def test_chunked_loss_twice_through_one_graph_is_refused():
+    h = torch.randn(2, 6, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    loss = masked_lm_loss(h, w, torch.randint(0, 20, (2, 6)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
