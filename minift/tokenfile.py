@@ -25,7 +25,7 @@ from .formats import DataError
 
 MEMMAP_BYTES = 16 * 2**20  # load_dataset's memmap=None: text files above this size
 FORMAT = "minift-tokens-1"
-_CHUNK_CHARS = 4_000_000   # documents are tokenised in batches of about this many characters
+_CHUNK_CHARS = 200_000     # documents are tokenised in batches of about this many characters
 
 
 def default_cache() -> Path:
