@@ -317,8 +317,10 @@ def parse(rec, where: str, kind: str | None, fields: dict):
                         f"(decided by its first record); a file holds one kind")
     for f in KINDS[this]:
         if f not in rec:
+            hint = ("; preference pairs {\"prompt\", \"chosen\", \"rejected\"} train with "
+                    "--objective dpo (minift.preference)" if "chosen" in rec else "")
             raise DataError(f"{where}: missing {_name(f, fields)}, which a record of kind "
-                            f"{this!r} needs (fields found: {columns or 'none'})")
+                            f"{this!r} needs (fields found: {columns or 'none'}){hint}")
     if this == "chat":
         return this, _messages(rec["messages"], where, _name("messages", fields))
     values = {f: _string(rec[f], where, _name(f, fields))
