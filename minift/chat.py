@@ -117,12 +117,14 @@ def _compile(template: str):
 
 def _render_jinja(template: str, messages, add_generation_prompt: bool, specials: dict):
     """Render with Jinja -> (text, spans of the {% generation %} blocks)."""
-    jinja2 = _jinja2()
+    jinja2, compiled = _jinja2(), _compile(template)
     try:
-        marked = _compile(template).render(messages=messages, tools=None, documents=None,
-                                           add_generation_prompt=add_generation_prompt, **specials)
-    except jinja2.exceptions.TemplateError as e:
+        marked = compiled.render(messages=messages, tools=None, documents=None,
+                                 add_generation_prompt=add_generation_prompt, **specials)
+    except jinja2.exceptions.TemplateError as e:  # raise_exception(...), an undefined name, ...
         raise DataError(f"the chat template failed: {e}") from None
+    except (TypeError, ValueError, LookupError, AttributeError, RecursionError) as e:
+        raise DataError(f"the chat template failed: {type(e).__name__}: {e}") from None
     text, spans = "", []
     for piece in re.split(f"([{_OPEN}{_CLOSE}])", marked):
         if piece == _OPEN:

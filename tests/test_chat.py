@@ -114,6 +114,15 @@ def test_assistant_mask_matches_transformers_token_for_token(folders, name):
         assert sum(out["assistant_masks"]) > 0
 
 
+def test_a_transformers_tokenizer_gives_the_same_examples(folders):
+    """chat_examples takes transformers' tokenizers too (offsets from return_offsets_mapping)."""
+    for name in ("chatml", "marked", "builtin"):
+        ours, ref = Tokenizer.from_pretrained(folders[name]), hf(folders[name])
+        assert chat_examples(ref, CONVERSATIONS, ["x"] * 3) == \
+            chat_examples(ours, CONVERSATIONS, ["x"] * 3)
+        assert end_of_turn_id(ref) == end_of_turn_id(ours)
+
+
 def labelled_runs(ex):
     runs, run = [], []
     for t in ex["labels"] + [IGNORE_INDEX]:
@@ -181,6 +190,7 @@ def test_chat_jsonl_truncation_and_errors(folders, tmp_path):
     refused("{% for m in messages %}{{ m['content'] }", r"line 7: the chat template does not parse")
     refused(LLAMA, r"line 7: the chat template failed: Only user and assistant",
             [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}])
+    refused("{{ messages[0]['content'] + 1 }}", r"line 7: the chat template failed: TypeError")
     refused("{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
             "{% if add_generation_prompt %}Q{% endif %}", "not a prefix")
     tok.chat_template = None
