@@ -98,8 +98,12 @@ def test_a_dataset_in_the_local_hugging_face_cache(tok, tmp_path, monkeypatch):
     for split in ("train", "validation"):
         Json(cache_dir=str(cache), dataset_name="toy_qa", data_files={split: str(source)},
              hash=split).download_and_prepare()
+    # a hub id org/name lives in org___name (datasets' layout)
+    Json(cache_dir=str(cache), dataset_name="someone___toy_qa", data_files={"train": str(source)},
+         hash="x").download_and_prepare()
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
     assert load_dataset("toy_qa", tok) == expected == load_dataset("toy_qa:validation", tok)
+    assert load_dataset("someone/toy_qa", tok) == expected
     with pytest.raises(DataError, match=r"toy_qa:test: no such file, and no 'test' split .*never "
                                         r"downloads"):
         load_dataset("toy_qa:test", tok)
