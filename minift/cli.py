@@ -24,13 +24,13 @@ import os
 import sys
 
 from . import __version__
-from .commands import compare, evaluate, finetune, generate, merge
+from .commands import compare, evaluate, finetune, generate, merge, plan
 from .commands.common import RANK
 from .options import UsageError
 from .step import NonFiniteError
 from .train import TrainingInterrupted
 
-COMMANDS = (finetune, generate, evaluate, merge, compare)   # in the order --help lists them
+COMMANDS = (finetune, generate, evaluate, merge, compare, plan)   # --help's order
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,6 +53,7 @@ TOP_EPILOG = """examples:
   minift eval --run runs/adapter --forgetting --bias
   minift merge --run runs/lora-20250101-120000 --out merged
   minift compare --quick                    every method on the same budget, one table
+  minift plan --model gpt2 --batch-size 8 --max-length 512   memory and time of each method
 
 'minift COMMAND --help' shows each command's options. Exit codes: 0 ok, 1 error,
 2 usage error, 130/143 training stopped by SIGINT/SIGTERM (after a checkpoint)."""
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         if RANK == 0:
             print("minift: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, NonFiniteError) as e:  # DataError, PeftError, TOML errors too
+    except (ValueError, OSError, ImportError, NonFiniteError) as e:  # DataError, PeftError,
+        # TOML errors, a missing extra (trackers.py) too
         if debug:
             raise
         _error(e)

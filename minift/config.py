@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .trackers import check_report_to
+
 SCHEDULES = ("linear", "cosine", "constant")
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -69,6 +71,11 @@ class TrainConfig:
                              "GPUs; CPUs with AVX512-BF16 or AMX), fp32 weights")
     fsdp: bool = _opt(False, "under torchrun: shard weights, gradients and AdamW state over the "
                       "processes (FSDP2, see distributed.py)")
+    # -- experiment trackers (trackers.py)
+    report_to: list = field(default_factory=list, metadata={"help": "trackers that get the "
+                            "metrics.jsonl numbers, the config and the final metrics: "
+                            "tensorboard, mlflow, wandb (extra: trackers); objects with "
+                            "log_config/log_metrics/finish too; none by default"})
 
     def __post_init__(self):
         self.validate()
@@ -109,6 +116,8 @@ class TrainConfig:
         need(self.min_delta >= 0, "min_delta", "must be >= 0")
         need(self.ewc_lambda >= 0, "ewc_lambda", "must be >= 0")
         need(self.layer_decay is None or self.layer_decay > 0, "layer_decay", "must be None or > 0")
+        problem = check_report_to(self.report_to)
+        need(problem is None, "report_to", problem)
         need(not (self.resume and self.overwrite), "overwrite",
              "cannot be combined with resume=True")
         need(self.output_dir is not None or not self.resume, "resume", "needs an output_dir")

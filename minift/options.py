@@ -119,6 +119,8 @@ def _type_kind(name: str, hint) -> tuple[str, bool]:
         hint = rest[0] if len(rest) == 1 else None
     if typing.get_origin(hint) is tuple and all(a in (int, float) for a in typing.get_args(hint)):
         return "pair", optional
+    if hint is list or typing.get_origin(hint) is list:   # report_to: comma-separated names
+        return "list", optional
     kinds = {bool: "bool", int: "int", float: "float", str: "str"}
     if hint not in kinds:
         raise TypeError(f"minift finetune has no command-line form for TrainConfig.{name}: {hint}")

@@ -35,6 +35,7 @@ import torch
 
 from .checkpoint import _from_hf_cache, read_config, resolve_source
 from .model import GPT, GPTConfig
+from .ops import QUERY_BLOCK, query_blocks
 from .peft import (AdapterConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
                    PromptTuningConfig, get_peft_model)
 from .peft.partial import freeze_all_but_top, unfreeze_all
@@ -181,17 +182,20 @@ class _Walk:
     def attention(self, prefix_trains: bool) -> None:
         B, N, S, C, nh = self.B, self.N, self.S, self.c.n_embd, self.c.n_head
         g = self.grad or prefix_trains
-        self.flops += 2 * 2 * N * S * C * (1 + 2 * g)    # QK^T and PV: forward, backward
-        if not g:
-            return
         qkv = self.act * (N * C + 2 * B * S * C)
         mask = B * self.Tq * S                           # (B, 1, T, S) bool: padding / prefix
-        if self.cpu and self.drop > 0:                   # _AttentionDropout: q, k, v, masks
-            self.bytes += qkv + B * nh * self.Tq * S + mask
-            self.flops += 2 * N * S * C                  # the recomputed QK^T
+        if self.cpu and self.drop > 0:   # ops.AttentionDropout: causal blocks of queries
+            pairs = B * sum((i1 - i0) * keys for i0, i1, keys in
+                            query_blocks(self.Tq, S, QUERY_BLOCK))   # (query, key) per head
+            # QK^T and PV forward, four matmuls backward, the recomputed QK^T
+            self.flops += 2 * 2 * pairs * C * (1 + 2 * g) + (2 * pairs * C if g else 0)
+            if g:                                        # q, k, v and the 1-byte keep-mask
+                self.bytes += qkv + nh * pairs + mask
         else:                                            # SDPA: q, k, v, out, logsumexp
-            self.bytes += qkv + self.act * N * C + 4 * B * nh * self.Tq + mask
-        self.grad = True
+            self.flops += 2 * 2 * N * S * C * (1 + 2 * g)
+            if g:
+                self.bytes += qkv + self.act * N * C + 4 * B * nh * self.Tq + mask
+        self.grad = self.grad or g
 
 
 def _activations(w: _Walk, prefix_trains: bool, embeddings_train: bool, checkpointing: bool):

@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file
 
 from .io import save_safetensors, write_json, write_text
+from .trackers import config_dict, scalars
 from .distributed import (barrier, gather_optimizer_state, gather_to_rank0, is_sharded, local,
                           rank_world, shard_like, shard_optimizer_state)
 
@@ -136,7 +137,7 @@ def prepare_output_dir(out: Path, config) -> None:
                 path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "run.json").exists():
-        write_json(out / "run.json", {"config": dataclasses.asdict(config)})
+        write_json(out / "run.json", {"config": config_dict(config)})
 
 
 # ----------------------------------------------------------------------------- a run's state
@@ -161,11 +162,18 @@ class Run:
         self.best_state: dict[str, torch.Tensor] | None = None   # for restore_best: a CPU
         # copy of this process's part of the trainable weights (all of them without FSDP)
         self.last_saved = -1
+        self.trackers: list = []                      # trackers.py; set by train() on rank 0
+        self.summary: dict = {}                       # what train() opened trackers finish with
 
     def log(self, record: dict) -> None:
-        if self.out is not None and self.rank == 0:
+        """A metrics.jsonl line, and the same numbers to every tracker (rank 0)."""
+        if self.rank != 0:
+            return
+        if self.out is not None:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        for t in self.trackers:
+            t.log_metrics(scalars(record), record["step"])
 
     def _weights(self) -> dict[str, torch.Tensor]:
         return gather_to_rank0({n: p for n, p in self.trainable})
@@ -184,7 +192,7 @@ class Run:
         state = {"step": step, "epoch": self.epoch, "batch": self.batch,
                  "early_stopping": self.es.state_dict(), "result": dataclasses.asdict(self.result),
                  "python_rng": random.getstate(),   # (version, tuple of ints, gauss): JSON-able
-                 "world_size": self.world, "config": dataclasses.asdict(self.config)}
+                 "world_size": self.world, "config": config_dict(self.config)}
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})

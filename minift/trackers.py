@@ -227,6 +227,14 @@ def check_report_to(report_to) -> str | None:
     return None
 
 
+def require(report_to) -> None:
+    """Import the package of each tracker name now (one line naming the extra if missing),
+    e.g. before minutes of loading and evaluating."""
+    for name in report_to:
+        if isinstance(name, str):
+            _need(name, name)
+
+
 def open_trackers(report_to, run_dir: Path | None) -> tuple[list, list]:
     """(all trackers, those opened here from names): names become trackers writing under
     run_dir; objects are used as they are. Each name's package is imported now, so a
@@ -246,3 +254,9 @@ def open_trackers(report_to, run_dir: Path | None) -> tuple[list, list]:
         raise
     it = iter(opened)
     return [t if not isinstance(t, str) else next(it) for t in report_to], opened
+
+
+def finish_all(trackers: list, summary: dict) -> None:
+    """finish(summary) on each tracker, in order."""
+    for t in trackers:
+        t.finish(summary)

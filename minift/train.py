@@ -50,6 +50,7 @@ from .optim import (AdamW, build_param_groups, get_constant_schedule_with_warmup
 from .regularize import EWC, EarlyStopping, GradualUnfreezing, restore_dropout, set_dropout
 from .rundir import Progress, Run, StopSignals, prepare_output_dir
 from .step import train_step
+from .trackers import config_dict, finish_all, open_trackers
 
 
 class TrainingInterrupted(Exception):
@@ -183,7 +184,10 @@ def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | Non
                 progress.say("restore_best: no best weights to restore (no finite evaluation)")
             else:
                 run.restore_best()
-        return run.result
+        r = run.result
+        run.summary.update(steps=r.step, train_loss=r.train_loss[-1] if r.train_loss else None,
+                           best_step=r.best_step, best_val_loss=r.best_val_loss)
+        return r
 
 
 def _prepare(model, config: TrainConfig, device, autocast, progress, max_length, reference_data,
@@ -197,6 +201,11 @@ def _prepare(model, config: TrainConfig, device, autocast, progress, max_length,
     undo.callback(_set_checkpointing, gpts, [m.gradient_checkpointing for m in gpts])
     if out is not None:
         prepare_output_dir(out, config)
+    trackers, opened = open_trackers(config.report_to, out) if rank_world()[0] == 0 else ([], [])
+    summary: dict = {}   # run.summary, filled at the end; the trackers opened here get it
+    undo.callback(finish_all, opened, summary)
+    for t in trackers:
+        t.log_config(config_dict(config))
     model.to(device)
     if not _trainable(model):
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
@@ -225,6 +234,7 @@ def _prepare(model, config: TrainConfig, device, autocast, progress, max_length,
         undo.callback(unfreezing.restore)
     run = Run(model, config, optimizer, scheduler, trainable, out, progress,
               TrainResult(), EarlyStopping(config.patience, config.min_delta))
+    run.trackers, run.summary = trackers, summary
     if config.resume:
         run.resume()
     return run, ewc, unfreezing

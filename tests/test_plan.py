@@ -12,7 +12,8 @@ from minift.data import collate
 from minift.model import GPTConfig
 from minift.plan import (MethodOptions, build, estimate, format_plan, matmul_rate, parse_bytes,
                          plan)
-from minift.train import TrainConfig, make_optimizer
+from minift.config import TrainConfig
+from minift.train import make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,19 +43,20 @@ def saved_bytes(model, batch) -> tuple[int, torch.Tensor]:
 
 
 def _setup(method, dropout=0.1, B=4, T=32):
-    c = tiny_config(dropout)
+    c = tiny_config(dropout, n_positions=max(64, T))
     torch.manual_seed(0)
     model = build(c, method, OPTIONS, device="cpu").train()
-    batch = collate(pattern_data(B, min_len=T // 2, max_len=T), 0, T)
+    batch = collate(pattern_data(B, min_len=T - 4, max_len=T), 0, T)
     return c, model, batch, batch["input_ids"].shape[1]
 
 
-@pytest.mark.parametrize("method, dtype, dropout", [
-    ("full", "fp32", 0.1), ("lora", "fp32", 0.1), ("prefix", "fp32", 0.1),
-    ("lora", "bf16", 0.1), ("full", "fp32", 0.0), ("adapter", "fp32", 0.1),
-    ("prompt", "fp32", 0.1)])
-def test_activation_and_flop_estimates_match_measurements(method, dtype, dropout):
-    c, model, batch, T = _setup(method, dropout)
+@pytest.mark.parametrize("method, dtype, dropout, length", [
+    ("full", "fp32", 0.1, 32), ("lora", "fp32", 0.1, 32), ("prefix", "fp32", 0.1, 32),
+    ("lora", "bf16", 0.1, 32), ("full", "fp32", 0.0, 32), ("adapter", "fp32", 0.1, 32),
+    ("prompt", "fp32", 0.1, 32),
+    ("lora", "fp32", 0.1, 300)])   # longer than ops.QUERY_BLOCK: causal blocks of queries
+def test_activation_and_flop_estimates_match_measurements(method, dtype, dropout, length):
+    c, model, batch, T = _setup(method, dropout, T=length)
     e = estimate("tiny", method, 4, T, dtype=dtype, options=OPTIONS, config=c, memory=1 << 40)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     with autocast, FlopCounterMode(display=False) as flops:
@@ -156,3 +158,29 @@ def test_bad_input_is_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="cannot read '12 parsecs' as an amount of memory"):
         parse_bytes("12 parsecs")
     assert parse_bytes("24GiB") == 24 * 2 ** 30 and parse_bytes("1.5 GB") == 1_500_000_000
+
+
+def test_the_plan_command_prints_the_api_estimates(capsys):
+    from minift.cli import main
+    args = ["plan", "--model", "minift-tiny", "--method", "lora,full", "--batch-size", "2",
+            "--max-length", "32", "--memory", "1GiB", "--no-measure"]
+    assert main([*args, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    expected = plan("minift-tiny", ["lora", "full"], batch_size=2, max_length=32,
+                    measure=False, memory=2 ** 30)
+    assert rows == [e.to_dict() for e in expected]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert table == format_plan(expected) + "\n" and "GFLOP/token" in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "lorax"], "--method: unknown 'lorax'; choose from full, partial"),
+    (["--memory", "lots"], "--memory: cannot read 'lots' as an amount of memory"),
+    (["--model", "/no/such/folder"], "/no/such/folder: no such folder"),
+])
+def test_the_plan_command_errors_are_one_line(capsys, args, message):
+    from minift.cli import main
+    code = main(["plan", "--no-measure", *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code in (1, 2) and len(lines) == 1 and message in lines[0], lines

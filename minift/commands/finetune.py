@@ -9,6 +9,7 @@ report.json and loss.png.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from dataclasses import replace
@@ -31,6 +32,7 @@ from ..report import (METRIC_NAMES, MemoryProbe, StepTimer, finetune_markdown, l
                       metrics_rows, plot_losses, read_metrics)
 from ..rundir import RUN_FILES
 from ..tokenizer import Tokenizer
+from ..trackers import finish_all, open_trackers, require as require_trackers
 from ..train import train
 from .common import RANK, add_command, read_run_config, say, set_threads, show
 from .taskdata import evaluate_model, load_task_data
@@ -204,6 +206,7 @@ def run(args) -> int:
     resume, overwrite = bool(getattr(args, "resume", None)), args.overwrite
     opts = resolve_finetune(args)
     config = train_config(opts, resume, overwrite)   # checks every training option now
+    require_trackers(config.report_to)               # a missing tracker package, too
     peft_config = method_config(opts)
     out = Path(opts["output_dir"])
     prepare_run_dir(out, resume, overwrite)
@@ -234,7 +237,14 @@ def run(args) -> int:
 
     torch.manual_seed(opts["seed"])  # the adapter's random initialisation
     model = apply_method(model, opts["method"], opts, peft_config)
-    model, training = _train(model, data, config, opts, device, out)
+    # Trackers opened here (not by train()) are finished with report.json's numbers.
+    trackers, opened = open_trackers(config.report_to, out) if RANK == 0 else ([], [])
+    try:
+        model, training = _train(model, data, replace(config, report_to=trackers), opts,
+                                 device, out)
+    except BaseException:
+        finish_all(opened, {})
+        raise
     if RANK != 0:
         return 0
     artifact = "model" if opts["method"] in ("full", "partial") else "adapter"
@@ -246,6 +256,7 @@ def run(args) -> int:
                 **({"before": before_preds[i]} if before_preds else {}), "after": after_preds[i]}
                for i, r in enumerate(data.records[:opts["num_samples"]])]
     _report(out, opts, peft_config, model, data, before, after, samples, training, artifact)
+    finish_all(opened, json.loads((out / "report.json").read_text(encoding="utf-8")))
     return 0
 
 

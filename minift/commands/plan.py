@@ -1,0 +1,72 @@
+"""`minift plan`: memory, FLOPs and step time of each method before a run (minift/plan.py)."""
+from __future__ import annotations
+
+import json
+
+from ..options import UsageError
+from ..plan import DTYPES, METHODS, SHAPES, MethodOptions, format_plan, parse_bytes, plan
+from .common import add_command, number
+
+PLAN_EPILOG = """examples:
+  minift plan --model gpt2 --batch-size 8 --max-length 512        every method, one table
+  minift plan --model gpt2-xl --method lora --batch-size 4 --max-length 1024 --dtype bf16
+  minift plan --model gpt2-large --method full --batch-size 1 --max-length 1024 \\
+      --gradient-checkpointing --memory 24GiB --json
+--model takes a folder, a hub id in the local cache, minift-tiny, or a named shape
+(""" + ", ".join(SHAPES) + """), read from config.json alone: nothing is loaded.
+Memory is per process: parameters, gradients, AdamW state, activations and workspace,
+against this machine's free memory (or --memory). The step time divides the step's
+FLOPs by a matmul rate measured here for a moment: a lower bound."""
+
+
+def register(subparsers) -> None:
+    p = add_command(subparsers, "plan", "memory, FLOPs and step time of each method, before a "
+                    "run", PLAN_EPILOG, run)
+    p.add_argument("--model", default="minift-tiny", metavar="M",
+                   help="folder, cached hub id, minift-tiny, or " + "/".join(SHAPES)
+                   + " (default: minift-tiny)")
+    p.add_argument("--method", default="all", metavar="X",
+                   help=f"one of {', '.join(METHODS)}, comma-separated, or all (default)")
+    number(p, "--batch-size", int, 8, "examples per micro-batch")
+    number(p, "--max-length", int, None, "tokens per example (default: the model's context)")
+    number(p, "--gradient-accumulation-steps", int, 1, "micro-batches per optimizer step")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
+                   help="fp32, or bf16 autocast over fp32 weights (default: fp32)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each block in the backward")
+    p.add_argument("--memory", metavar="SIZE", default=None,
+                   help="the budget to compare with, e.g. 24GiB (default: free memory here)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--no-measure", action="store_true",
+                   help="skip the matmul-rate measurement (no step time)")
+    defaults = MethodOptions()
+    number(p, "--r", int, defaults.r, "LoRA rank")
+    number(p, "--num-virtual-tokens", int, defaults.num_virtual_tokens,
+           "prefix / prompt / P-tuning length")
+    number(p, "--bottleneck-size", int, defaults.bottleneck_size, "adapter width")
+    number(p, "--top-k-blocks", int, defaults.top_k_blocks, "blocks partial fine-tuning trains")
+    p.add_argument("--json", action="store_true", help="one JSON object per method, as a list")
+
+
+def run(args) -> int:
+    methods = METHODS if args.method == "all" else [m.strip() for m in args.method.split(",")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        bad = ", ".join(map(repr, unknown)) or "(empty)"
+        raise UsageError(f"--method: unknown {bad}; choose from {', '.join(METHODS)}, or all")
+    try:
+        memory = parse_bytes(args.memory) if args.memory is not None else None
+    except ValueError as e:
+        raise UsageError(f"--memory: {e}") from None
+    options = MethodOptions(r=args.r, num_virtual_tokens=args.num_virtual_tokens,
+                            bottleneck_size=args.bottleneck_size, top_k_blocks=args.top_k_blocks)
+    estimates = plan(args.model, methods, args.batch_size, args.max_length,
+                     measure=not args.no_measure, device=args.device,
+                     gradient_accumulation_steps=args.gradient_accumulation_steps,
+                     dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
+                     options=options, memory=memory)
+    if args.json:
+        print(json.dumps([e.to_dict() for e in estimates], indent=1))
+    else:
+        print(format_plan(estimates))
+    return 0
