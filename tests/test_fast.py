@@ -225,6 +225,7 @@ def test_train_with_compile_equals_eager(eager_and_compiled):
         blocks = model.get_base_model().transformer.h
         assert [b._compiled_call_impl is not None for b in blocks] == [compile_] * len(blocks)
     (l_e, p_e), (l_c, p_c) = runs
+    # float32 rounding of inductor's fused kernels: the losses differed by ~5e-7 here, not 0.0
     assert len(l_e) == 2 and max(abs(a - b) for a, b in zip(l_e, l_c)) <= 1e-5
     assert max((a - b).abs().max() for a, b in zip(p_e, p_c)) <= 1e-5
 
