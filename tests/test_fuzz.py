@@ -11,6 +11,7 @@ any other exception (KeyError, TypeError, a Rust panic, RecursionError, ...) is 
 """
 import json
 import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -48,13 +49,19 @@ json_values = st.recursive(
     max_leaves=6)
 
 
-def expect_clear(load, named):
-    """Run load(); a failure must be a CLEAR error whose message names `named`. Outcomes
-    are counted (pytest --hypothesis-show-statistics) to see both kinds are exercised."""
+# A data error names the line or row (and the field, by name), or is about the whole file.
+LOCATED = r"(line \d+|row \d+)|: (no examples|not a readable|no such file|unknown file type)"
+
+
+def expect_clear(load, named, located=None):
+    """Run load(); a failure must be a CLEAR error whose message names `named` (and matches
+    `located`). Outcomes are counted (pytest --hypothesis-show-statistics) to see both kinds
+    are exercised."""
     try:
         result = load()
     except CLEAR as e:
         assert str(named) in str(e), f"{type(e).__name__} does not name {named}: {e}"
+        assert located is None or re.search(located, str(e)), f"no line/row in: {e}"
         event(f"refused: {type(e).__name__}")
         return None
     event("loaded")
@@ -118,7 +125,7 @@ def encode_file(lines, newline, bom):
 def test_load_jsonl_loads_or_names_the_line(tok, scratch, lines, newline, bom, max_length):
     path = fresh(scratch) / "data.jsonl"
     path.write_bytes(encode_file(lines, newline, bom))
-    examples = expect_clear(lambda: load_jsonl(path, tok, max_length=max_length), path)
+    examples = expect_clear(lambda: load_jsonl(path, tok, max_length=max_length), path, LOCATED)
     for ex in examples or []:
         assert len(ex["input_ids"]) == len(ex["labels"]) >= 1
         assert max_length is None or len(ex["input_ids"]) <= max_length
@@ -147,7 +154,8 @@ def test_chat_and_instruction_records_load_or_name_the_line(chat_toks, scratch, 
     path = fresh(scratch) / "chat.jsonl"
     path.write_bytes(encode_file(lines, "\n", False))
     t = chat_toks[template]
-    for ex in expect_clear(lambda: load_dataset(path, t, max_length=max_length), path) or []:
+    for ex in expect_clear(lambda: load_dataset(path, t, max_length=max_length), path,
+                           LOCATED) or []:
         assert len(ex["input_ids"]) == len(ex["labels"]) >= 1
         assert max_length is None or len(ex["input_ids"]) <= max_length
         assert any(x != -100 for x in ex["labels"])
@@ -199,7 +207,7 @@ def test_tables_load_or_name_the_row_and_column(tok, scratch, records, suffix, f
     if cut is not None:
         path.write_bytes(path.read_bytes()[:cut])
     for ex in expect_clear(lambda: load_dataset(path, tok, max_length=16, fields=fields),
-                           path) or []:
+                           path, LOCATED) or []:
         assert 1 <= len(ex["input_ids"]) == len(ex["labels"]) <= 16
 
 
@@ -224,7 +232,7 @@ def test_random_bytes_to_every_data_loader(tok, scratch, blob, suffix, block_siz
     for load in (lambda: load_dataset(path, tok, block_size=block_size, max_length=block_size),
                  lambda: load_text(path, tok, block_size), lambda: load_jsonl(path, tok),
                  lambda: load_text(path, tok, block_size, memmap=True, cache_dir=path.parent)):
-        for ex in expect_clear(load, path) or []:
+        for ex in expect_clear(load, path, LOCATED) or []:
             assert 1 <= len(ex["input_ids"]) == len(ex["labels"])
     for ex in expect_clear(lambda: load_text(path, tok, block_size), path) or []:
         assert 2 <= len(ex["input_ids"]) <= block_size
