@@ -43,7 +43,7 @@ from .peft.partial import freeze_all_but_top, unfreeze_all
 # GPT-2's four released sizes (Radford et al. 2019, Table 2): (n_layer, n_head, n_embd)
 SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
           "gpt2-xl": (48, 25, 1600)}
-METHODS = ("full", "partial", "lora", "adapter", "prefix", "prompt", "ptuning")
+METHODS = ("full", "partial", "lora", "dora", "adapter", "prefix", "prompt", "ptuning")
 DTYPES = ("fp32", "bf16")
 HEAD_CHUNK = 256          # rows of LM-head logits per chunk (model.masked_lm_loss)
 
@@ -119,6 +119,8 @@ def build(config: GPTConfig, method: str, o: MethodOptions, device="meta"):
         n, hidden = o.num_virtual_tokens, o.encoder_hidden_size
         peft_config = {
             "lora": lambda: LoraConfig(r=o.r, lora_dropout=o.lora_dropout, **targets),
+            "dora": lambda: LoraConfig(r=o.r, lora_dropout=o.lora_dropout, use_dora=True,
+                                       **targets),
             "adapter": lambda: AdapterConfig(bottleneck_size=o.bottleneck_size, **targets),
             "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=n),
             "prompt": lambda: PromptTuningConfig(num_virtual_tokens=n),
@@ -142,6 +144,8 @@ class _Walk:
     def __init__(self, trains: dict[str, tuple], lora_r: dict[str, int], c: GPTConfig, B, Tq, S,
                  act: int, dropout: float, lora_dropout: float, cpu: bool):
         self.trains, self.lora_r, self.c = trains, lora_r, c
+        self.dora = {n[:-len(".lora_magnitude_vector")] for n in trains
+                     if n.endswith(".lora_magnitude_vector")}
         self.B, self.Tq, self.S, self.N = B, Tq, S, B * Tq
         self.act, self.drop, self.lora_drop, self.cpu = act, dropout, lora_dropout, cpu
         self.bf16 = act == 2
@@ -167,6 +171,10 @@ class _Walk:
         if r:                                            # LoraLinearFunction: x, mask, u
             self.bytes += 4 * N * n_in + (N * n_in if self.lora_drop > 0 else 0) + self.act * N * r
             self.flops += 2 * N * r * (n_in + n_out) * 3
+        if name in self.dora:   # peft/dora.py: m / ||W + sBA|| times t, kept for m's gradient
+            self.bytes += 4 * N * n_out
+            if self.lora_drop > 0:   # x W^T and dropout(x) W^T besides the fused op's
+                self.flops += 2 * 2 * N * n_in * n_out * (1 + self.grad)
         if self.bf16 and (self.grad or w_trains or r):  # autocast's bf16 weight copy, for dx
             self.bytes += 2 * n_in * n_out
         self.grad = self.grad or w_trains or bool(r)
@@ -333,7 +341,8 @@ def estimate(src: str, method: str, batch_size: int, max_length: int | None = No
     prompt = method in ("prompt", "ptuning")
     Tq, S = T + (n_virtual if prompt else 0), T + n_virtual
     walk = _Walk(trains, lora_r, c, batch_size, Tq, S, 2 if dtype == "bf16" else 4, drop,
-                 o.lora_dropout if method == "lora" else 0.0, not device.startswith("cuda"))
+                 o.lora_dropout if method in ("lora", "dora") else 0.0,
+                 not device.startswith("cuda"))
     activations = _activations(walk, method == "prefix", method == "full" or prompt,
                                gradient_checkpointing)
     prompt_flops = 0.0

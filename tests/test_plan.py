@@ -53,7 +53,7 @@ def _setup(method, dropout=0.1, B=4, T=32):
 @pytest.mark.parametrize("method, dtype, dropout, length", [
     ("full", "fp32", 0.1, 32), ("lora", "fp32", 0.1, 32), ("prefix", "fp32", 0.1, 32),
     ("lora", "bf16", 0.1, 32), ("full", "fp32", 0.0, 32), ("adapter", "fp32", 0.1, 32),
-    ("prompt", "fp32", 0.1, 32),
+    ("prompt", "fp32", 0.1, 32), ("dora", "fp32", 0.1, 32), ("dora", "fp32", 0.0, 32),
     ("lora", "fp32", 0.1, 300)])   # longer than ops.QUERY_BLOCK: causal blocks of queries
 def test_activation_and_flop_estimates_match_measurements(method, dtype, dropout, length):
     c, model, batch, T = _setup(method, dropout, T=length)
@@ -67,7 +67,7 @@ def test_activation_and_flop_estimates_match_measurements(method, dtype, dropout
     assert e.flops_per_token * tokens == pytest.approx(flops.get_total_flops(), rel=0.2)
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "prefix", "partial", "ptuning"])
+@pytest.mark.parametrize("method", ["full", "lora", "dora", "prefix", "partial", "ptuning"])
 def test_optimizer_gradient_and_parameter_estimates_match_a_real_step(method):
     c, model, batch, T = _setup(method)
     e = estimate("tiny", method, 4, T, options=OPTIONS, config=c, memory=1 << 40)
@@ -100,7 +100,7 @@ def test_gradient_checkpointing_estimate_matches_its_peak():
     assert ckpt.flops_per_token > plain.flops_per_token        # the second forward
 
 
-@pytest.mark.parametrize("method", ["lora", "prefix", "full"])
+@pytest.mark.parametrize("method", ["lora", "dora", "prefix", "full"])
 def test_adapter_file_size_matches_save_pretrained(tmp_path, method):
     c, model, _, _ = _setup(method)
     e = estimate("tiny", method, 4, 32, options=OPTIONS, config=c, memory=1 << 40)
