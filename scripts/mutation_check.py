@@ -82,6 +82,9 @@ PATCHES = [
           "if config.dropout is not None:", "if False:",
           ["tests/test_train.py::test_dropout_override_and_gradient_checkpointing_are_explicit"
            "_and_restored"]),
+    Patch("the step asks for the full logits", "minift/step.py",
+          "model(**batch, return_logits=False).loss", "model(**batch, return_logits=True).loss",
+          ["tests/test_train.py::test_full_logits_never_exist_at_once_in_a_training_step"]),
     Patch("train ignores restore_best", "minift/train.py",
           "if config.restore_best:", "if False:",
           ["tests/test_train.py::test_early_stopping_and_restore_best_in_train"]),
