@@ -4,6 +4,8 @@
     for e in plan("gpt2-medium", ["lora", "full"], batch_size=8, max_length=512):
         print(e.method, e.total_bytes / 2**30, "GiB", e.fits)
 
+`minift plan` (commands/plan.py) prints the same as a table, or as JSON.
+
 Nothing is loaded or allocated: the model is built on the meta device (shapes only) from its
 config.json, or from a named shape (gpt2, gpt2-medium, gpt2-large, gpt2-xl), and the method
 is applied to it by minift's own code, so the parameter counts are exactly the ones training
@@ -124,15 +126,16 @@ def build(config: GPTConfig, method: str, o: MethodOptions, device="meta"):
             "adapter": lambda: AdapterConfig(bottleneck_size=o.bottleneck_size, **targets),
             "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=n),
             "prompt": lambda: PromptTuningConfig(num_virtual_tokens=n),
-            "ptuning": lambda: PromptEncoderConfig(num_virtual_tokens=n,
-                                                   **({"encoder_hidden_size": hidden} if hidden else {})),
+            "ptuning": lambda: PromptEncoderConfig(
+                num_virtual_tokens=n, **({"encoder_hidden_size": hidden} if hidden else {})),
         }[method]()
         return get_peft_model(model, peft_config)
 
 
 def _short(name: str) -> str:
     """A parameter name from `transformer.` on ("h.0.attn.c_attn.lora_A.weight")."""
-    return name[name.index("transformer.") + len("transformer."):] if "transformer." in name else name
+    _, sep, tail = name.partition("transformer.")
+    return tail if sep else name
 
 
 # ----------------------------------------------------------------------------- activations
@@ -275,7 +278,9 @@ def matmul_rate(dtype: str = "fp32", device: str = "cpu", n: int = 1024, repeat:
 
 def free_memory(device: str = "cpu") -> int | None:
     """Bytes free for a new process: CUDA's free memory, or the OS's MemAvailable."""
-    if device.startswith("cuda"):
+    if device.startswith("cuda"):   # None when planning for a GPU on a machine without one
+        if not torch.cuda.is_available():
+            return None
         return torch.cuda.mem_get_info(torch.device(device))[0]
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -309,6 +314,14 @@ def _safetensors_bytes(params: dict[str, tuple]) -> int:
     return 8 + header + sum(4 * math.prod(s) for s in params.values())
 
 
+def _check(dtype: str, **counts) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    for name, v in counts.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
 def estimate(src: str, method: str, batch_size: int, max_length: int | None = None,
              gradient_accumulation_steps: int = 1, dtype: str = "fp32",
              gradient_checkpointing: bool = False, options: MethodOptions | None = None,
@@ -318,12 +331,8 @@ def estimate(src: str, method: str, batch_size: int, max_length: int | None = No
     """The plan for one method. dropout None keeps the model's rates (GPT-2: 0.1);
     memory None compares with free_memory(device); matmul_flops_per_s None: no step time."""
     o = options or MethodOptions()
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    for name, v in (("batch_size", batch_size), ("max_length", max_length or 1),
-                    ("gradient_accumulation_steps", gradient_accumulation_steps)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    _check(dtype, batch_size=batch_size, max_length=max_length or 1,
+           gradient_accumulation_steps=gradient_accumulation_steps)
     c = config or model_config(src)
     model = build(c, method, o)
     n_virtual = o.num_virtual_tokens if method in ("prefix", "prompt", "ptuning") else 0
@@ -345,9 +354,9 @@ def estimate(src: str, method: str, batch_size: int, max_length: int | None = No
                  not device.startswith("cuda"))
     activations = _activations(walk, method == "prefix", method == "full" or prompt,
                                gradient_checkpointing)
-    prompt_flops = 0.0
-    if method in ("prefix", "ptuning"):   # the prompt encoder runs once per micro-batch
-        prompt_flops = 3 * 2 * sum(math.prod(s) for n, s in trains.items() if n.endswith("weight"))
+    # a prompt encoder's matmuls (P-tuning, prefix projection): n rows, once per micro-batch
+    prompt_flops = 3 * 2 * n_virtual * sum(math.prod(s) for n, s in trains.items()
+                                           if len(s) == 2 and "embedding" not in n)
     workspace = 4 * min(HEAD_CHUNK, batch_size * Tq) * c.vocab_size + \
         4 * batch_size * Tq * (c.n_inner or 4 * c.n_embd)
     total = 4 * n_total + 8 * n_train + 4 * n_train + activations + workspace
@@ -355,10 +364,8 @@ def estimate(src: str, method: str, batch_size: int, max_length: int | None = No
     tokens = batch_size * Tq
     flops_token = (walk.flops + prompt_flops) / tokens
     step_flops = (walk.flops + prompt_flops) * gradient_accumulation_steps
-    if method in ("full", "partial"):
-        saved = {n: tuple(p.shape) for n, p in params.items()}
-    else:
-        saved = {f"base_model.model.transformer.{n}": s for n, s in trains.items()}
+    saved = ({n: tuple(p.shape) for n, p in params.items()} if method in ("full", "partial")
+             else {f"base_model.model.transformer.{n}": s for n, s in trains.items()})
     return Estimate(
         model=src, method=method, batch_size=batch_size, max_length=T,
         gradient_accumulation_steps=gradient_accumulation_steps, dtype=dtype,
@@ -383,52 +390,8 @@ def plan(src: str, methods=METHODS, batch_size: int = 8, max_length: int | None 
                          f"choose from {', '.join(METHODS)}")
     config = model_config(src)
     rate = kw.pop("matmul_flops_per_s", None)
-    if rate is None and measure:
+    here = not device.startswith("cuda") or torch.cuda.is_available()
+    if rate is None and measure and here:   # planning for a GPU elsewhere: no step time
         rate = matmul_rate(kw.get("dtype", "fp32"), device)
     return [estimate(src, m, batch_size, max_length, config=config, device=device,
                      matmul_flops_per_s=rate, **kw) for m in methods]
-
-
-# ----------------------------------------------------------------------------- the table
-def _size(n: float) -> str:
-    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}" if n / scale < 1000 else f"{n / scale:,.0f} {unit}"
-    return f"{int(n)} B"
-
-
-def _count(n: float) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(int(n))
-
-
-def format_plan(estimates: list[Estimate]) -> str:
-    """A plain-text table, one row per method, and what it was computed for."""
-    if not estimates:
-        return ""
-    e0 = estimates[0]
-    rows = [["method", "trainable", "params", "grads", "optimizer", "activations", "total",
-             "fits", "GFLOP/token", "step time", "adapter file"]]
-    for e in estimates:
-        rows.append([e.method, _count(e.trainable_params), _size(e.param_bytes),
-                     _size(e.grad_bytes), _size(e.optimizer_bytes), _size(e.activation_bytes),
-                     _size(e.total_bytes), "-" if e.fits is None else ("yes" if e.fits else "NO"),
-                     f"{e.flops_per_token / 1e9:.3g}",
-                     "-" if e.step_seconds is None else f"{e.step_seconds:.3g} s",
-                     _size(e.adapter_file_bytes)])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                       for i, (cell, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    budget = "unknown" if e0.budget_bytes is None else _size(e0.budget_bytes)
-    rate = ("not measured" if e0.matmul_flops_per_s is None
-            else f"{e0.matmul_flops_per_s / 1e9:.3g} GFLOP/s measured matmul rate")
-    head = (f"{e0.model}: {_count(e0.total_params)} parameters; micro-batch {e0.batch_size} x "
-            f"{e0.max_length} tokens, accumulation {e0.gradient_accumulation_steps}, {e0.dtype}, "
-            f"gradient checkpointing {'on' if e0.gradient_checkpointing else 'off'}")
-    foot = (f"total = params + grads + optimizer + activations + workspace (the head's logits "
-            f"chunk, one MLP-wide gradient); budget {budget}; step time at the {rate} "
-            "(a lower bound)")
-    return "\n".join([head, *lines, foot])

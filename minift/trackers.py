@@ -115,7 +115,8 @@ class TensorBoard(Tracker):
 
     def log_config(self, config: dict) -> None:
         self.config = _plain(config)
-        self.writer.add_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "))
+        text = json.dumps(config, indent=1).replace("\n", "\n    ")   # a Markdown code block
+        self.writer.add_text("config", "    " + text)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         for k, v in metrics.items():

@@ -10,8 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import pattern_data
 from minift.data import collate
 from minift.model import GPTConfig
-from minift.plan import (MethodOptions, build, estimate, format_plan, matmul_rate, parse_bytes,
-                         plan)
+from minift.commands.plan import format_plan
+from minift.plan import MethodOptions, build, estimate, matmul_rate, parse_bytes, plan
 from minift.config import TrainConfig
 from minift.train import make_optimizer
 
@@ -109,8 +109,9 @@ def test_adapter_file_size_matches_save_pretrained(tmp_path, method):
     assert e.adapter_file_bytes == pytest.approx((tmp_path / name).stat().st_size, rel=0.1)
 
 
-@pytest.mark.parametrize("name, shape", [("gpt2", (12, 12, 768)), ("gpt2-medium", (24, 16, 1024)),
-                                         ("gpt2-large", (36, 20, 1280)), ("gpt2-xl", (48, 25, 1600))])
+@pytest.mark.parametrize("name, shape", [
+    ("gpt2", (12, 12, 768)), ("gpt2-medium", (24, 16, 1024)), ("gpt2-large", (36, 20, 1280)),
+    ("gpt2-xl", (48, 25, 1600))])
 def test_named_shapes_have_gpt2s_parameter_counts(name, shape, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))   # an empty hub cache: the shape, not a download
     from transformers import GPT2Config, GPT2LMHeadModel

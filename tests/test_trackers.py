@@ -46,7 +46,8 @@ def test_tensorboard_and_mlflow_read_back_the_same_losses(tmp_path, monkeypatch)
         assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6)  # float32
     final = events.Scalars("final/best_val_loss")
     assert final[0].value == pytest.approx(result.best_val_loss, rel=1e-6)
-    assert '"lr": 0.003' in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"lr": 0.003' in text
 
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow' / 'mlflow.db'}")
@@ -74,7 +75,8 @@ def test_wandb_offline_writes_its_run_folder(tmp_path, monkeypatch):
     # the history rows of the binary log: the same losses as metrics.jsonl. W&B's service
     # may still be writing when finish() returns: wait for the run's exit record.
     deadline = time.monotonic() + 30
-    while "exit" not in (kinds := [k for k, _ in _wandb_records(log)]) and time.monotonic() < deadline:
+    while "exit" not in (kinds := [k for k, _ in _wandb_records(log)]):
+        assert time.monotonic() < deadline, kinds
         time.sleep(0.2)
     rows = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
             for k, r in _wandb_records(log) if k == "history"]

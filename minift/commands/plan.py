@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from ..options import UsageError
-from ..plan import DTYPES, METHODS, SHAPES, MethodOptions, format_plan, parse_bytes, plan
+from ..plan import DTYPES, METHODS, SHAPES, Estimate, MethodOptions, parse_bytes, plan
 from .common import add_command, number
 
 PLAN_EPILOG = """examples:
@@ -70,3 +70,48 @@ def run(args) -> int:
     else:
         print(format_plan(estimates))
     return 0
+
+
+# ----------------------------------------------------------------------------- the table
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}" if n / scale < 1000 else f"{n / scale:,.0f} {unit}"
+    return f"{int(n)} B"
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(int(n))
+
+
+def format_plan(estimates: list[Estimate]) -> str:
+    """A plain-text table, one row per method, and what it was computed for."""
+    if not estimates:
+        return ""
+    e0 = estimates[0]
+    rows = [["method", "trainable", "params", "grads", "optimizer", "activations", "total",
+             "fits", "GFLOP/token", "step time", "adapter file"]]
+    for e in estimates:
+        rows.append([e.method, _count(e.trainable_params), _size(e.param_bytes),
+                     _size(e.grad_bytes), _size(e.optimizer_bytes), _size(e.activation_bytes),
+                     _size(e.total_bytes), "-" if e.fits is None else ("yes" if e.fits else "NO"),
+                     f"{e.flops_per_token / 1e9:.3g}",
+                     "-" if e.step_seconds is None else f"{e.step_seconds:.3g} s",
+                     _size(e.adapter_file_bytes)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    budget = "unknown" if e0.budget_bytes is None else _size(e0.budget_bytes)
+    rate = ("not measured" if e0.matmul_flops_per_s is None
+            else f"{e0.matmul_flops_per_s / 1e9:.3g} GFLOP/s measured matmul rate")
+    head = (f"{e0.model}: {_count(e0.total_params)} parameters; micro-batch {e0.batch_size} x "
+            f"{e0.max_length} tokens, accumulation {e0.gradient_accumulation_steps}, {e0.dtype}, "
+            f"gradient checkpointing {'on' if e0.gradient_checkpointing else 'off'}")
+    foot = (f"total = params + grads + optimizer + activations + workspace (the head's logits "
+            f"chunk, one MLP-wide gradient); budget {budget}; step time at the {rate} "
+            "(a lower bound)")
+    return "\n".join([head, *lines, foot])
