@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minift import GPT, Tokenizer
+from minift import GPT, Tokenizer, load_dataset
 from minift.checkpoint import resolve_source
 from minift.cli import build_parser, main
 from minift.commands.finetune import resolve_finetune
@@ -26,6 +26,8 @@ from minift.peft import AdapterConfig, PeftModel, get_peft_model
 MODEL = "minift-tiny"
 # Budgets: 30 steps learn something; evaluation on a handful of prompts keeps it quick.
 SMALL = ["--eval-samples", "8", "--num-samples", "2", "--max-new-tokens", "16"]
+LORA_RUN_ARGS = ["--model", MODEL, "--max-steps", 30, "--eval-every", 15, "--log-every", 5,
+                 "--no-bf16", *SMALL]   # the shared LoRA run, lora_run
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
 
 
@@ -59,8 +61,7 @@ def assert_one_line_error(err: str, *fragments):
 def lora_run(tmp_path_factory):
     """One `minift finetune` (LoRA, the default) on the built-in task, shared by the tests."""
     out = tmp_path_factory.mktemp("cli") / "lora"
-    proc = minift("finetune", "--model", MODEL, "--max-steps", 30, "--eval-every", 15,
-                  "--log-every", 5, "--output-dir", out, "--no-bf16", *SMALL)
+    proc = minift("finetune", *LORA_RUN_ARGS, "--output-dir", out)
     return out, proc
 
 
@@ -94,14 +95,46 @@ def test_finetune_validation_loss_goes_down(lora_run):
         assert text in md
 
 
+def peft_reference(out):
+    """The run's adapter in transformers + PEFT: the independent side of the report checks."""
+    peft = pytest.importorskip("peft")
+    from transformers import GPT2LMHeadModel
+    base = GPT2LMHeadModel.from_pretrained(resolve_source(MODEL))
+    return peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+
+
+@torch.no_grad()
+def nll_sum(model, examples):
+    """(summed loss, target tokens) of transformers' loss, one example at a time."""
+    total, count = 0.0, 0
+    for ex in examples:
+        ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+        n = int((labels[:, 1:] != -100).sum())
+        if n:
+            total, count = total + model(input_ids=ids, labels=labels).loss.item() * n, count + n
+    return total, count
+
+
 def test_finetune_report_numbers_are_consistent(lora_run):
+    """report.json's validation loss and reference perplexity after training, recomputed with
+    transformers + PEFT on the run's own validation examples and reference text."""
+    from minift.commands.taskdata import load_task_data
     out, _ = lora_run
     r = json.loads((out / "report.json").read_text())
     a = r["after"]
-    assert a["val_ppl"] == pytest.approx(math.exp(a["val_loss"]), rel=1e-12)
+    tok = Tokenizer.from_pretrained(out / "adapter")
+    data = load_task_data(read_config_file(out / "config.json"), tok,
+                          GPT.from_pretrained(MODEL).config.n_positions)
+    theirs = peft_reference(out)
+    total, count = nll_sum(theirs, data.val)
+    assert a["val_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert a["val_ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    ids, size = tok.encode(data.reference), data.reference_block
+    blocks = [{"input_ids": ids[i:i + size], "labels": ids[i:i + size]}
+              for i in range(0, len(ids), size)]
+    total, count = nll_sum(theirs, blocks)
+    assert a["reference_ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
     assert 0 < r["trainable_params"] < r["total_params"]
-    f = r["forgetting"]
-    assert f["change"] == pytest.approx(a["reference_ppl"] - r["before"]["reference_ppl"])
     assert r["train"]["steps"] == 30 and r["train"]["seconds_per_step"] > 0
     last_eval = [m for m in read_jsonl(out / "metrics.jsonl") if m["event"] == "eval"][-1]
     # restore_best with the last evaluation the best: the final weights are the last step's
@@ -109,12 +142,18 @@ def test_finetune_report_numbers_are_consistent(lora_run):
 
 
 def test_saved_config_repeats_the_run(lora_run):
+    """--config on the run's config.json resolves to the options the run's own command line
+    resolved to (LORA_RUN_ARGS), so the TrainConfig and method are the same."""
     out, _ = lora_run
     saved = read_config_file(out / "config.json")
     assert saved["max_steps"] == 30 and saved["method"] == "lora" and saved["eval_samples"] == 8
-    args = build_parser().parse_args(["finetune", "--config", str(out / "config.json")])
-    opts = resolve_finetune(args)
-    assert {k: v for k, v in opts.items() if k != "output_dir"} == saved
+    parse = build_parser().parse_args
+    again = resolve_finetune(parse(["finetune", "--config", str(out / "config.json")]))
+    original = resolve_finetune(parse(["finetune", *map(str, LORA_RUN_ARGS), "--output-dir",
+                                       str(out)]))
+    assert again.pop("output_dir") != original.pop("output_dir")   # a fresh folder by default
+    assert again == original
+    assert original["max_steps"] == 30 and original["bf16"] is False
 
 
 def test_adapter_loads_in_peft_with_equal_logits(lora_run):
@@ -151,7 +190,11 @@ def test_eval_json_matches_the_finetune_report(lora_run):
                   "--forgetting", "--bias")
     r = json.loads(proc.stdout)
     report = json.loads((out / "report.json").read_text())
-    assert r["loss"] == pytest.approx(math.log(r["perplexity"]), rel=1e-12)
+    examples = load_dataset(r["data"], Tokenizer.from_pretrained(out / "adapter"),
+                            max_length=GPT.from_pretrained(MODEL).config.n_positions)
+    total, count = nll_sum(peft_reference(out), examples)   # transformers + PEFT, per example
+    assert r["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert r["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
     assert r["task"]["n"] == 4 and 0 <= r["task"]["rouge_l"] <= 1
     # the same text, blocks, batches and weights as the run's own evaluations
     assert r["reference"]["perplexity"] == pytest.approx(report["after"]["reference_ppl"], rel=1e-6)
