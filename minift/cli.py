@@ -24,13 +24,13 @@ import os
 import sys
 
 from . import __version__
-from .commands import compare, evaluate, finetune, generate, merge, plan
+from .commands import compare, evaluate, finetune, generate, merge, plan, tasks
 from .commands.common import RANK
 from .options import UsageError
 from .step import NonFiniteError
 from .train import TrainingInterrupted
 
-COMMANDS = (finetune, generate, evaluate, merge, compare, plan)   # --help's order
+COMMANDS = (finetune, generate, evaluate, merge, compare, tasks, plan)   # --help's order
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,9 +47,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 TOP_EPILOG = """examples:
-  minift finetune                           LoRA on the built-in task (1-2 minutes)
+  minift finetune                           LoRA on the built-in params task (about 2 minutes)
+  minift finetune --task choice             another built-in task (minift tasks lists them)
   minift finetune --method adapter --max-steps 500 --output-dir runs/adapter
-  minift generate --run runs/adapter --prompt $'def os.getcwd():\\n    \"\"\"'
+  minift generate --run runs/adapter --prompt $'def shutil.copyfile(src, dst):\\n# parameters:'
   minift eval --run runs/adapter --forgetting --bias
   minift merge --run runs/lora-20250101-120000 --out merged
   minift compare --quick                    every method on the same budget, one table

@@ -206,8 +206,9 @@ def rouge_l(pred: str, ref: str) -> float:
 METRICS = {"exact_match": exact_match, "f1": token_f1, "rouge_l": rouge_l}
 
 
-def task_metrics(preds: list[str], refs: list) -> dict:
-    """Corpus means of exact_match, f1 and rouge_l, in [0, 1], plus the count n.
+def item_scores(preds: list[str], refs: list) -> dict[str, list[float]]:
+    """Per-item exact_match, f1 and rouge_l: {metric: [score of item i]}, for confidence
+    intervals over test items (minift.stats).
 
     Each ref is a string or a non-empty list of acceptable strings; with a list the
     prediction gets its best score over them (SQuAD's rule for multiple answers).
@@ -221,9 +222,15 @@ def task_metrics(preds: list[str], refs: list) -> dict:
     refs = [[r] if isinstance(r, str) else r for r in refs]
     if any(not isinstance(r, (list, tuple)) or not r for r in refs):
         raise TypeError("each reference must be a string or a non-empty list of strings")
-    scores = {name: sum(max(fn(p, r) for r in rs) for p, rs in zip(preds, refs)) / len(preds)
-              for name, fn in METRICS.items()}
-    return {**scores, "n": len(preds)}
+    return {name: [max(fn(p, r) for r in rs) for p, rs in zip(preds, refs)]
+            for name, fn in METRICS.items()}
+
+
+def task_metrics(preds: list[str], refs: list) -> dict:
+    """Corpus means of exact_match, f1 and rouge_l (item_scores' means), in [0, 1], plus
+    the count n."""
+    scores = item_scores(preds, refs)
+    return {**{name: sum(s) / len(s) for name, s in scores.items()}, "n": len(preds)}
 
 
 # ----------------------------------------------------------------------------- generation

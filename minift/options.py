@@ -23,6 +23,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from .config import TrainConfig
+from .tasks import DEFAULT_TASK, TASKS
 
 METHODS = {
     "lora": "LoRA, low-rank updates of linear layers (Hu et al. 2021)",
@@ -41,9 +42,12 @@ RECIPE = dict(max_steps=300, batch_size=16, eval_every=50, warmup_steps=20, rest
 # Per method: a learning rate that worked on the built-in task (each a small sweep), and
 # LoRA on every linear layer, which learns the task much better than PEFT's attention-only
 # default here (as Dettmers et al. 2023, QLoRA §4, found on larger models).
+# Packing (exact: packing.py) is on wherever the model sees each example alone; the
+# virtual tokens of prefix, prompt and ptuning would lead only a row's first example.
 METHOD_DEFAULTS = {
-    "lora": dict(lr=2e-3, target_modules=["c_attn", "c_proj", "c_fc"]),
-    "full": dict(lr=3e-4), "partial": dict(lr=5e-4), "adapter": dict(lr=3e-3),
+    "lora": dict(lr=2e-3, target_modules=["c_attn", "c_proj", "c_fc"], packing=True),
+    "full": dict(lr=3e-4, packing=True), "partial": dict(lr=5e-4, packing=True),
+    "adapter": dict(lr=3e-3, packing=True),
     "prefix": dict(lr=3e-2), "prompt": dict(lr=3e-2), "ptuning": dict(lr=3e-3),
 }
 MANAGED = {"output_dir", "resume", "overwrite"}  # TrainConfig fields the CLI sets itself
@@ -143,12 +147,17 @@ def train_options() -> list[Opt]:
 RUN_OPTIONS = [
     Opt("model", "str", "minift-tiny", "a Hugging Face GPT-2 folder, a hub id in the local "
         "Hugging Face cache, or minift-tiny (embedded)", metavar="PATH"),
+    Opt("task", "str", DEFAULT_TASK, "the built-in task to train on when there is no --data "
+        "(see `minift tasks`)", choices=tuple(TASKS)),
     Opt("data", "str", None, "training data: .jsonl (one {\"prompt\", \"completion\"} or "
-        "{\"text\"} per line) or .txt (packed); none = the built-in task", True, metavar="FILE"),
+        "{\"text\"} per line) or .txt (packed); none = the built-in --task", True, metavar="FILE"),
     Opt("val_data", "str", None, "validation data; none = the built-in task's validation split, "
         "or --val-fraction of --data", True, metavar="FILE"),
     Opt("test_data", "str", None, "prompts for the task metrics; none = the built-in task's test "
         "split, or the validation data", True, metavar="FILE"),
+    Opt("fields", "str", None, "the data's column names for minift's fields, e.g. "
+        "prompt=question,completion=answer (fields: text, prompt, completion, instruction, "
+        "input, output, messages); none = the names as they are", True, metavar="FIELD=COL,..."),
     Opt("val_fraction", "float", 0.1, "share of --data held out for validation when there is no "
         "--val-data (seeded by --seed)"),
     Opt("forgetting", "bool", True, "perplexity on --reference before and after training "
@@ -156,9 +165,10 @@ RUN_OPTIONS = [
     Opt("reference", "str", None, "pre-training-like text for forgetting and EWC's Fisher; none "
         "= the built-in reference.txt (minift-tiny's held-out pre-training text)", True,
         metavar="FILE"),
-    Opt("eval_samples", "int", 64, "task metrics on the first N prompts of the test data (a "
-        "subset, for speed)"),
-    Opt("max_new_tokens", "int", 48, "generation length for the task metrics and samples"),
+    Opt("eval_samples", "int", None, "task metrics on the first N prompts of the test data (a "
+        "subset, for speed); none = all of them", True),
+    Opt("max_new_tokens", "int", None, "generation length for the task metrics and samples; "
+        "none = the built-in task's (room for its longest answer), 48 for --data", True),
     Opt("num_samples", "int", 4, "before/after generations to print and report"),
     Opt("eval_before", "bool", True, "evaluate the base model before training"),
     Opt("threads", "int", None, "CPU threads of this process (torch.set_num_threads); none = "
@@ -171,6 +181,8 @@ RUN_OPTIONS = [
     Opt("lora_alpha", "float", 16.0, "LoRA scale: the update is multiplied by lora_alpha / r",
         methods=("lora",)),
     Opt("lora_dropout", "float", 0.05, "dropout on the LoRA branch's input", methods=("lora",)),
+    Opt("use_dora", "bool", False, "DoRA: LoRA plus a trained magnitude per output feature "
+        "(Liu et al. 2024)", methods=("lora",)),
     Opt("target_modules", "list", None, "linear layers to adapt, comma-separated, matched by "
         "name suffix (c_attn, c_proj = attn.c_proj and mlp.c_proj, c_fc); none = the library's "
         "default (lora c_attn, adapter attn.c_proj,mlp.c_proj)", True, methods=("lora", "adapter")),

@@ -4,7 +4,7 @@ The `minift` command (cli.py) times training with `StepTimer` and `MemoryProbe`,
 summary dict for each run and hands it here:
 
     finetune_markdown(summary)  -> report.md of one run: before/after metrics, samples
-    compare_markdown(summary)   -> report.md of `minift compare`: one row per method
+    (compare's report.md: minift.compare_report)
     plot_losses(curves, path)   -> loss.png / loss_curves.png (needs matplotlib)
 
 `read_metrics` reads a run's metrics.jsonl (written by train.py), so the plots work on
@@ -188,6 +188,7 @@ METRIC_NAMES = {  # key in an evaluation dict -> how a report names it
     "exact_match": "exact match",
     "f1": "token F1",
     "rouge_l": "ROUGE-L",
+    "choice_accuracy": "choice accuracy",
     "reference_ppl": "reference perplexity",
 }
 
@@ -254,68 +255,3 @@ def finetune_markdown(s: dict) -> str:
     if s.get("plot"):
         lines += ["", f"![losses]({s['plot']})"]
     return "\n".join(lines) + "\n"
-
-
-COMPARE_COLUMNS = ["method", "trainable", "share", "lr", "val loss", "exact match", "ROUGE-L",
-                   "ref ppl change", "s/step", "peak MB"]
-
-
-def compare_rows(s: dict) -> list[dict]:
-    """One table row per method (and the base model first), values formatted."""
-    rows = []
-    base = s.get("base")
-    if base:
-        rows.append({"method": "base model (no training)", "trainable": "0", "share": "0%",
-                     "lr": "-", "val loss": fmt(base.get("val_loss")),
-                     "exact match": fmt(base.get("exact_match")),
-                     "ROUGE-L": fmt(base.get("rouge_l")), "ref ppl change": "-", "s/step": "-",
-                     "peak MB": "-"})
-    for r in s["methods"]:
-        if r.get("error"):
-            rows.append({"method": r["method"], "trainable": f"failed: {r['error']}"})
-            continue
-        a, t = r["after"], r["train"]
-        change = r.get("forgetting", {}).get("change") if r.get("forgetting") else None
-        rows.append({"method": r["method"], "trainable": fmt(r["trainable_params"]),
-                     "share": _share(r["trainable_params"], r["total_params"]),
-                     "lr": f"{r['lr']:g}", "val loss": fmt(a.get("val_loss")),
-                     "exact match": fmt(a.get("exact_match")), "ROUGE-L": fmt(a.get("rouge_l")),
-                     "ref ppl change": "-" if change is None else f"{change:+.3f}",
-                     "s/step": fmt(t.get("seconds_per_step"), 3),
-                     "peak MB": fmt(t.get("rss_growth_mb"), 1)})
-    return rows
-
-
-def compare_markdown(s: dict) -> str:
-    """report.md of `minift compare`, from the summary cli.py writes to report.json."""
-    lines = ["# minift compare", "",
-             f"Every method fine-tunes {s['model']} on {s['data_detail']} for {s['max_steps']} "
-             f"optimizer steps of {s['batch_size']} examples (seed {s['seed']}), each with its "
-             "own learning rate (column lr). Each method runs in its own process"
-             + (f", with {s['threads']} CPU thread{'s' if s['threads'] != 1 else ''}."
-                if s.get("threads") else "."), "",
-             markdown_table(compare_rows(s), COMPARE_COLUMNS,
-                            right=tuple(COMPARE_COLUMNS[1:])), "",
-             "- trainable / share: parameters updated by the optimizer, and their share of all "
-             "parameters (the adapter's included)",
-             "- val loss: mean next-token loss per target token on the validation set, after "
-             "training (with restore_best: the best evaluation's weights)",
-             f"- exact match, ROUGE-L: greedy answers to {s['eval_detail']}",
-             f"- ref ppl change: perplexity on {s['reference'] or '(no reference)'} after "
-             f"training minus before ({fmt((s.get('base') or {}).get('reference_ppl'))}); "
-             "positive means forgetting",
-             "- s/step: median wall time of an optimizer step (steps that also evaluate or "
-             "checkpoint are outliers the median ignores)",
-             "- peak MB: growth of the process's resident memory during training: peak RSS in "
-             "train() minus RSS when it started (Linux resets the peak through "
-             "/proc/self/clear_refs; elsewhere the peak is the whole process's). It counts "
-             "gradients, optimizer state, activations and checkpoint buffers, not the model "
-             "itself, and also the first backward pass's one-off allocations (autograd, "
-             "allocator arenas), about the same for every method: for a model as small as "
-             "minift-tiny those dominate, and differences of a few tens of MB are noise.",
-             ""]
-    if s.get("plot"):
-        lines += [f"![loss curves]({s['plot']})", ""]
-    lines += ["Per-method run folders (config, metrics, report, log.txt): "
-              + ", ".join(f"`{r['method']}/`" for r in s["methods"]), ""]
-    return "\n".join(lines)

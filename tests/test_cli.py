@@ -285,10 +285,10 @@ def test_torchrun_two_processes_rank_0_reports(tmp_path):
 # ----------------------------------------------------------------------------- compare
 def test_compare_quick_has_a_row_for_every_method(tmp_path):
     out = tmp_path / "cmp"
-    task = Path(resolve_source(MODEL)).parent / "task"  # small evaluation files: quicker
+    from minift.tasks import REFERENCE, get_task   # small evaluation files: quicker
     (tmp_path / "val.jsonl").write_text("".join(
-        (task / "validation.jsonl").read_text().splitlines(keepends=True)[:16]))
-    (tmp_path / "ref.txt").write_text((task / "reference.txt").read_text()[:3000])
+        get_task("params").path("validation").read_text().splitlines(keepends=True)[:16]))
+    (tmp_path / "ref.txt").write_text(REFERENCE.read_text()[:3000])
     proc = minift("compare", "--quick", "--max-steps", 2, "--eval-every", 2, "--eval-samples", 2,
                   "--val-data", tmp_path / "val.jsonl", "--reference", tmp_path / "ref.txt",
                   "--output-dir", out)

@@ -172,10 +172,9 @@ def test_finetune_report_to_sends_report_json_to_the_tracker(tmp_path, capsys):
     """`minift finetune --report-to tensorboard`: the tracker's final metrics are the
     report's, after evaluation (the CLI opens and finishes it, not train())."""
     from minift.cli import main
-    from minift.checkpoint import resolve_source
-    task = resolve_source("minift-tiny").parent / "task"
+    from minift.tasks import get_task
     (tmp_path / "val.jsonl").write_text("".join(
-        (task / "validation.jsonl").read_text().splitlines(keepends=True)[:8]))
+        get_task("params").path("validation").read_text().splitlines(keepends=True)[:8]))
     out = tmp_path / "run"
     code = main(["finetune", "--max-steps", "2", "--eval-every", "2", "--log-every", "1",
                  "--no-eval-before", "--no-forgetting", "--eval-samples", "2", "--num-samples",

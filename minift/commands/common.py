@@ -16,7 +16,6 @@ from ..options import UsageError, read_config_file
 from ..peft import PeftModel
 from ..tokenizer import Tokenizer
 
-TASK = Path(__file__).parent.parent / "assets" / "task"   # the built-in task (its README.md)
 SMALL_MODEL = 10_000_000  # parameters: below this, one CPU thread by default (set_threads)
 RANK = int(os.environ.get("RANK", "0"))          # torchrun's process rank; only 0 talks
 

@@ -16,13 +16,15 @@ from ..evaluate import forgetting_report, format_table
 from ..model import GPT
 from ..options import OPTIONS, RECIPE, UsageError, defaults
 from ..io import write_json
-from ..report import compare_markdown, compare_rows, loss_curves, plot_losses, read_metrics
+from ..compare_report import compare_markdown, compare_rows, plot_tradeoff
+from ..report import loss_curves, plot_losses, read_metrics
 from ..tokenizer import Tokenizer
 from .common import add_command, number, say, set_threads
+from ..tasks import get_task
 from .taskdata import evaluate_model, load_task_data
 
 COMPARE_METHODS = ["full", "partial", "adapter", "lora", "prefix", "prompt", "ptuning", "full+ewc"]
-QUICK = dict(max_steps=50, eval_every=25, eval_samples=32)  # `compare --quick`
+QUICK = dict(max_steps=50, eval_every=25)  # `compare --quick`
 EWC_LAMBDA = 1e4   # full+ewc in `compare`
 
 COMPARE_EPILOG = """examples:
@@ -40,20 +42,22 @@ def register(subparsers) -> None:
     p = add_command(subparsers, "compare", "train every method on the same budget; one table",
                     COMPARE_EPILOG, run)
     p.add_argument("--quick", action="store_true", help=f"a short budget: {QUICK['max_steps']} "
-                   f"steps, task metrics on {QUICK['eval_samples']} prompts")
+                   "steps per method")
     p.add_argument("--methods", default=",".join(COMPARE_METHODS), metavar="A,B",
                    help="comma-separated subset (default: all)")
     number(p, "--max-steps", int, None, f"steps per method (default: {RECIPE['max_steps']}, "
            f"--quick {QUICK['max_steps']})")
     number(p, "--eval-every", int, None, f"steps between evaluations (default: "
            f"{RECIPE['eval_every']}, --quick {QUICK['eval_every']})")
-    number(p, "--eval-samples", int, None, f"prompts for the task metrics (default: 64, "
-           f"--quick {QUICK['eval_samples']})")
+    number(p, "--eval-samples", int, None, "prompts for the task metrics (default: every test "
+           "prompt)")
     number(p, "--batch-size", int, RECIPE["batch_size"], "examples per step")
     number(p, "--seed", int, 0, "data order, initialisation, dropout")
     number(p, "--ewc-lambda", float, EWC_LAMBDA, "EWC strength of full+ewc")
     number(p, "--threads", int, None, "CPU threads of every process (default: as finetune's, "
            "one for minift-tiny)")
+    p.add_argument("--task", choices=OPTIONS["task"].choices, default=OPTIONS["task"].default,
+                   help=OPTIONS["task"].help + f" (default: {OPTIONS['task'].default})")
     for o in ("model", "data", "val_data", "test_data", "reference"):
         p.add_argument("--" + o.replace("_", "-"), metavar=OPTIONS[o].metavar,
                        help=OPTIONS[o].help.replace("%", "%%"))
@@ -69,26 +73,27 @@ def run(args) -> int:
     if unknown or not methods:
         raise UsageError(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from "
                          f"{','.join(COMPARE_METHODS)}")
-    preset = QUICK if args.quick else {**RECIPE, "eval_samples": 64}
+    preset = QUICK if args.quick else RECIPE
     steps = args.max_steps or preset["max_steps"]
-    n_eval = args.eval_samples or preset["eval_samples"]
+    n_eval = args.eval_samples   # None: every test prompt, so the intervals are as tight as can be
     out = Path(args.output_dir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     if any((out / f).exists() for f in ("report.json", *methods)) and not args.overwrite:
         raise ValueError(f"{out} already holds a comparison; pass --overwrite to replace it")
 
     paths = {o: getattr(args, o) for o in ("model", "data", "val_data", "test_data", "reference")}
+    task = None if args.data else get_task(args.task)
     common = _common_flags(args, steps, min(args.eval_every or preset["eval_every"], steps),
                            n_eval, paths)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     opts = {**defaults("lora"), **paths, "model": args.model or "minift-tiny",
-            "seed": args.seed, "eval_samples": n_eval}
+            "seed": args.seed, "eval_samples": n_eval, "task": args.task}
     say(f"evaluating the base model {opts['model']} ...")
     model, tok = GPT.from_pretrained(opts["model"]), Tokenizer.from_pretrained(opts["model"])
     set_threads(args.threads, model.num_parameters())
     threads = torch.get_num_threads()  # what every child will choose too
     data = load_task_data(opts, tok, model.config.n_positions)
-    base, _ = evaluate_model(model, tok, data, args.batch_size, opts["max_new_tokens"])
+    base, _, base_items = evaluate_model(model, tok, data, args.batch_size)
     del model
 
     out.mkdir(parents=True, exist_ok=True)
@@ -110,8 +115,11 @@ def run(args) -> int:
     summary = {"model": opts["model"], "data_detail": data.detail, "eval_detail": data.eval_detail,
                "reference": data.reference_name, "max_steps": steps,
                "batch_size": args.batch_size, "seed": args.seed, "threads": threads,
-               "base": base, "methods": rows,
+               "metric": task.metrics[0] if task else _user_metric(data),
+               "base": base, "base_items": base_items, "methods": rows,
                "plot": "loss_curves.png" if plotted else None}
+    summary["tradeoff_plot"] = "tradeoff.png" if plot_tradeoff(summary, out / "tradeoff.png") \
+        else None
     write_json(out / "report.json", summary)
     (out / "report.md").write_text(compare_markdown(summary), encoding="utf-8")
     print(format_table(compare_rows(summary), max_width=44))
@@ -123,10 +131,16 @@ def run(args) -> int:
     return 0
 
 
-def _common_flags(args, steps: int, eval_every: int, n_eval: int, paths: dict) -> list:
+def _user_metric(data) -> str:
+    """The metric compare ranks --data by: choice accuracy for choice records, else ROUGE-L."""
+    return "choice_accuracy" if data.kind == "choice" else "rouge_l"
+
+
+def _common_flags(args, steps: int, eval_every: int, n_eval: int | None, paths: dict) -> list:
     """The finetune flags every method shares: budget, evaluation, data, seed, threads."""
-    common = ["--max-steps", steps, "--eval-every", eval_every, "--eval-samples", n_eval,
-              "--batch-size", args.batch_size, "--seed", args.seed, "--no-eval-before"]
+    common = ["--max-steps", steps, "--eval-every", eval_every, "--batch-size", args.batch_size,
+              "--seed", args.seed, "--no-eval-before", "--task", args.task]
+    common += ["--eval-samples", n_eval] if n_eval else []
     for o, v in {**paths, "threads": args.threads}.items():
         common += [f"--{o.replace('_', '-')}", v] if v else []
     return common

@@ -6,13 +6,15 @@ import json
 import math
 from pathlib import Path
 
+from .. import chat
 from ..data import load_dataset
 from ..evaluate import bias_probe, evaluate_generation, forgetting_report, format_table, perplexity
 from ..model import GPT
 from ..options import RECIPE
-from .common import (TASK, add_command, add_model_flags, device_of, jsonl_records,
+from ..tasks import DEFAULT_TASK, REFERENCE, get_task
+from .common import (add_command, add_model_flags, device_of,
                      load_for_inference, number)
-from .taskdata import context_length
+from .taskdata import context_length, task_records
 
 EVAL_EPILOG = """examples:
   minift eval                                   minift-tiny on the built-in test split
@@ -59,19 +61,21 @@ def run(args) -> int:
     n_virtual = model.peft_config.num_virtual_tokens if getattr(
         model, "is_prompt_learning", False) else 0
     context, block = context_length(model.config.n_positions, n_virtual)
-    path = Path(args.data) if args.data else TASK / "test.jsonl"
+    path = Path(args.data) if args.data else get_task(DEFAULT_TASK).path("test")
     examples = load_dataset(path, tok, block_size=context, max_length=context)
     ppl = perplexity(model, examples, batch_size=args.batch_size)
     result = {"model": weights, "adapter": str(adapter) if adapter else None,
               "base_model": base if weights != base else None, "data": str(path),
               "examples": len(examples), "loss": math.log(ppl), "perplexity": ppl}
     room = context - args.max_new_tokens
-    records = [r for r in jsonl_records(path) if "prompt" in r and len(tok.encode(r["prompt"])) <= room]
+    kind, records = task_records(path, tok, None)
+    records = [r for r in records if "prompt" in r and len(tok.encode(r["prompt"])) <= room]
     if records:
-        result["task"] = evaluate_generation(model, tok, records[:args.eval_samples],
-                                             args.max_new_tokens, args.batch_size)
+        result["task"] = evaluate_generation(
+            model, tok, records[:args.eval_samples], args.max_new_tokens, args.batch_size,
+            eos_token_id=chat.end_of_turn_id(tok) if kind == "chat" else None)
     if args.forgetting:
-        ref_path = Path(args.reference) if args.reference else TASK / "reference.txt"
+        ref_path = Path(args.reference) if args.reference else REFERENCE
         try:
             text = ref_path.read_text(encoding="utf-8")
         except FileNotFoundError:

@@ -13,6 +13,7 @@ import json
 import shutil
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from ..tokenizer import Tokenizer
 from ..trackers import finish_all, open_trackers, require as require_trackers
 from ..train import train
 from .common import RANK, add_command, read_run_config, say, set_threads, show
+from .preference_task import evaluate_preferences, load_preference_task, with_reference
 from .taskdata import evaluate_model, load_task_data
 
 RUN_OUTPUTS = ("config.json", "adapter", "model", "report.md", "report.json", "loss.png")
@@ -133,6 +135,8 @@ def resolve_finetune(args) -> dict:
     if "epochs" in merged and "max_steps" not in merged:
         merged["max_steps"] = None  # --epochs alone means epochs (the recipe counts steps)
     opts = {**defaults(method), **merged}
+    if opts.get("objective") != "sft" and "packing" not in merged:
+        opts["packing"] = False   # the default packing is exact for sft only (options.py)
     for name in ("model", "data", "val_data", "test_data", "reference"):
         if opts[name] is not None and Path(opts[name]).expanduser().exists():
             opts[name] = str(Path(opts[name]).expanduser().resolve())
@@ -158,7 +162,7 @@ def method_config(opts: dict):
     try:
         if o["method"] == "lora":
             return LoraConfig(r=o["r"], lora_alpha=o["lora_alpha"], lora_dropout=o["lora_dropout"],
-                              **targets, **common)
+                              use_dora=o["use_dora"], **targets, **common)
         if o["method"] == "adapter":
             return AdapterConfig(bottleneck_size=o["bottleneck_size"], **targets, **common)
         if o["method"] == "prefix":
@@ -219,7 +223,8 @@ def run(args) -> int:
     say(f"loading {opts['model']} and the data ...")
     model, tok = GPT.from_pretrained(opts["model"]), Tokenizer.from_pretrained(opts["model"])
     set_threads(opts["threads"], model.num_parameters())
-    data = load_task_data(opts, tok, model.config.n_positions)
+    dpo = config.objective == "dpo"   # preference pairs, scored by reward accuracy
+    data = (load_preference_task if dpo else load_task_data)(opts, tok, model.config.n_positions)
     config = replace(config, max_length=data.max_length)
     device = opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -227,11 +232,14 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {"minift_version": __version__,
                                          **{k: v for k, v in opts.items() if k != "output_dir"}})
-    eval_args = (tok, data, opts["eval_batch_size"] or opts["batch_size"], opts["max_new_tokens"])
-    before, before_preds = None, []
+    eval_args = (tok, data, opts["eval_batch_size"] or opts["batch_size"])
+    evaluate = partial(evaluate_preferences, beta=config.dpo_beta) if dpo else evaluate_model
+    if dpo:   # the reference: the model before the method is applied, once
+        with_reference(model, data, config.pad_token_id, eval_args[2])
+    before, before_preds, before_items = None, [], {}
     if opts["eval_before"] and RANK == 0:
         say("evaluating the base model ...")
-        before, before_preds = evaluate_model(model, *eval_args)
+        before, before_preds, before_items = evaluate(model, *eval_args)
         show("before fine-tuning:", format_table(
             {name: before[k] for k, name in METRIC_NAMES.items() if k in before}), "")
 
@@ -251,11 +259,12 @@ def run(args) -> int:
     model.save_pretrained(out / artifact)
     tok.save_pretrained(out / artifact)
     say("evaluating the fine-tuned model ...")
-    after, after_preds = evaluate_model(model, *eval_args)
+    after, after_preds, after_items = evaluate(model, *eval_args)
     samples = [{"prompt": r["prompt"], "reference": r["completion"],
                 **({"before": before_preds[i]} if before_preds else {}), "after": after_preds[i]}
                for i, r in enumerate(data.records[:opts["num_samples"]])]
-    _report(out, opts, peft_config, model, data, before, after, samples, training, artifact)
+    items = {"before": before_items, "after": after_items}
+    _report(out, opts, peft_config, model, data, before, after, samples, training, artifact, items)
     finish_all(opened, json.loads((out / "report.json").read_text(encoding="utf-8")))
     return 0
 
@@ -289,7 +298,7 @@ def _train(model, data, config: TrainConfig, opts: dict, device, out: Path):
 
 
 def _report(out: Path, opts, peft_config, model, data, before, after, samples, training,
-            artifact) -> None:
+            artifact, items) -> None:
     """report.json, report.md and loss.png in the run folder; the tables on stdout."""
     trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
     curve = loss_curves(read_metrics(out / "metrics.jsonl"), before and before["val_loss"])
@@ -305,6 +314,7 @@ def _report(out: Path, opts, peft_config, model, data, before, after, samples, t
         "forgetting": forgetting_report(before["reference_ppl"], after["reference_ppl"])
         if before and "reference_ppl" in before else None,
         "train": training, "artifact": artifact, "plot": "loss.png" if plotted else None,
+        "item_scores": items,   # {"before"/"after": {metric: [score per test item]}}
     }
     write_json(out / "report.json", summary)
     (out / "report.md").write_text(finetune_markdown(summary), encoding="utf-8")

@@ -1,19 +1,25 @@
 """A fine-tuning task's data and its before/after metrics, shared by finetune and compare.
 
-The task is --data (+ --val-data, --test-data) or the built-in one (assets/task/): tokenised
-train and validation examples, the {"prompt", "completion"} records for the task metrics,
-and the reference text for forgetting and EWC."""
+The task is --data (+ --val-data, --test-data) or a built-in one (minift.tasks, --task):
+tokenised train and validation examples, the test records for the task metrics (greedy
+answers scored by exact match / F1 / ROUGE-L, or, for a multiple-choice task, the
+log-likelihood of each choice), and the reference text for forgetting and EWC."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import load_dataset, load_text, train_val_split
+from .. import chat
+from ..data import eval_records, load_dataset, load_text, train_val_split
 from ..distributed import evaluate_loss
-from ..evaluate import generate_completions, perplexity, task_metrics
-from ..options import VIRTUAL
-from .common import TASK, jsonl_records
+from ..evaluate import choice_accuracy, generate_completions, item_scores, perplexity
+from ..formats import parse_fields
+from ..options import VIRTUAL, UsageError
+from ..tasks import REFERENCE, get_task
+from .common import jsonl_records
+
+USER_MAX_NEW_TOKENS = 48   # answers to --data prompts: one line
 
 
 def context_length(n_positions: int, n_virtual: int) -> tuple[int, int]:
@@ -40,45 +46,78 @@ class TaskData:
     max_length: int            # longest example, in tokens
     detail: str                # for the reports
     eval_detail: str
+    kind: str = "generate"     # "generate", "choice" (records with "choices", "label"), "dpo"
+    max_new_tokens: int = USER_MAX_NEW_TOKENS
+    stop_token_id: int | None = None  # generation stops here (None: eos; chat: end of turn)
+
+
+def task_records(path: Path, tok, fields: dict | None) -> tuple[str, list[dict]]:
+    """(the file's kind, its records for the task metrics): a JSONL file of prompt/completion
+    lines gives its own lines (extra fields such as "choices" kept); other files and kinds
+    (CSV, Parquet, instruction, chat: its last assistant turn) data.eval_records' pairs."""
+    kind, pairs = eval_records(path, tok, fields)
+    if kind == "completion" and not fields and path.suffix.lower() == ".jsonl":
+        return kind, jsonl_records(path)
+    return kind, pairs
 
 
 
 def load_task_data(opts: dict, tok, n_positions: int) -> TaskData:
     builtin = opts["data"] is None
+    task = get_task(opts["task"]) if builtin else None
+    if builtin and task.kind == "dpo":
+        raise UsageError(f"--task {task.name} holds preference pairs: train it with --objective "
+                         "dpo")
     n_virtual = opts["num_virtual_tokens"] if opts["method"] in VIRTUAL else 0
     context, block = context_length(n_positions, n_virtual)
     max_len = min(opts["max_length"] or context, context)
-    train_path = TASK / "train.jsonl" if builtin else Path(opts["data"])
+    train_path = task.path("train") if builtin else Path(opts["data"])
     val_path = Path(opts["val_data"]) if opts["val_data"] else (
-        TASK / "validation.jsonl" if builtin else None)
+        task.path("validation") if builtin else None)
     test_path = Path(opts["test_data"]) if opts["test_data"] else (
-        TASK / "test.jsonl" if builtin else None)
+        task.path("test") if builtin else None)
+    new_tokens = opts["max_new_tokens"] or (task.max_new_tokens if builtin else USER_MAX_NEW_TOKENS)
+
+    fields = parse_fields(opts["fields"]) if opts.get("fields") else None
 
     def load(path):
-        return load_dataset(path, tok, block_size=max_len, max_length=max_len)
+        return load_dataset(path, tok, block_size=max_len, max_length=max_len, fields=fields)
 
     train_data = load(train_path)
+    train_kind, lines = task_records(train_path, tok, fields)
+    if train_kind == "chat" and tok.chat_template is None:
+        tok.chat_template = chat.BUILTIN_CHAT_TEMPLATE  # so the run's tokenizer carries it
     if val_path is not None:
-        val, val_records = load(val_path), jsonl_records(val_path)
+        val, val_records = load(val_path), task_records(val_path, tok, fields)[1]
         split = f"validation {len(val)} ({val_path.name})"
     else:  # the same seeded split of the examples and of the lines they came from
         train_data, val = train_val_split(train_data, opts["val_fraction"], opts["seed"])
-        lines = jsonl_records(train_path)
         val_records = train_val_split(lines, opts["val_fraction"], opts["seed"])[1] if lines else []
         split = f"validation {len(val)} (a {opts['val_fraction']:g} split of it)"
     if test_path is not None:
         load(test_path)  # checks every line
-        records, where = jsonl_records(test_path), f"test ({test_path.name})"
+        records, where = task_records(test_path, tok, fields)[1], f"test ({test_path.name})"
     else:
         records, where = val_records, "validation"
     records = [r for r in records if "prompt" in r]
     n_all = len(records)
-    room = context - opts["max_new_tokens"]  # the answer must fit in the context too
+    room = context - new_tokens  # the answer must fit in the context too
     records = [r for r in records if len(tok.encode(r["prompt"])) <= room][:opts["eval_samples"]]
     eval_detail = (f"the first {len(records)} of {n_all} {where} prompts" if records else
                    "no prompts (the data has no {\"prompt\", \"completion\"} lines)")
 
-    ref_path = Path(opts["reference"]) if opts["reference"] else TASK / "reference.txt"
+    reference, ref_examples, ref_name = reference_text(opts, tok, max_len)
+    name = f"the built-in task {task.name}" if builtin else str(train_path)
+    kind = "choice" if records and all("choices" in r and "label" in r for r in records) \
+        else "generate"
+    return TaskData(train_data, val, records, reference, block, ref_examples, ref_name, max_len,
+                    f"{name}: train {len(train_data)}, {split}", eval_detail, kind, new_tokens,
+                    chat.end_of_turn_id(tok) if train_kind == "chat" else None)
+
+
+def reference_text(opts: dict, tok, max_len: int):
+    """(text for forgetting or None, its max_len blocks for EWC or None, its name)."""
+    ref_path = Path(opts["reference"]) if opts["reference"] else REFERENCE
     reference = ref_examples = ref_name = None
     if opts["forgetting"]:
         try:
@@ -88,21 +127,34 @@ def load_task_data(opts: dict, tok, n_positions: int) -> TaskData:
         ref_name = str(ref_path) if opts["reference"] else "the built-in reference.txt"
     if opts["ewc_lambda"] > 0:
         ref_examples = load_text(ref_path, tok, max_len)
-    name = "the built-in task" if builtin else str(train_path)
-    return TaskData(train_data, val, records, reference, block, ref_examples, ref_name, max_len,
-                    f"{name}: train {len(train_data)}, {split}", eval_detail)
+    return reference, ref_examples, ref_name
 
 
-def evaluate_model(model, tok, data: TaskData, batch_size: int, max_new_tokens: int):
-    """({val_loss, val_ppl, exact_match, f1, rouge_l, n, reference_ppl}, greedy answers)."""
+def evaluate_model(model, tok, data: TaskData, batch_size: int):
+    """({val_loss, val_ppl, task metric means, n, reference_ppl}, answers, per-item scores).
+
+    A generation task scores greedy answers (exact_match, f1, rouge_l); a choice task the
+    choice of highest log-likelihood (choice_accuracy), its answers being the chosen texts.
+    The per-item scores {metric: [score of test item i]} feed compare's intervals."""
     val_loss = evaluate_loss(model, data.val, batch_size)
     metrics = {"val_loss": val_loss, "val_ppl": math.exp(val_loss)}
-    preds = []
-    if data.records:
+    preds, items = [], {}
+    if data.records and data.kind == "choice":
+        got = choice_accuracy(model, tok, [{"context": r["prompt"], "choices": r["choices"],
+                                            "label": r["label"]} for r in data.records],
+                              batch_size=batch_size)
+        preds = [r["choices"][p] for r, p in zip(data.records, got["predictions"])]
+        items = {"choice_accuracy": [float(p == r["label"])
+                                     for r, p in zip(data.records, got["predictions"])]}
+    elif data.records:
         preds = generate_completions(model, tok, [r["prompt"] for r in data.records],
-                                     max_new_tokens, batch_size)
-        metrics.update(task_metrics(preds, [r["completion"] for r in data.records]))
+                                     data.max_new_tokens, batch_size,
+                                     eos_token_id=data.stop_token_id)
+        items = item_scores(preds, [r["completion"] for r in data.records])
+    metrics.update({k: sum(v) / len(v) for k, v in items.items()})
+    if items:
+        metrics["n"] = len(data.records)
     if data.reference is not None:
         metrics["reference_ppl"] = perplexity(model, data.reference, tok, batch_size,
                                               data.reference_block)
-    return metrics, preds
+    return metrics, preds, items
