@@ -284,3 +284,89 @@ def test_chat_and_instruction_examples_pack_exactly(folders, tmp_path):
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_packed, g_padded):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the CLI
+def arithmetic_chats(n):
+    return [{"messages": [{"role": "system", "content": "You add numbers."},
+                          {"role": "user", "content": f"What is {i} plus {i + 1}?"},
+                          {"role": "assistant", "content": f"{2 * i + 1}."}]} for i in range(n)]
+
+
+def test_cli_finetune_on_chat_data_then_generate_chat(tmp_path, capsys, monkeypatch):
+    """`minift finetune --data chat.jsonl` on the embedded model: the run's report shows chat
+    samples (the rendered conversation, the last assistant turn as reference); its tokenizer
+    carries the built-in template; `minift generate --run DIR --chat` answers with the same
+    template as a direct greedy decode of chat.prompt_ids."""
+    import io
+
+    import torch
+
+    from minift.cli import main
+    from minift.model import GPT
+    from minift.peft import PeftModel
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_chats(24)))
+    out = tmp_path / "run"
+    assert main(["finetune", "--data", str(path), "--max-steps", "3", "--eval-every", "3",
+                 "--batch-size", "4", "--eval-samples", "2", "--num-samples", "2",
+                 "--max-new-tokens", "6", "--no-forgetting", "--no-eval-before",
+                 "--threads", "1", "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    (first, _) = report["samples"]
+    assert first["prompt"].startswith("### System:\nYou add numbers.\n\n### User:\nWhat is ")
+    assert first["prompt"].endswith("\n\n### Assistant:\n")
+    assert first["reference"] == next(r["messages"][2]["content"] for r in arithmetic_chats(24)
+                                      if r["messages"][1]["content"] in first["prompt"])
+    markdown = (out / "report.md").read_text()   # the samples table, newlines shown as \\n
+    assert "| ### System:\\nYou add numbers.\\n\\n### User:\\nWhat is " in markdown
+    tok = Tokenizer.from_pretrained(out / "adapter")
+    assert tok.chat_template == BUILTIN_CHAT_TEMPLATE
+
+    model = PeftModel.from_pretrained(GPT.from_pretrained("minift-tiny"), out / "adapter").eval()
+    message = [{"role": "user", "content": "What is 2 plus 3?"}]
+    ids = prompt_ids(tok, message)
+    new = model.generate(torch.tensor([ids]), max_new_tokens=6, eos_token_id=tok.eos_token_id,
+                         do_sample=True, seed=3)  # sampled: 3 steps leave greedy answers empty
+    new = new[0, len(ids):].tolist()
+    expected = tok.decode(new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new
+                          else new).strip()
+    assert expected
+    run = ["generate", "--run", str(out), "--chat", "--max-new-tokens", "6", "--do-sample",
+           "--seed", "3"]
+    assert main([*run, "--prompt", "What is 2 plus 3?"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal("What is 2 plus 3?\n\nthanks\n"))
+    assert main(run) == 0
+    shown = capsys.readouterr().out       # input() writes its "you> " prompt to stdout too
+    assert shown.startswith(f"you> model> {expected}\n")
+    assert shown.count("model> ") == 2    # the blank line is skipped; Ctrl-D (EOF) ends
+    monkeypatch.setattr("sys.stdin", io.StringIO("not a terminal\n"))
+    assert main(run) == 2
+    assert "reads turns from a terminal" in capsys.readouterr().err
+
+
+def test_cli_fields_maps_csv_columns(tmp_path, capsys):
+    from minift.cli import main
+    path = tmp_path / "qa.csv"
+    path.write_text("question,answer\n" + "".join(f"What is {i} plus {i}?, {2 * i}\n"
+                                                  for i in range(20)))
+    out = tmp_path / "run"
+    args = ["finetune", "--data", str(path), "--max-steps", "1", "--eval-every", "1",
+            "--batch-size", "4", "--eval-samples", "2", "--num-samples", "1",
+            "--max-new-tokens", "4", "--no-forgetting", "--no-eval-before", "--threads", "1"]
+    assert main([*args, "--fields", "prompt=question,completion=answer",
+                 "--output-dir", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["samples"][0]["prompt"].startswith("What is ")
+    capsys.readouterr()
+    assert main([*args, "--output-dir", str(tmp_path / "run2")]) == 1
+    err = capsys.readouterr().err
+    assert "qa.csv row 1: expected {\"text\"}" in err and "--fields" in err
+    assert "Traceback" not in err

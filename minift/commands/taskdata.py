@@ -112,7 +112,7 @@ def load_task_data(opts: dict, tok, n_positions: int) -> TaskData:
         else "generate"
     return TaskData(train_data, val, records, reference, block, ref_examples, ref_name, max_len,
                     f"{name}: train {len(train_data)}, {split}", eval_detail, kind, new_tokens,
-                    chat.end_of_turn_id(tok) if train_kind == "chat" else None)
+                    stop_token_id=chat.end_of_turn_id(tok) if train_kind == "chat" else None)
 
 
 def reference_text(opts: dict, tok, max_len: int):
