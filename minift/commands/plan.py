@@ -106,12 +106,12 @@ def format_plan(estimates: list[Estimate]) -> str:
                        for i, (cell, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     budget = "unknown" if e0.budget_bytes is None else _size(e0.budget_bytes)
-    rate = ("not measured" if e0.matmul_flops_per_s is None
-            else f"{e0.matmul_flops_per_s / 1e9:.3g} GFLOP/s measured matmul rate")
+    rate = ("no step time (no matmul rate measured)" if e0.matmul_flops_per_s is None
+            else f"step time at the {e0.matmul_flops_per_s / 1e9:.3g} GFLOP/s matmul rate "
+            "measured here (a lower bound)")
     head = (f"{e0.model}: {_count(e0.total_params)} parameters; micro-batch {e0.batch_size} x "
             f"{e0.max_length} tokens, accumulation {e0.gradient_accumulation_steps}, {e0.dtype}, "
             f"gradient checkpointing {'on' if e0.gradient_checkpointing else 'off'}")
     foot = (f"total = params + grads + optimizer + activations + workspace (the head's logits "
-            f"chunk, one MLP-wide gradient); budget {budget}; step time at the {rate} "
-            "(a lower bound)")
+            f"chunk, one MLP-wide gradient); budget {budget}; {rate}")
     return "\n".join([head, *lines, foot])
