@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import cfg, pattern_data, tiny_model
+from conftest import cfg, max_diff, pattern_data, tiny_model, weights
 from minift.chat import BUILTIN_CHAT_TEMPLATE
 from minift.data import DataError, load_dataset, load_jsonl, load_text, split_documents
 from minift.tokenfile import documents
@@ -447,12 +447,16 @@ def test_paths_inside_files_cannot_leave_their_folder(saved, tmp_path):
 
     run = tmp_path / "run"
     data = pattern_data(8, seed=2)
-    train(tiny_model(), data, config=cfg(output_dir=str(run), max_steps=4, save_every=2))
+    first = tiny_model()
+    straight = train(first, data, config=cfg(output_dir=str(run), max_steps=4, save_every=2))
     secret = run / "run.json"
     last = list_checkpoints(run)[-1]
     manifest = json.loads((last / "manifest.json").read_text())
     manifest["files"] = {"../../run.json": {"sha256": "0", "bytes": secret.stat().st_size}}
     (last / "manifest.json").write_text(json.dumps(manifest))
     assert verify_checkpoint_dir(last) == "../../run.json is missing"   # though it exists
-    train(tiny_model(), data, config=cfg(output_dir=str(run), max_steps=4, save_every=2,
-                                         resume=True))    # falls back to step 2
+    resumed = tiny_model()
+    again = train(resumed, data, config=cfg(output_dir=str(run), max_steps=4, save_every=2,
+                                            resume=True))    # falls back to step 2
+    assert again.step == 4 and again.train_loss == straight.train_loss   # steps 3-4 redone
+    assert max_diff(weights(first), weights(resumed)) <= 1e-7
