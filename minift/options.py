@@ -149,8 +149,10 @@ RUN_OPTIONS = [
         "Hugging Face cache, or minift-tiny (embedded)", metavar="PATH"),
     Opt("task", "str", DEFAULT_TASK, "the built-in task to train on when there is no --data "
         "(see `minift tasks`)", choices=tuple(TASKS)),
-    Opt("data", "str", None, "training data: .jsonl (one {\"prompt\", \"completion\"} or "
-        "{\"text\"} per line) or .txt (packed); none = the built-in --task", True, metavar="FILE"),
+    Opt("data", "str", None, "training data: .txt (packed), or records in .jsonl, .csv, .tsv, "
+        ".parquet, .arrow, a saved datasets folder or a cached dataset id: {\"text\"}, "
+        "{\"prompt\", \"completion\"}, {\"instruction\", \"input\", \"output\"} or "
+        "{\"messages\"} (chat); none = the built-in --task", True, metavar="FILE"),
     Opt("val_data", "str", None, "validation data; none = the built-in task's validation split, "
         "or --val-fraction of --data", True, metavar="FILE"),
     Opt("test_data", "str", None, "prompts for the task metrics; none = the built-in task's test "
