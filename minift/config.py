@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from .trackers import check_report_to
 
 SCHEDULES = ("linear", "cosine", "constant")
+OBJECTIVES = ("sft", "dpo")
 NONFINITE_POLICIES = ("stop", "skip")
 
 
@@ -62,6 +63,12 @@ class TrainConfig:
                                       "(ULMFiT 3.3)")
     layer_decay: float | None = _opt(None, "discriminative lr: lr * layer_decay**depth "
                                      "(ULMFiT §3.2)")
+    loraplus_lr_ratio: float | None = _opt(None, "LoRA+: every lora_B at lr * ratio in groups "
+                                           "of its own (Hayou et al. 2024 §3; ~16)")
+    # -- objective (objectives.py)
+    objective: str = _opt("sft", '"sft" (next-token loss) or "dpo" (preference pairs, '
+                          'Rafailov et al. 2023; data from minift.preference)')
+    dpo_beta: float = _opt(0.1, "DPO's beta: how far the policy may move from the reference")
     # -- speed and memory
     compile: bool = _opt(False, "torch.compile the blocks in place (model.compile_blocks)")
     gradient_checkpointing: bool = _opt(False, "True sets model.gradient_checkpointing during "
@@ -116,6 +123,11 @@ class TrainConfig:
         need(self.min_delta >= 0, "min_delta", "must be >= 0")
         need(self.ewc_lambda >= 0, "ewc_lambda", "must be >= 0")
         need(self.layer_decay is None or self.layer_decay > 0, "layer_decay", "must be None or > 0")
+        need(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0, "loraplus_lr_ratio",
+             "must be None or > 0")
+        need(self.objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}")
+        need(isinstance(self.dpo_beta, (int, float)) and self.dpo_beta > 0, "dpo_beta",
+             "must be > 0")
         problem = check_report_to(self.report_to)
         need(problem is None, "report_to", problem)
         need(not (self.resume and self.overwrite), "overwrite",

@@ -125,7 +125,7 @@ def build_param_groups(model, weight_decay, lr=None, layer_decay=None, no_decay=
       depth n_layer + 1  the embeddings wte and wpe (so a tied lm_head gets this lr too)
     Groups are then named like "depth3_decay" and ordered from the embeddings up.
 
-    loraplus_lr_ratio (LoRA+, Hayou et al. 2024 §4: B learns faster than A, lr_B = ratio * lr_A)
+    loraplus_lr_ratio (LoRA+, Hayou et al. 2024 §3: B learns faster than A, lr_B = ratio * lr_A)
     puts every `lora_B` matrix in groups of its own (names ending "_lora_B") with lr * ratio;
     their weight decay follows the rule above, as for every other parameter. (PEFT's
     create_loraplus_optimizer also gives the ratio to every 1-D trainable parameter, e.g.
@@ -160,7 +160,11 @@ def build_param_groups(model, weight_decay, lr=None, layer_decay=None, no_decay=
             is_b = loraplus_lr_ratio is not None and "lora_B" in parts
             groups.setdefault((depth, decay, is_b), []).append(p)
 
+    if loraplus_lr_ratio is not None and groups and not any(b for _, _, b in groups):
+        raise ValueError("build_param_groups: loraplus_lr_ratio is set but no trainable "
+                         "parameter is a lora_B matrix (LoRA+ needs a LoRA adapter)")
     out = []
+
     def order(item):  # from the embeddings up; in each depth A-side, then B; decay first
         (depth, decay, is_b), _ = item
         return -depth, is_b, not decay

@@ -8,7 +8,7 @@ context, not a choice the model made), the loss of one pair is (§4, Eq. 7)
 
     L = -log sigmoid(beta * [(log pi(c) - log pi_ref(c)) - (log pi(r) - log pi_ref(r))])
 
-and beta * (log pi(y) - log pi_ref(y)) is the implicit reward of completion y (§5). Reward
+and beta * (log pi(y) - log pi_ref(y)) is the implicit reward of completion y (§4, Eq. 5). Reward
 accuracy is the share of pairs whose chosen reward is above the rejected one; the margin is
 the mean of chosen minus rejected reward.
 
@@ -133,7 +133,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=0.1):
-    """The sigmoid DPO loss per pair and the implicit rewards (§4 Eq. 7, §5): each (B,) ->
+    """The sigmoid DPO loss per pair and the implicit rewards (§4 Eqs. 7 and 5): each (B,) ->
     (losses, chosen_rewards, rejected_rewards); the rewards are detached."""
     chosen = policy_chosen - reference_chosen                              # log ratios
     rejected = policy_rejected - reference_rejected
@@ -190,22 +190,30 @@ def add_reference_logps(model, examples: list[dict], pad_token_id: int, batch_si
 
 
 @torch.no_grad()
-def preference_metrics(model, examples: list[dict], pad_token_id: int, beta: float = 0.1,
-                       batch_size: int = 8, device=None) -> dict[str, float]:
-    """On held-out pairs (with reference log-probabilities): reward_accuracy (chosen reward >
-    rejected reward), reward_margin (mean chosen - rejected reward) and dpo_loss (mean)."""
+def reward_margins(model, examples: list[dict], pad_token_id: int, beta: float = 0.1,
+                   batch_size: int = 8, device=None) -> torch.Tensor:
+    """Per held-out pair (with reference log-probabilities), chosen minus rejected implicit
+    reward: (n,) float64, in eval mode (the model's mode is restored)."""
     was_training, device = model.training, device or next(model.parameters()).device
     model.eval()
-    losses, margins = [], []
+    margins = []
     try:
         for i in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in
                      collate_preferences(examples[i:i + batch_size], pad_token_id).items()}
-            loss, cr, rr = dpo_batch_loss(model, batch, beta)
-            losses.append(loss.item())
+            _, cr, rr = dpo_batch_loss(model, batch, beta)
             margins.append((cr - rr).double().cpu())
     finally:
         model.train(was_training)
-    margin = torch.cat(margins)
+    return torch.cat(margins)
+
+
+def preference_metrics(model, examples: list[dict], pad_token_id: int, beta: float = 0.1,
+                       batch_size: int = 8, device=None) -> dict[str, float]:
+    """reward_accuracy (share of pairs with chosen reward > rejected reward), reward_margin
+    (mean margin) and dpo_loss (mean; -log sigmoid(margin), as margin = beta times the
+    difference of log ratios) on held-out pairs."""
+    margin = reward_margins(model, examples, pad_token_id, beta, batch_size, device)
     return {"reward_accuracy": (margin > 0).double().mean().item(),
-            "reward_margin": margin.mean().item(), "dpo_loss": sum(losses) / len(margin)}
+            "reward_margin": margin.mean().item(),
+            "dpo_loss": -F.logsigmoid(margin).mean().item()}

@@ -22,9 +22,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .data import collate
-from .distributed import (all_reduce_sum, count_targets, grad_norm, idle_pass, local,
+from .distributed import (all_reduce_sum, grad_norm, idle_pass, local,
                           microbatch_seed, reduce_gradients, to_device)
+from .objectives import SFT, objective_for
 from .rundir import Run, list_checkpoints
 
 
@@ -35,12 +35,13 @@ class NonFiniteError(RuntimeError):
 
 def accumulate_gradients(model: nn.Module, batches: list[dict], n_targets: int | None = None,
                          autocast: Callable = contextlib.nullcontext,
-                         seeds: list[int] | None = None) -> torch.Tensor:
+                         seeds: list[int] | None = None, objective=SFT()) -> torch.Tensor:
     """Backpropagate the mean loss over all `n_targets` target tokens of `batches` (default:
     the targets in `batches`; pass the global count when other processes hold the rest).
     Gradients add into `.grad`. Returns each micro-batch's summed (not mean) loss, (k,)
-    float64, detached. `seeds[j]` seeds the RNG before micro-batch j (dropout masks)."""
-    counts = [count_targets(b) for b in batches]
+    float64, detached. `seeds[j]` seeds the RNG before micro-batch j (dropout masks).
+    `objective` (objectives.py) says what a target is: a token (sft), a pair (dpo)."""
+    counts = [objective.count(b) for b in batches]
     total = sum(counts) if n_targets is None else n_targets
     sums = []   # kept on the device: no synchronisation per micro-batch
     for j, (batch, n) in enumerate(zip(batches, counts)):
@@ -50,7 +51,7 @@ def accumulate_gradients(model: nn.Module, batches: list[dict], n_targets: int |
         if seeds is not None:
             torch.manual_seed(seeds[j])
         with autocast():
-            loss = model(**batch, return_logits=False).loss      # mean over this batch's n targets
+            loss = objective.loss(model, batch)                  # mean over this batch's n targets
         (loss * (n / total)).backward()                          # = its summed loss / N
         sums.append(loss.detach().double() * n)
     return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
@@ -62,9 +63,10 @@ def train_step(run: Run, step, chunk, ewc, autocast, signals, device, max_length
     EWC, the non-finite guard, clipping and the AdamW update. The scheduler is left to
     the caller. Returns (loss, grad norm, EWC penalty, input tokens, stop requested)."""
     config, model, optimizer, world = run.config, run.model, run.optimizer, run.world
+    objective = objective_for(config)
     mine = chunk[run.rank::world]   # this process's share: micro-batches rank, rank + world, ...
-    batches = [to_device(collate(ex, config.pad_token_id, max_length), device) for _, _, ex in mine]
-    counts = all_reduce_sum(torch.tensor([sum(count_targets(b) for b in batches),
+    batches = [to_device(objective.collate(ex, config, max_length), device) for _, _, ex in mine]
+    counts = all_reduce_sum(torch.tensor([sum(objective.count(b) for b in batches),
                                           sum(int(b["attention_mask"].sum()) for b in batches)],
                                          dtype=torch.float64, device=device))
     n_targets, n_tokens = int(counts[0]), int(counts[1])     # N above, over every process
@@ -73,9 +75,9 @@ def train_step(run: Run, step, chunk, ewc, autocast, signals, device, max_length
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):   # the caller's RNG is left as it was
         seeds = [microbatch_seed(config.seed, step, j) for j in range(run.rank, len(chunk), world)]
-        sums = accumulate_gradients(model, batches, max(n_targets, 1), autocast, seeds)
+        sums = accumulate_gradients(model, batches, max(n_targets, 1), autocast, seeds, objective)
         if run.sharded and n_targets > 0:  # FSDP: as many passes as the busiest process
-            passes = sum(count_targets(b) > 0 for b in batches)
+            passes = sum(objective.count(b) > 0 for b in batches)
             for _ in range(math.ceil(len(chunk) / world) - passes):
                 idle_pass(model, device, autocast)
     # summed loss and "stop requested" of all processes, so all take the same decisions

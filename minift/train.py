@@ -41,10 +41,10 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .data import DataError
-from .distributed import (barrier, broadcast_parameters, choose_device, evaluate_loss,
+from .distributed import (barrier, broadcast_parameters, choose_device,
                           init_process_group, micro_batch_stream, rank_world, reshard, shard_model)
 from .model import GPT, compile_blocks
+from .objectives import SFT, objective_for
 from .optim import (AdamW, build_param_groups, get_constant_schedule_with_warmup,
                     get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup)
 from .regularize import EWC, EarlyStopping, GradualUnfreezing, restore_dropout, set_dropout
@@ -72,29 +72,14 @@ class TrainResult:
     stopped: str = ""                    # "max_steps", "epochs", "early_stopping", "callback"
 
 
-def _check_examples(data, what: str, vocab_size: int | None) -> None:
-    if data is None or len(data) == 0:
-        raise DataError(f"{what} is empty")
-    for i, ex in enumerate(data):
-        if not isinstance(ex, dict) or "input_ids" not in ex:
-            raise DataError(f"{what}[{i}]: expected a dict with 'input_ids' and 'labels', "
-                            f"got {type(ex).__name__}")
-        ids = ex["input_ids"]
-        if len(ids) == 0 or len(ex.get("labels", ids)) != len(ids):
-            raise DataError(f"{what}[{i}]: input_ids is empty or labels has another length")
-        if vocab_size is not None and (min(ids) < 0 or max(ids) >= vocab_size):
-            bad = next(t for t in ids if not 0 <= t < vocab_size)
-            raise DataError(f"{what}[{i}]: token id {bad} is outside the model's vocabulary "
-                            f"(vocab_size={vocab_size}); was it made with another tokenizer?")
-
-
 # ----------------------------------------------------------------------------- optimizer
 def make_optimizer(model: nn.Module, config: TrainConfig, num_training_steps: int):
     """AdamW over the trainable parameters, grouped by optim.build_param_groups (no decay on
     biases/LayerNorm/embeddings; layer_decay gives group lr = lr * layer_decay**depth), and
     the warmup schedule. Returns (optimizer, scheduler)."""
     groups = build_param_groups(model, config.weight_decay, lr=config.lr,
-                                layer_decay=config.layer_decay)
+                                layer_decay=config.layer_decay,
+                                loraplus_lr_ratio=config.loraplus_lr_ratio)
     if not groups:
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
     optimizer = AdamW(groups, lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps,
@@ -121,15 +106,16 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def _check_inputs(model, train_data, val_data, reference_data, config: TrainConfig) -> None:
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)  # GPT's or PeftModel's
-    _check_examples(train_data, "train_data", vocab)
+    objective = objective_for(config)   # what an example looks like (objectives.py)
+    objective.check(train_data, "train_data", vocab)
     if val_data is not None:
-        _check_examples(val_data, "val_data", vocab)
+        objective.check(val_data, "val_data", vocab)
     elif config.patience is not None or config.restore_best:
         raise ValueError("early stopping (patience) and restore_best need val_data")
     if config.ewc_lambda > 0 and not reference_data:
         raise ValueError("ewc_lambda > 0 needs reference_data (examples of the original domain)")
     if config.ewc_lambda > 0:
-        _check_examples(reference_data, "reference_data", vocab)
+        SFT().check(reference_data, "reference_data", vocab)
 
 
 def _autocast_for(device: torch.device, bf16: bool) -> Callable:
@@ -167,6 +153,10 @@ def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | Non
     n_steps = total_steps(len(train_data), config, world)
     progress = Progress(n_steps, config.log_every, enabled=rank == 0)
     max_length = config.max_length or getattr(getattr(model, "config", None), "n_positions", None)
+    # DPO: the reference log-probs, once, before any checkpoint is resumed (objectives.py)
+    objective = objective_for(config)
+    train_data = objective.prepare(model.to(device), train_data, config)
+    val_data = objective.prepare(model, val_data, config)
     with contextlib.ExitStack() as undo:   # restores the model's settings, even on errors
         undo.callback(progress.close)      # (runs first: ends a \r status line before errors)
         run, ewc, unfreezing = _prepare(model, config, device, autocast, progress, max_length,
@@ -346,14 +336,15 @@ def _log_step(lp: _Loop, clock: _Throughput, step, loss, lr, norm, penalty, n_to
 def _evaluate(lp: _Loop, step: int) -> float:
     """Validation loss, early stopping's bookkeeping and best/; returns the loss."""
     run, config, result = lp.run, lp.run.config, lp.run.result
-    val_loss = evaluate_loss(run.model, lp.val_data, config.eval_batch_size or config.batch_size,
-                             config.pad_token_id, lp.max_length, lp.autocast, run.rank, run.world)
+    val_loss, metrics = objective_for(config).evaluate(run.model, lp.val_data, config,
+                                                       lp.max_length, lp.autocast, run.rank,
+                                                       run.world)   # DPO: reward accuracy, margin
     run.es(val_loss)
     result.evals.append({"step": step, "val_loss": val_loss})
     if run.es.improved:
         result.best_step, result.best_val_loss = step, val_loss
         run.save_best(val_loss)
-    run.log({"event": "eval", "step": step, "val_loss": val_loss,
+    run.log({"event": "eval", "step": step, "val_loss": val_loss, **metrics,
              "best_val_loss": run.es.best_loss})
     run.progress.say(f"step {step}: val_loss {val_loss:.4f}"
                      + (" (best)" if run.es.improved else ""))

@@ -308,3 +308,28 @@ def test_loraplus_groups_and_lrs_after_scheduling_match_peft():
         build_param_groups(model, 0.1, lr=lr, loraplus_lr_ratio=0)
     with pytest.raises(ValueError, match="need the base lr"):
         build_param_groups(model, 0.1, loraplus_lr_ratio=4)
+
+
+def test_train_gives_lora_b_its_loraplus_lr():
+    """train(loraplus_lr_ratio=4): the lora_B groups run at 4x the schedule's lr every step
+    (the callback's lr is the top group's); without the option every group has the base lr."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import cfg, pattern_data, tiny_model
+
+    from minift.peft import LoraConfig, get_peft_model
+    from minift.train import make_optimizer, train
+    data = pattern_data(8)
+    for ratio, factor in ((None, 1.0), (4.0, 4.0)):   # (ignoring the ratio fails the 2nd)
+        model = get_peft_model(tiny_model(0), LoraConfig(r=2))
+        seen = []
+        config = cfg(lr=1e-3, max_steps=4, warmup_steps=2, loraplus_lr_ratio=ratio)
+        train(model, data, None, config, callback=seen.append)
+        schedule = [0.0, 0.5, 1.0, 0.5]        # linear warmup over 2 steps, then down to 0 at 4
+        assert [r["lr"] for r in seen] == pytest.approx([1e-3 * factor * m for m in schedule])
+        optimizer, _ = make_optimizer(model, config, 4)
+        names = {id(p): n for n, p in model.named_parameters()}
+        for g in optimizer.param_groups:
+            is_b = any(".lora_B." in names[id(p)] for p in g["params"])
+            assert g["initial_lr"] == pytest.approx(1e-3 * (factor if is_b else 1.0))

@@ -165,3 +165,35 @@ def test_disable_adapter_gives_the_base_model_for_every_method(hf_tiny):
         with model.disable_adapter():
             assert torch.equal(model(ids, attention_mask=mask).logits, base)
         assert (model(ids, attention_mask=mask).logits[:, -7:] - base).abs().max() > 1e-4
+
+
+def test_minift_merge_combines_several_runs_with_weights(tmp_path, capsys):
+    """`minift merge --run A --run B --weights 0.7,0.3`: the merged model's logits are the
+    base model plus 0.7 and 0.3 of the two LoRA updates (cat combines them exactly)."""
+    from minift.cli import main
+    runs, deltas = [], []
+    for i, target in enumerate((["c_attn"], ["c_attn", "c_fc"])):
+        torch.manual_seed(i)
+        model = get_peft_model(GPT.from_pretrained("minift-tiny"),
+                               LoraConfig(r=2, init_lora_weights=False, target_modules=target))
+        run = tmp_path / f"run{i}"
+        model.save_pretrained(run / "adapter")
+        (run / "config.json").write_text('{"model": "minift-tiny"}')
+        runs.append(run)
+        deltas.append({n: m.delta_weight() for n, m in model.base_model.lora_layers().items()})
+    code = main(["merge", "--run", str(runs[0]), "--run", str(runs[1]), "--weights", "0.7,0.3",
+                 "--out", str(tmp_path / "mix")])
+    assert code == 0, capsys.readouterr().err
+    merged = GPT.from_pretrained(tmp_path / "mix").state_dict()
+    base = GPT.from_pretrained("minift-tiny").state_dict()
+    name = "transformer.h.0.mlp.c_fc"
+    assert_close(merged[name + ".weight"], base[name + ".weight"] + 0.3 * deltas[1][name],
+                 atol=1e-6)
+    name = "transformer.h.1.attn.c_attn"
+    expected = base[name + ".weight"] + 0.7 * deltas[0][name] + 0.3 * deltas[1][name]
+    assert_close(merged[name + ".weight"], expected, atol=1e-6)
+    code = main(["merge", "--run", str(runs[0]), "--run", str(runs[1]), "--weights", "1",
+                 "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert code != 0 and "--weights has 1 values for 2 adapters" in err.splitlines()[-1]
+    assert "Traceback" not in err and not (tmp_path / "bad").exists()

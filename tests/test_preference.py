@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from minift.optim import AdamW
 from minift.formats import DataError
 from minift.peft import LoraConfig, get_peft_model
 from minift.preference import (add_reference_logps, collate_preferences, dpo_batch_loss,
@@ -51,7 +50,7 @@ def test_sequence_logps_equal_a_plain_per_token_sum():
 ])
 def test_dpo_loss_is_the_papers_formula_in_float64(pc, pr, rc, rr, beta):
     """-log sigmoid(beta [(pc - rc) - (pr - rr)]) (Rafailov et al. 2023, Eq. 7), written as
-    log(1 + exp(-z)) with math in float64; rewards beta (log pi - log pi_ref) (§5)."""
+    log(1 + exp(-z)) with math in float64; rewards beta (log pi - log pi_ref) (§4, Eq. 5)."""
     t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
     losses, cr, rj = dpo_loss(t(pc), t(pr), t(rc), t(rr), beta)
     z = beta * ((pc - rc) - (pr - rr))
@@ -145,23 +144,46 @@ def test_reference_is_the_model_with_its_adapter_disabled(tok):
     assert model.training
 
 
-def test_dpo_steps_raise_held_out_reward_accuracy(tok):
-    """A few AdamW steps on the DPO loss: the chosen completions (the prompt's own: the kind
-    of its words) beat the rejected ones (another prompt's) on held-out pairs."""
+def test_train_dpo_raises_held_out_reward_accuracy_and_logs_it(tok, tmp_path):
+    """train(objective="dpo"): the chosen completions (the prompt's own: the kind of its
+    words) come to beat the rejected ones (another prompt's) on held-out pairs; the reward
+    accuracy and margin are in metrics.jsonl's eval lines, and the loss starts at log 2."""
+    from conftest import cfg
+    from minift.train import train
     torch.manual_seed(0)
     model = tiny_lora(init_lora_weights=True)       # B = 0: the policy starts at the reference
-    train = add_reference_logps(model, synthetic(tok, 32, seed=0), tok.eos_token_id)
-    val = add_reference_logps(model, synthetic(tok, 16, seed=1), tok.eos_token_id)
-    before = preference_metrics(model, val, tok.eos_token_id)
-    assert before["reward_accuracy"] == 0.0 and abs(before["dpo_loss"] - math.log(2)) < 1e-6
-    opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for step in range(12):
-        chunk = [train[(step * 8 + i) % len(train)] for i in range(8)]
-        loss, _, _ = dpo_batch_loss(model, collate_preferences(chunk, tok.eos_token_id), 0.1)
-        opt.zero_grad()
-        (loss / len(chunk)).backward()
-        opt.step()
-    after = preference_metrics(model, val, tok.eos_token_id)
-    assert after["dpo_loss"] < before["dpo_loss"] - 0.05
-    assert after["reward_margin"] > 0 and after["reward_accuracy"] > 0.6
+    train_pairs, val = synthetic(tok, 32, seed=0), synthetic(tok, 16, seed=1)
+    seen = []
+    result = train(model, train_pairs, val, cfg(objective="dpo", dpo_beta=0.1, lr=1e-2,
+                                                max_steps=12, batch_size=8, eval_every=12,
+                                                weight_decay=0.0, output_dir=str(tmp_path)),
+                   callback=seen.append)
+    assert abs(seen[0]["loss"] - math.log(2)) < 1e-6     # policy == reference at step 1
+    [line] = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if '"eval"' in x]
+    assert line["reward_accuracy"] > 0.6 and line["reward_margin"] > 0
+    assert line["val_loss"] == result.best_val_loss < math.log(2) - 0.05
+    again = preference_metrics(model, add_reference_logps(model, val, tok.eos_token_id),
+                               tok.eos_token_id)
+    assert abs(again["reward_accuracy"] - line["reward_accuracy"]) < 1e-9
+
+
+def test_full_fine_tuning_reference_is_the_model_before_training(tok):
+    """Without an adapter the reference log-probs are the starting model's, computed once
+    before the first step (no frozen copy): the first step's loss is exactly log 2."""
+    from conftest import cfg, tiny_model
+    from minift.train import train
+    model = tiny_model(0, vocab_size=300)
+    seen = []
+    train(model, synthetic(tok, 8), None, cfg(objective="dpo", max_steps=2, batch_size=4),
+          callback=seen.append)
+    assert abs(seen[0]["loss"] - math.log(2)) < 1e-6 and seen[1]["loss"] != seen[0]["loss"]
+    from minift.config import TrainConfig
+    with pytest.raises(ValueError, match="objective"):
+        TrainConfig(objective="ppo")
+    with pytest.raises(ValueError, match="dpo_beta"):
+        TrainConfig(objective="dpo", dpo_beta=0)
+    from minift.formats import DataError as E
+    with pytest.raises(E, match="chosen_/rejected_"):
+        train(model, [{"input_ids": [1, 2], "labels": [1, 2]}], None, cfg(objective="dpo"))
+
