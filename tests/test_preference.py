@@ -187,3 +187,56 @@ def test_full_fine_tuning_reference_is_the_model_before_training(tok):
     with pytest.raises(E, match="chosen_/rejected_"):
         train(model, [{"input_ids": [1, 2], "labels": [1, 2]}], None, cfg(objective="dpo"))
 
+
+# ----------------------------------------------------------------------------- the command line
+def run_main(capsys, *args):
+    from minift.cli import main
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err, *fragments):
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines[-1].startswith("minift: error: ") and "Traceback" not in err, err
+    assert all(f in lines[-1] for f in fragments), lines[-1]
+
+
+def test_finetune_objective_dpo_on_the_preference_task(tmp_path, capsys):
+    """`minift finetune --task preference --objective dpo`: report.json has reward_accuracy
+    and reward_margin before (0: the policy is the reference) and after, per pair too."""
+    from minift.tasks import get_task
+    pairs = get_task("preference").records("validation")[:12]
+    write_jsonl(tmp_path / "val.jsonl", pairs)
+    write_jsonl(tmp_path / "train.jsonl", get_task("preference").records("train")[:24])
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, "finetune", "--objective", "dpo", "--data",
+                            tmp_path / "train.jsonl", "--val-data", tmp_path / "val.jsonl",
+                            "--max-steps", 4, "--batch-size", 4, "--lr", 5e-3, "--no-bf16",
+                            "--no-forgetting", "--output-dir", out, "--loraplus-lr-ratio", 4)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["before"]["reward_accuracy"] == 0.0 and report["before"]["n"] == 12
+    assert abs(report["before"]["val_loss"] - math.log(2)) < 1e-6
+    assert len(report["item_scores"]["after"]["reward_accuracy"]) == 12
+    assert report["after"]["reward_margin"] != 0.0
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in x]
+    assert "reward_accuracy" in evals[-1]
+    assert abs(evals[-1]["reward_accuracy"] - report["after"]["reward_accuracy"]) < 1e-9
+
+
+def test_dpo_command_line_errors_are_one_line(tmp_path, capsys):
+    write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "b"}])
+    code, _, err = run_main(capsys, "finetune", "--objective", "dpo", "--data",
+                            tmp_path / "bad.jsonl", "--output-dir", tmp_path / "r1")
+    assert code == 1
+    one_line_error(err, "bad.jsonl line 1", "missing \"rejected\"")
+    code, _, err = run_main(capsys, "finetune", "--task", "preference", "--output-dir",
+                            tmp_path / "r2")
+    assert code != 0                             # (2: a usage error)
+    one_line_error(err, "--objective dpo")
+    code, _, err = run_main(capsys, "finetune", "--method", "prompt", "--use-dora",
+                            "--output-dir", tmp_path / "r3")
+    assert code != 0
+    one_line_error(err, "--use-dora applies to --method lora, not prompt")
