@@ -13,7 +13,12 @@ from minift.peft import (LoraConfig, LoraLinear, PeftError, PeftModel, PrefixTun
 from peft_helpers import (assert_close, assert_matches_peft, batch, cross_load, pair,
                           train_steps)
 
-peft = pytest.importorskip("peft")
+
+@pytest.fixture
+def peft():
+    """The reference, for the tests that compare with it (the others run without it)."""
+    return pytest.importorskip("peft")
+
 
 LORA_CASES = [  # (minift/PEFT kwargs) several targets and ranks, rsLoRA, layer selection, regex
     dict(r=4, lora_alpha=8, target_modules=["c_attn"]),
@@ -26,7 +31,7 @@ LORA_CASES = [  # (minift/PEFT kwargs) several targets and ranks, rsLoRA, layer 
 
 
 @pytest.mark.parametrize("kw", LORA_CASES)
-def test_lora_logits_and_loss_match_peft(hf_tiny, kw, capsys):
+def test_lora_logits_and_loss_match_peft(hf_tiny, kw, capsys, peft):
     folder, _ = hf_tiny
     ours, theirs = pair(folder, LoraConfig(**kw), peft.LoraConfig(task_type="CAUSAL_LM", **kw))
     assert_matches_peft(ours, theirs, capsys, atol=1e-6)   # measured: <= 1.1e-7 logits, 5e-7 loss
@@ -48,7 +53,7 @@ def test_lora_starts_at_the_base_model_and_scales(hf_tiny):
     assert rs.base_model.model.transformer.h[0].attn.c_attn.scaling == 32 / 2
 
 
-def test_lora_files_interoperate_with_peft(hf_tiny, tmp_path):
+def test_lora_files_interoperate_with_peft(hf_tiny, tmp_path, peft):
     folder, _ = hf_tiny
     kw = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], layers_to_transform=[0, 1])
     ours, theirs = pair(folder, LoraConfig(**kw, base_model_name_or_path=str(folder)),
@@ -79,7 +84,7 @@ def test_lora_files_interoperate_with_peft(hf_tiny, tmp_path):
     assert trainable.num_parameters(trainable_only=True) == sum(v.numel() for v in b.values())
 
 
-def test_merge_unmerge_and_merge_and_unload(hf_tiny):
+def test_merge_unmerge_and_merge_and_unload(hf_tiny, peft):
     folder, _ = hf_tiny
     kw = dict(r=4, lora_alpha=8, target_modules=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"])
     ours, theirs = pair(folder, LoraConfig(**kw), peft.LoraConfig(task_type="CAUSAL_LM", **kw))
@@ -134,7 +139,7 @@ def test_only_lora_trains_and_base_stays_bit_identical(hf_tiny):
             assert torch.equal(p, frozen[n]), n
 
 
-def test_greedy_generation_matches_peft_and_cache(hf_tiny):
+def test_greedy_generation_matches_peft_and_cache(hf_tiny, peft):
     folder, _ = hf_tiny
     kw = dict(r=4, lora_alpha=8, target_modules=["c_attn", "mlp.c_proj"])
     ours, theirs = pair(folder, LoraConfig(**kw), peft.LoraConfig(task_type="CAUSAL_LM", **kw))
