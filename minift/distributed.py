@@ -57,9 +57,9 @@ def _loaded(module: str, name: str):
     """`module.name` if `module` is already imported, else () (isinstance(x, ()) is False).
 
     FSDP2 (torch >= 2.6) turns each parameter of a module it shards into a DTensor. Both are
-    imported by shard_model, when first needed: importing them takes 0.45 s and 40 MB
-    (sympy comes along), which every `import minift` used to pay, and nothing can be
-    sharded before they are imported, so the checks below look them up instead."""
+    imported by shard_model, when first needed: importing them is slow and large (sympy
+    comes along), which every `import minift` used to pay, and nothing can be sharded
+    before they are imported, so the checks below look them up instead."""
     return getattr(sys.modules.get(module), name, ())
 
 
@@ -135,8 +135,8 @@ def launched_world_size() -> int:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 matmul instructions (AVX512-BF16 or AMX), where autocast to
-    bf16 is about twice as fast as fp32; elsewhere bf16 on the CPU is emulated and slower."""
+    """True on CPUs with bf16 matmul instructions (AVX512-BF16 or AMX), where bf16 autocast
+    runs in hardware; elsewhere bf16 on the CPU is emulated, which is slower than fp32."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 

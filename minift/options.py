@@ -35,9 +35,9 @@ METHODS = {
     "ptuning": "P-tuning, input embeddings from a prompt-encoder MLP (Liu et al. 2021)",
 }
 VIRTUAL = ("prefix", "prompt", "ptuning")  # methods whose virtual tokens take context room
-# The CLI's training defaults over TrainConfig's: `minift finetune` with no arguments takes
-# about 1.5 minutes on 2 CPU cores (97 s measured while other jobs shared them): 300 steps
-# of 16 examples, about 6 epochs of the task, ending with its best evaluation's weights.
+# The CLI's training defaults over TrainConfig's: a short run on a CPU (the README gives the
+# measured time): 300 steps of 16 examples, about 6 epochs of the task, ending with its best
+# evaluation's weights.
 RECIPE = dict(max_steps=300, batch_size=16, eval_every=50, warmup_steps=20, restore_best=True)
 # Per method: a learning rate that worked on the built-in task (each a small sweep), and
 # LoRA on every linear layer, which learns the task much better than PEFT's attention-only

@@ -194,7 +194,7 @@ def test_fsdp_lora_with_idle_processes(runs):
 
 
 def test_import_minift_leaves_fsdp_unimported():
-    """torch's FSDP (0.45 s, 40 MB with sympy) is imported by shard_model, not by minift."""
+    """torch's FSDP (slow to import, with sympy) is imported by shard_model, not by minift."""
     code = ("import sys, minift\n"
             "print('torch.distributed.fsdp' in sys.modules, 'sympy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
