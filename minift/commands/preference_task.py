@@ -4,32 +4,23 @@ preference task (minift.tasks), and reward accuracy / margin on the validation p
 (minift.preference) instead of generated answers."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch.nn.functional as F
 
 from ..data import train_val_split
 from ..evaluate import perplexity
-from ..options import VIRTUAL, UsageError
+from ..options import UsageError
 from ..preference import add_reference_logps, load_preferences, reward_margins
-from ..tasks import get_task
-from .taskdata import TaskData, context_length, reference_text
+from .taskdata import TaskData, reference_text, task_files
 
 
 def load_preference_task(opts: dict, tok, n_positions: int) -> TaskData:
     """TaskData with preference examples for train and val (kind "dpo", no test prompts)."""
-    builtin = opts["data"] is None
-    task = get_task(opts["task"]) if builtin else None
-    if builtin and task.kind != "dpo":
+    files = task_files(opts, n_positions)
+    task, max_len, train_path, val_path = files.task, files.max_len, files.train, files.val
+    if task is not None and task.kind != "dpo":
         raise UsageError(f"--objective dpo needs preference pairs: --task preference, or --data "
                          f"with {{\"prompt\", \"chosen\", \"rejected\"}} lines (--task {task.name} "
                          "has none)")
-    n_virtual = opts["num_virtual_tokens"] if opts["method"] in VIRTUAL else 0
-    context, block = context_length(n_positions, n_virtual)
-    max_len = min(opts["max_length"] or context, context)
-    train_path = task.path("train") if builtin else Path(opts["data"])
-    val_path = Path(opts["val_data"]) if opts["val_data"] else (
-        task.path("validation") if builtin else None)
     train = load_preferences(train_path, tok, max_len)
     if val_path is not None:
         val = load_preferences(val_path, tok, max_len)
@@ -38,8 +29,8 @@ def load_preference_task(opts: dict, tok, n_positions: int) -> TaskData:
         train, val = train_val_split(train, opts["val_fraction"], opts["seed"])
         split = f"validation {len(val)} pairs (a {opts['val_fraction']:g} split of it)"
     reference, ref_examples, ref_name = reference_text(opts, tok, max_len)
-    name = f"the built-in task {task.name}" if builtin else str(train_path)
-    return TaskData(train, val, [], reference, block, ref_examples, ref_name, max_len,
+    name = f"the built-in task {task.name}" if task is not None else str(train_path)
+    return TaskData(train, val, [], reference, files.block, ref_examples, ref_name, max_len,
                     f"{name}: train {len(train)} pairs, {split}",
                     f"reward accuracy on the {len(val)} validation pairs", kind="dpo")
 

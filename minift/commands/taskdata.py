@@ -7,6 +7,7 @@ log-likelihood of each choice), and the reference text for forgetting and EWC.""
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from ..distributed import evaluate_loss
 from ..evaluate import choice_accuracy, generate_completions, item_scores, perplexity
 from ..formats import parse_fields
 from ..options import VIRTUAL, UsageError
-from ..tasks import REFERENCE, get_task
+from ..tasks import REFERENCE, Task, get_task
 from .common import jsonl_records
 
 USER_MAX_NEW_TOKENS = 48   # answers to --data prompts: one line
@@ -62,20 +63,40 @@ def task_records(path: Path, tok, fields: dict | None) -> tuple[str, list[dict]]
 
 
 
-def load_task_data(opts: dict, tok, n_positions: int) -> TaskData:
+class TaskFiles(typing.NamedTuple):
+    task: Task | None          # the built-in task (None: --data)
+    context: int               # longest example the context allows (virtual tokens taken off)
+    block: int                 # reference perplexity block
+    max_len: int               # longest example, --max-length within the context
+    train: Path
+    val: Path | None
+    test: Path | None
+
+
+def task_files(opts: dict, n_positions: int) -> TaskFiles:
+    """The files of --data / --val-data / --test-data, or of the built-in --task, and the
+    example lengths they are cut to (shared by load_task_data and preference_task.py)."""
     builtin = opts["data"] is None
     task = get_task(opts["task"]) if builtin else None
+    n_virtual = opts["num_virtual_tokens"] if opts["method"] in VIRTUAL else 0
+    context, block = context_length(n_positions, n_virtual)
+
+    def given_or_split(flag: str, split: str) -> Path | None:
+        return Path(opts[flag]) if opts[flag] else (task.path(split) if builtin else None)
+
+    return TaskFiles(task, context, block, min(opts["max_length"] or context, context),
+                     task.path("train") if builtin else Path(opts["data"]),
+                     given_or_split("val_data", "validation"), given_or_split("test_data", "test"))
+
+
+def load_task_data(opts: dict, tok, n_positions: int) -> TaskData:
+    files = task_files(opts, n_positions)
+    task, builtin = files.task, files.task is not None
     if builtin and task.kind == "dpo":
         raise UsageError(f"--task {task.name} holds preference pairs: train it with --objective "
                          "dpo")
-    n_virtual = opts["num_virtual_tokens"] if opts["method"] in VIRTUAL else 0
-    context, block = context_length(n_positions, n_virtual)
-    max_len = min(opts["max_length"] or context, context)
-    train_path = task.path("train") if builtin else Path(opts["data"])
-    val_path = Path(opts["val_data"]) if opts["val_data"] else (
-        task.path("validation") if builtin else None)
-    test_path = Path(opts["test_data"]) if opts["test_data"] else (
-        task.path("test") if builtin else None)
+    context, block, max_len = files.context, files.block, files.max_len
+    train_path, val_path, test_path = files.train, files.val, files.test
     new_tokens = opts["max_new_tokens"] or (task.max_new_tokens if builtin else USER_MAX_NEW_TOKENS)
 
     fields = parse_fields(opts["fields"]) if opts.get("fields") else None
