@@ -147,6 +147,7 @@ def table_rows(path: Path) -> Iterator[tuple[str, dict]]:
             else:
                 batches = _arrow_batches(file, pa)
             for batch in batches:
+                batch.validate(full=True)  # a flipped byte must not reach to_pylist (it crashes)
                 for rec in batch.to_pylist():
                     row += 1
                     yield f"{path} row {row}", rec

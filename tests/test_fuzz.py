@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from conftest import cfg, max_diff, pattern_data, tiny_model, weights
-from minift.chat import BUILTIN_CHAT_TEMPLATE
+from minift.chat import BUILTIN_CHAT_TEMPLATE, chat_examples
 from minift.data import DataError, load_dataset, load_jsonl, load_text, split_documents
 from minift.tokenfile import documents
 from minift.model import GPT
@@ -283,6 +283,10 @@ def saved(tmp_path_factory, tok):
                   folder / "sharded" / part)
     (folder / "sharded" / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map}))
+    chat = Tokenizer.from_pretrained(folder / "model")   # with a Jinja chat template
+    chat.chat_template = "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
+    chat.save_pretrained(folder / "chat")
+    (folder / "chat" / "chat_template.jinja").write_text(chat.chat_template)
     (folder / "bpe").mkdir()   # GPT-2's original layout: vocab.json + merges.txt
     tok.backend.model.save(str(folder / "bpe"))
     for name, config in (("lora", LoraConfig(task_type=TaskType.CAUSAL_LM, r=2)),
@@ -337,7 +341,8 @@ def test_gpt_from_pretrained_on_garbage(saved, scratch, data, layout_name):
 @FUZZ
 @given(data=st.data(), layout_name=st.sampled_from([
     ("model", "tokenizer.json"), ("model", "tokenizer_config.json"),
-    ("model", "special_tokens_map.json"), ("bpe", "vocab.json"), ("bpe", "merges.txt")]))
+    ("model", "special_tokens_map.json"), ("bpe", "vocab.json"), ("bpe", "merges.txt"),
+    ("chat", "tokenizer_config.json"), ("chat", "chat_template.jinja")]))
 def test_tokenizer_from_pretrained_on_garbage(saved, scratch, data, layout_name):
     layout, name = layout_name
     folder = broken_copy(data, saved / layout, fresh(scratch) / "t", name)
@@ -346,6 +351,28 @@ def test_tokenizer_from_pretrained_on_garbage(saved, scratch, data, layout_name)
         ids = tokenizer.encode("the fox")   # edited to have no decoder decodes differently)
         assert all(0 <= i < tokenizer.vocab_size for i in ids)
         assert isinstance(tokenizer.decode(ids), str)
+        if layout == "chat":    # and its (possibly broken) chat template renders or refuses
+            conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+            expect_clear(lambda: chat_examples(tokenizer, [conv], ["line 1"]), "line 1")
+
+
+@pytest.fixture(scope="module")
+def saved_dataset(tmp_path_factory):
+    """A `datasets` save_to_disk folder of three prompt/completion rows."""
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path_factory.mktemp("dataset") / "d"
+    datasets.Dataset.from_list([{"prompt": "the quick", "completion": " fox"}] * 3).save_to_disk(
+        str(folder))
+    return folder
+
+
+@FUZZ
+@given(data=st.data(), name=st.sampled_from(["state.json", "dataset_info.json",
+                                             "data-00000-of-00001.arrow"]))
+def test_saved_dataset_folder_on_garbage(tok, saved_dataset, scratch, data, name):
+    folder = broken_copy(data, saved_dataset, fresh(scratch) / "d", name)
+    for ex in expect_clear(lambda: load_dataset(folder, tok, max_length=8), folder) or []:
+        assert 1 <= len(ex["input_ids"]) == len(ex["labels"]) <= 8
 
 
 @FUZZ
