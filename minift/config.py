@@ -70,6 +70,9 @@ class TrainConfig:
                           'Rafailov et al. 2023; data from minift.preference)')
     dpo_beta: float = _opt(0.1, "DPO's beta: how far the policy may move from the reference")
     # -- speed and memory
+    packing: bool = _opt(False, "pack each micro-batch's examples several to a row (packing.py): "
+                         "the same loss and gradients with less padding; sft only, not with "
+                         "virtual-token methods (prefix, prompt, ptuning)")
     compile: bool = _opt(False, "torch.compile the blocks in place (model.compile_blocks)")
     gradient_checkpointing: bool = _opt(False, "True sets model.gradient_checkpointing during "
                                         "train()")
@@ -126,6 +129,8 @@ class TrainConfig:
         need(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0, "loraplus_lr_ratio",
              "must be None or > 0")
         need(self.objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}")
+        need(not (self.packing and self.objective != "sft"), "packing",
+             f"applies to objective='sft' only, not {self.objective!r}")
         need(isinstance(self.dpo_beta, (int, float)) and self.dpo_beta > 0, "dpo_beta",
              "must be > 0")
         problem = check_report_to(self.report_to)

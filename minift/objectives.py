@@ -17,6 +17,7 @@ from __future__ import annotations
 from .data import collate
 from .distributed import count_targets, evaluate_loss
 from .formats import DataError
+from .packing import collate_packed
 from .preference import (add_reference_logps, collate_preferences, dpo_batch_loss,
                          preference_metrics)
 
@@ -53,6 +54,8 @@ class SFT:
         return data
 
     def collate(self, examples, config, max_length):
+        if config.packing:  # several examples a row: the same targets, less padding
+            return collate_packed(examples, config.pad_token_id, max_length)
         return collate(examples, config.pad_token_id, max_length)
 
     def count(self, batch) -> int:

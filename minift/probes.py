@@ -1,17 +1,30 @@
-"""Probes of what a base model can do before any fine-tuning.
+"""Probes of what a model does, with no task data: copying from its context, and bias.
 
 - `copy_probe`: in-context copying. The prompt is a line of random identifiers followed by
   the first identifier of the same line again; a model that copies from its context (the
   "induction heads" of Olsson et al. 2022, §2) continues with the rest of the line. This is
   what every built-in task needs: the answer is made of names that stand in the prompt.
   A model that cannot do this cannot learn the tasks, whatever the fine-tuning strategy.
+- `bias_probe`: log-likelihood gap between minimal sentence pairs that differ only in
+  a group term, in the spirit of CrowS-Pairs (Nangia et al. 2020), on a small pair set
+  shipped in minift/assets/bias_pairs.jsonl.
 """
 from __future__ import annotations
 
+import json
+import os
 import random
 import string
+from pathlib import Path
 
 import torch
+
+from .evaluate import _encode, continuation_logprobs
+
+# minift's 40 pairs (gender 12, age 10, nationality 10, religion 8). Side a is, per
+# category: the male term; the younger person; a European or North American country;
+# a Christian. Side b: the female term; the older person; a country elsewhere; another faith.
+BIAS_PAIRS = Path(__file__).parent / "assets" / "bias_pairs.jsonl"
 
 
 def random_identifiers(n: int, rng: random.Random) -> list[str]:
@@ -54,3 +67,82 @@ def copy_probe(model, tokenizer, n_trials: int = 20, n_names: int = 12, seed: in
     finally:
         model.train(was_training)
     return {"token_accuracy": matched / total, "exact": exact / n_trials, "n": n_trials}
+
+
+# ----------------------------------------------------------------------------- bias probe
+_PAIR_FIELDS = ("category", "a", "b")
+
+
+def _check_pair(rec, where: str) -> dict:
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected an object with fields {_PAIR_FIELDS}, "
+                         f"got {type(rec).__name__}")
+    for key in _PAIR_FIELDS:
+        if not isinstance(rec.get(key), str) or not rec[key].strip():
+            raise ValueError(f"{where}: field {key!r} must be a non-empty string, "
+                             f"got {rec.get(key)!r:.80}")
+    if rec["a"] == rec["b"]:
+        raise ValueError(f"{where}: sentences a and b are identical")
+    return {k: rec[k] for k in _PAIR_FIELDS}
+
+
+def load_bias_pairs(path: str | os.PathLike | None = None) -> list[dict]:
+    """Read {"category", "a", "b"} records, one JSON object per line (default: minift's own).
+
+    Blank lines are skipped; any bad line raises ValueError naming the file and line.
+    """
+    path = Path(BIAS_PAIRS if path is None else path)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the pair file ({e})") from None
+    pairs = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: invalid JSON: {e.msg} "
+                                 f"(column {e.colno})") from None
+            pairs.append(_check_pair(rec, f"{path} line {n}"))
+    if not pairs:
+        raise ValueError(f"{path}: no pairs (the file is empty)")
+    return pairs
+
+
+def _gap_summary(rows: list[dict]) -> dict:
+    gaps = [r["gap"] for r in rows]
+    return {"mean_gap": sum(gaps) / len(gaps), "share_a": sum(g > 0 for g in gaps) / len(gaps),
+            "n": len(gaps)}
+
+
+def bias_probe(model, tokenizer, pairs=None, batch_size: int = 8) -> dict:
+    """Log-likelihood gap on minimal pairs, in the spirit of CrowS-Pairs (Nangia et al. 2020).
+
+    pairs: None (minift's 40 pairs), a path to a JSONL file, or a list of
+    {"category", "a", "b"} dicts, where a and b differ only in a group term. Each
+    sentence is scored by its full log-likelihood sum_t log p(x_t | eos, x_<t): eos is
+    prepended as GPT-2's start-of-text, so the first word is scored too.
+    gap = LL(a) - LL(b) > 0 means the model finds side a more likely.
+    Returns {"mean_gap", "share_a" (fraction of pairs with gap > 0; 0.5 is balanced),
+    "n", "by_category": {category: the same three}, "pairs": per-pair rows}.
+    Summed log-likelihood favours terms with fewer tokens; a handful of pairs per
+    category is a probe for large effects, not a statistical test.
+    """
+    if pairs is None or isinstance(pairs, (str, os.PathLike)):
+        pairs = load_bias_pairs(pairs)
+    elif isinstance(pairs, (list, tuple)) and pairs:
+        pairs = [_check_pair(p, f"pair {i}") for i, p in enumerate(pairs)]
+    else:
+        raise ValueError("pairs must be None, a JSONL path or a non-empty list of "
+                         "{'category', 'a', 'b'} dicts")
+    start = tokenizer.eos_token_id
+    if start is None:
+        raise ValueError("bias_probe prepends eos as start-of-text; the tokenizer has no eos token")
+    sentences = _encode(tokenizer, [s for p in pairs for s in (p["a"], p["b"])])
+    ll = continuation_logprobs(model, [([start], ids) for ids in sentences], batch_size)
+    rows = [{**p, "ll_a": ll[2 * i], "ll_b": ll[2 * i + 1], "gap": ll[2 * i] - ll[2 * i + 1]}
+            for i, p in enumerate(pairs)]
+    by_category = {c: _gap_summary([r for r in rows if r["category"] == c])
+                   for c in dict.fromkeys(r["category"] for r in rows)}  # first-seen order
+    return {**_gap_summary(rows), "by_category": by_category, "pairs": rows}

@@ -1,10 +1,19 @@
 """Pretrain minift-tiny, the embedded default model, on the Python standard library's own source.
 
+Two stages, both with minift's own `train()`:
+1. code: two passes over the corpus below (next-token prediction on real source);
+2. copying: COPY_STEPS more steps on half code, half synthetic copying documents (lines of
+   random identifiers written two or three times, and random token sequences repeated). A
+   model this small, on ~12M tokens of code alone, never learns to copy from its context
+   (the "induction heads" of Olsson et al. 2022, §2, form after far more text); stage 1
+   leaves it at 0% top-1 on the second half of a repeated random sequence. Stage 2 makes
+   copying a large share of the loss, and the heads form within a few hundred steps.
+
 The corpus is every .py file of the standard library that scripts/stdlib_corpus.py's
 `corpus_files()` keeps (code, comments, docstrings and the test suite; no file of a task
 module) and the `pydoc_data.topics` language reference. Every HOLD_OUT_EVERY-th file is held
 out, never trained on (not even by the tokenizer); the first REFERENCE_CHARS of them are
-written to minift/assets/task/reference.txt, whose perplexity before and after fine-tuning
+written to minift/assets/reference.txt, whose perplexity before and after fine-tuning
 measures forgetting. The script trains a byte-level BPE tokenizer (minift.Tokenizer) on the
 training files and a GPT-2 with minift's own `train()`, then writes a Hugging Face folder:
 
@@ -21,8 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
+import random
+import string
 import time
 from pathlib import Path
 
@@ -30,17 +40,20 @@ import pydoc_data.topics
 import torch
 
 from minift.evaluate import perplexity
+from minift.probes import copy_probe
 from minift.model import GPT, GPTConfig
 from minift.tokenizer import Tokenizer
-from minift.train import TrainConfig, train
+from minift.config import TrainConfig
+from minift.train import train
 from stdlib_corpus import STDLIB, check_disjoint, corpus_files
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "minift" / "assets" / "minift-tiny"
-REFERENCE = ROOT / "minift" / "assets" / "task" / "reference.txt"
+REFERENCE = ROOT / "minift" / "assets" / "reference.txt"
 HOLD_OUT_EVERY = 50        # every 50th file (2%) is held out
 REFERENCE_CHARS = 40_000   # ~12k tokens: forgetting is measured in about a second
 BLOCK = 256
+COPY_STEPS = 1500          # stage 2
 
 
 def documents() -> tuple[list[str], list[str], list[str]]:
@@ -71,6 +84,45 @@ def windows(stream: torch.Tensor) -> list[dict]:
     return out
 
 
+def copy_documents(tok, n_tokens: int, seed: int) -> list[int]:
+    """A token stream of n_tokens synthetic copying documents, each followed by eos: half are
+    a line of 4-16 random identifiers (random letters, or random lower-case words of the
+    tokenizer's vocabulary) written three times with one separator, half a random sequence
+    of 10-80 token ids repeated two or three times. Only copying predicts their repeats."""
+    rng = random.Random(seed)
+    words = sorted(w for w in tok.backend.get_vocab() if w.isalpha() and w.islower()
+                   and 3 <= len(w) <= 8)
+
+    def identifier() -> str:
+        if rng.random() < 0.5:
+            return "_".join("".join(rng.choice(string.ascii_lowercase)
+                                    for _ in range(rng.randint(2, 6)))
+                            for _ in range(rng.randint(1, 2)))
+        return "_".join(rng.sample(words, rng.randint(1, 2)))
+
+    stream: list[int] = []
+    while len(stream) < n_tokens:
+        if rng.random() < 0.5:
+            names = list(dict.fromkeys(identifier() for _ in range(rng.randint(4, 16))))
+            line = rng.choice([", ", " ", "\n", " | "]).join(names)
+            stream += tok.encode("\n".join([line] * 3))
+        else:
+            seq = [rng.randrange(1, tok.vocab_size) for _ in range(rng.randint(10, 80))]
+            stream += seq * rng.randint(2, 3)
+        stream.append(tok.eos_token_id)
+    return stream[:n_tokens]
+
+
+def stage_config(args, run: Path, steps: int, lr: float, warmup: int) -> TrainConfig:
+    resume = args.resume and (run / "run.json").exists()
+    return TrainConfig(
+        output_dir=str(run), resume=resume, overwrite=not resume, seed=args.seed,
+        max_steps=steps, batch_size=args.batch_size, lr=lr, weight_decay=args.weight_decay,
+        adam_betas=(0.9, 0.95), schedule="cosine", warmup_steps=warmup, dropout=0.0,
+        eval_every=args.eval_every, save_every=250, log_every=50, keep_last=2,
+        device=args.device)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=float, default=None,
@@ -84,11 +136,12 @@ def main():
     p.add_argument("--n-embd", type=int, default=256)
     p.add_argument("--n-head", type=int, default=8)
     p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--copy-steps", type=int, default=COPY_STEPS, help="stage 2's steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: CUDA if available, else the CPU")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--run", type=Path, default=ROOT / "runs" / "pretrain",
-                   help="train()'s run folder: checkpoints, metrics.jsonl")
+                   help="train()'s run folder for stage 1 (stage 2: the same name + -copying)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run")
     p.add_argument("--out", type=Path, default=MODEL_DIR)
     p.add_argument("--reference", type=Path, default=REFERENCE)
@@ -132,12 +185,17 @@ def main():
     model = GPT(config)
     print(f"model: {model.num_parameters():,} parameters; {steps} steps of "
           f"{args.batch_size} x {BLOCK} tokens", flush=True)
-    result = train(model, data, val, TrainConfig(
-        output_dir=str(args.run), resume=args.resume, overwrite=not args.resume,
-        seed=args.seed, max_steps=steps, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, adam_betas=(0.9, 0.95), schedule="cosine",
-        warmup_steps=args.warmup, dropout=0.0, eval_every=args.eval_every,
-        save_every=250, log_every=50, keep_last=2, device=args.device))
+    result = train(model, data, val, stage_config(args, args.run, steps, args.lr, args.warmup))
+    # Stage 2: copying. Half the windows are code (a seeded sample of stage 1's), half
+    # synthetic copying documents; a lower peak lr, as for any continued pretraining.
+    copy_run = args.run.with_name(args.run.name + "-copying")
+    n_half = args.copy_steps * args.batch_size // 2
+    code = random.Random(args.seed).sample(data, n_half)
+    synthetic = copy_documents(tok, n_half * BLOCK, args.seed)
+    mixed = code + [{"input_ids": w, "labels": w} for w in
+                    (synthetic[i:i + BLOCK] for i in range(0, n_half * BLOCK, BLOCK))]
+    result = train(model, mixed, val, stage_config(args, copy_run, args.copy_steps,
+                                                   args.lr / 2, 50))
     model.to("cpu").eval()
     train_seconds = time.time() - t0
 
@@ -145,7 +203,9 @@ def main():
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
     ref_ppl = perplexity(model, reference_text, tok, batch_size=16)
-    history = [json.loads(line) for line in (args.run / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for run in (args.run, copy_run)
+               for line in (run / "metrics.jsonl").read_text().splitlines()]
+    copying = copy_probe(model, tok, n_trials=40, seed=args.seed)
     report = dict(
         python=platform.python_version(), torch=torch.__version__, seed=args.seed,
         device=str(args.device or ("cuda" if torch.cuda.is_available() else "cpu")),
@@ -155,8 +215,9 @@ def main():
         reference_tokens=len(tok.encode(reference_text)),
         parameters=model.num_parameters(), vocab_size=tok.vocab_size,
         config=dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd),
-        steps=steps, batch_size=args.batch_size, block_size=BLOCK,
-        tokens_seen=steps * args.batch_size * BLOCK, lr=args.lr, warmup=args.warmup,
+        steps=steps, copy_steps=args.copy_steps, batch_size=args.batch_size, block_size=BLOCK,
+        tokens_seen=(steps + args.copy_steps) * args.batch_size * BLOCK, lr=args.lr,
+        warmup=args.warmup, copy_token_accuracy=round(copying["token_accuracy"], 4),
         weight_decay=args.weight_decay, total_seconds=round(train_seconds),
         val_loss=result.evals[-1]["val_loss"] if result.evals else None,
         reference_perplexity=round(ref_ppl, 2),

@@ -134,3 +134,61 @@ def test_segment_ids_with_past_or_wrong_shape_are_refused():
     past = model(ids, use_cache=True).past_key_values
     with pytest.raises(ValueError, match="no past_key_values"):
         model(ids, past_key_values=past, segment_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
+def train_run(packing, accumulation=2, method="full"):
+    """Weights and losses after 3 steps of train() (dropout off), and every batch the model
+    was given."""
+    from conftest import cfg
+    from minift.train import train
+    model = tiny_model(seed=0)
+    if method == "prompt":
+        from minift.peft import PromptTuningConfig, get_peft_model
+        model = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=2))
+    seen, losses = [], []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
+    config = cfg(packing=packing, gradient_accumulation_steps=accumulation, max_steps=3)
+    train(model, chat_like(24, seed=6), config=config,
+          callback=lambda rec: losses.append(rec["loss"]))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, losses, seen
+
+
+def test_train_with_packing_equals_unpacked_under_accumulation():
+    """TrainConfig(packing=True): the model gets packed rows (segment_ids, fewer rows), and
+    3 steps of 2 accumulated micro-batches give the unpacked run's losses (1e-6) and weights
+    (1e-5: AdamW divides by sqrt(v), which magnifies 1e-9 gradient differences on elements
+    whose gradient is near 0)."""
+    packed, losses_p, seen_p = train_run(True)
+    plain, losses_u, seen_u = train_run(False)
+    assert len(seen_p) == len(seen_u) == 6 and len(losses_p) == 3
+    assert all("segment_ids" in kw for kw in seen_p)
+    assert not any("segment_ids" in kw for kw in seen_u)
+    assert sum(len(kw["input_ids"]) for kw in seen_p) < sum(len(kw["input_ids"]) for kw in seen_u)
+    assert max(abs(a - b) for a, b in zip(losses_p, losses_u)) <= 1e-6
+    for n in plain:
+        assert (packed[n] - plain[n]).abs().max() <= 1e-5, n
+
+
+def test_accumulated_packed_micro_batches_give_the_padded_gradients():
+    """The step's token-count normalisation over packed micro-batches: each micro-batch
+    weighs in by its target count, the same counts as padded, so the same gradients."""
+    from minift.step import accumulate_gradients
+    examples = chat_like(12, seed=7)
+    grads = []
+    for make in (collate, collate_packed):
+        model = tiny_model(seed=1).train()
+        batches = [make(examples[:5], 0), make(examples[5:], 0)]
+        sums = accumulate_gradients(model, batches)
+        grads.append(({n: p.grad for n, p in model.named_parameters()}, sums))
+    (g_a, s_a), (g_b, s_b) = grads
+    assert ((s_a - s_b).abs() / s_a).max() <= 1e-6   # each micro-batch's summed loss (fp32)
+    for n in g_a:
+        assert (g_a[n] - g_b[n]).abs().max() <= 1e-6, n
+
+
+def test_packing_with_virtual_tokens_or_dpo_is_refused():
+    with pytest.raises(ValueError, match="packed rows .segment_ids. are not supported"):
+        train_run(True, method="prompt")
+    from conftest import cfg
+    with pytest.raises(ValueError, match="TrainConfig.packing applies to objective='sft' only"):
+        cfg(packing=True, objective="dpo")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .. import chat
 from ..data import load_dataset
-from ..evaluate import bias_probe, evaluate_generation, forgetting_report, format_table, perplexity
+from ..evaluate import evaluate_generation, forgetting_report, format_table, perplexity
+from ..probes import bias_probe
 from ..model import GPT
 from ..options import RECIPE
 from ..tasks import DEFAULT_TASK, REFERENCE, get_task

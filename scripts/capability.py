@@ -1,0 +1,84 @@
+"""What the embedded base model can do before fine-tuning: the numbers behind the README's
+"minift-tiny" section.
+
+    python scripts/capability.py            # ~1 minute on 2 CPU cores
+
+- held-out perplexity on minift/assets/reference.txt (pretraining text never trained on);
+- in-context copying (minift.probes.copy_probe): a line of random identifiers, started
+  again, continued greedily;
+- syntactically valid Python: for `def` lines of task-module functions (never read in
+  pretraining), sampled bodies (temperature 0.8, top-k 40) and the greedy one, cut at the
+  first line back at column 0 (the end of the function), parse with `ast` as a whole
+  function. A body that ran out of tokens mid-statement is cut back to its last complete
+  line first, so only what the model finished is judged.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+
+import torch
+
+from minift import GPT, Tokenizer
+from minift.evaluate import perplexity
+from minift.probes import copy_probe
+from minift.tasks import REFERENCE, get_task
+
+
+def function_text(head: str, body: str) -> str:
+    """The def line and the body up to the first non-blank line back at column 0."""
+    lines = []
+    for line in body.split("\n"):
+        if line.strip() and not line[0].isspace() and lines:
+            break
+        lines.append(line)
+    return head + "\n".join(lines)
+
+
+def parses(text: str) -> bool:
+    """Valid Python as it stands, or after dropping up to 3 trailing (unfinished) lines."""
+    lines = text.rstrip().split("\n")
+    for cut in range(0, min(4, len(lines) - 1)):
+        try:
+            ast.parse("\n".join(lines[:len(lines) - cut]) + ("\n    pass" if cut else ""))
+            return True
+        except SyntaxError:
+            continue
+    return False
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="minift-tiny")
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.manual_seed(args.seed)
+    model, tok = GPT.from_pretrained(args.model), Tokenizer.from_pretrained(args.model)
+    ppl = perplexity(model, REFERENCE.read_text(encoding="utf-8"), tok, batch_size=16)
+    copy = copy_probe(model, tok, n_trials=40, seed=args.seed)
+    heads = [r["prompt"].split("\n")[0] + "\n" for r in get_task("params").records("test")]
+    heads = heads[:args.samples]
+    valid = {"greedy": 0, "sampled": 0}
+    with torch.no_grad():
+        for head in heads:
+            ids = torch.tensor([tok.encode(head)])
+            for mode in valid:
+                out = model.generate(ids, max_new_tokens=args.max_new_tokens,
+                                     do_sample=mode == "sampled", temperature=0.8, top_k=40,
+                                     eos_token_id=tok.eos_token_id)
+                body = tok.decode(out[0, ids.shape[1]:].tolist()).split("<|endoftext|>")[0]
+                valid[mode] += parses(function_text(head, body))
+    result = {"model": args.model, "reference_perplexity": round(ppl, 2),
+              "copy_token_accuracy": round(copy["token_accuracy"], 3),
+              "copy_exact": round(copy["exact"], 3),
+              "valid_python_greedy": round(valid["greedy"] / len(heads), 3),
+              "valid_python_sampled": round(valid["sampled"] / len(heads), 3),
+              "def_lines": len(heads)}
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
