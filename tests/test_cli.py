@@ -359,13 +359,13 @@ def test_config_file_layers(tmp_path):
     (["finetune", "--resume", "{tmp}", "--config", "{tmp}/bad.toml"], 2, ["drop --config"]),
     (["generate", "--model", "{tmp}/no-model", "--prompt", "x"], 1, ["no-model"]),
     (["compare", "--methods", "lora,qlora"], 2, ["unknown qlora"]),
-    (["eval", "--data", "{tmp}/data.csv"], 1, ["unknown file type '.csv'"]),
+    (["eval", "--data", "{tmp}/data.xlsx"], 1, ["unknown file type '.xlsx'"]),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, args, code, fragments):
     (tmp_path / "bad.toml").write_text("max_stpes = 3\n")
     (tmp_path / "broken.toml").write_text("max_steps = = 3\n")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
-    (tmp_path / "data.csv").write_text("a,b\n")
+    (tmp_path / "data.xlsx").write_text("a,b\n")
     got, _, err = run_main(capsys, *[a.format(tmp=tmp_path) for a in args])
     assert got == code, err
     assert_one_line_error(err, *fragments)

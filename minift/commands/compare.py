@@ -68,11 +68,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     """Each method is `python -m minift finetune ...` in its own process, so its peak memory
     is its own; this process evaluates the base model once, the "before" of every method."""
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in COMPARE_METHODS]
-    if unknown or not methods:
-        raise UsageError(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from "
-                         f"{','.join(COMPARE_METHODS)}")
+    methods = _methods(args.methods)
     preset = QUICK if args.quick else RECIPE
     steps = args.max_steps or preset["max_steps"]
     n_eval = args.eval_samples   # None: every test prompt, so the intervals are as tight as can be
@@ -120,15 +116,30 @@ def run(args) -> int:
                "plot": "loss_curves.png" if plotted else None}
     summary["tradeoff_plot"] = "tradeoff.png" if plot_tradeoff(summary, out / "tradeoff.png") \
         else None
-    write_json(out / "report.json", summary)
-    (out / "report.md").write_text(compare_markdown(summary), encoding="utf-8")
-    print(format_table(compare_rows(summary), max_width=44))
-    print(f"\nreport: {out / 'report.md'}" + ("" if plotted else
-          " (no loss_curves.png: install matplotlib, pip install minift[plot])"))
+    _write_report(out, summary)
     failed = [r["method"] for r in rows if "error" in r]
     if failed:
         raise ValueError(f"{', '.join(failed)} failed; see their log.txt in {out}")
     return 0
+
+
+def _methods(text: str) -> list[str]:
+    """--methods A,B -> the names, each one of COMPARE_METHODS."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in COMPARE_METHODS]
+    if unknown or not methods:
+        raise UsageError(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from "
+                         f"{','.join(COMPARE_METHODS)}")
+    return methods
+
+
+def _write_report(out: Path, summary: dict) -> None:
+    """report.json and report.md in `out`; the table on stdout."""
+    write_json(out / "report.json", summary)
+    (out / "report.md").write_text(compare_markdown(summary), encoding="utf-8")
+    print(format_table(compare_rows(summary), max_width=44))
+    print(f"\nreport: {out / 'report.md'}" + ("" if summary["plot"] else
+          " (no loss_curves.png: install matplotlib, pip install minift[plot])"))
 
 
 def _user_metric(data) -> str:

@@ -214,11 +214,7 @@ def run(args) -> int:
     peft_config = method_config(opts)
     out = Path(opts["output_dir"])
     prepare_run_dir(out, resume, overwrite)
-    for name in ("data", "val_data", "test_data", "reference"):  # fail before any loading
-        if opts[name] is not None and not Path(opts[name]).is_file():
-            raise DataError(f"{opts[name]}: no such file (--{name.replace('_', '-')})")
-    if opts["threads"] is not None and opts["threads"] < 1:
-        raise UsageError(f"--threads must be at least 1, got {opts['threads']}")
+    _check_files_and_threads(opts)   # fail before any loading
 
     say(f"loading {opts['model']} and the data ...")
     model, tok = GPT.from_pretrained(opts["model"]), Tokenizer.from_pretrained(opts["model"])
@@ -267,6 +263,14 @@ def run(args) -> int:
     _report(out, opts, peft_config, model, data, before, after, samples, training, artifact, items)
     finish_all(opened, json.loads((out / "report.json").read_text(encoding="utf-8")))
     return 0
+
+
+def _check_files_and_threads(opts: dict) -> None:
+    for name in ("data", "val_data", "test_data", "reference"):
+        if opts[name] is not None and not Path(opts[name]).is_file():
+            raise DataError(f"{opts[name]}: no such file (--{name.replace('_', '-')})")
+    if opts["threads"] is not None and opts["threads"] < 1:
+        raise UsageError(f"--threads must be at least 1, got {opts['threads']}")
 
 
 def _train(model, data, config: TrainConfig, opts: dict, device, out: Path):
