@@ -42,6 +42,8 @@ def setup(name, rank=0):
     builds it. Ranks start from different weights: train() broadcasts rank 0's."""
     if name == "lora":
         return lora_setup(rank)
+    if name == "fsdp_partial":
+        return partial_setup()
     model = as_loaded(tiny_model(seed=rank, dropout=0.1))
     model.transformer.wpe.weight.requires_grad_(False)   # a frozen parameter is not reduced
     if rank:
@@ -69,6 +71,18 @@ def as_loaded(model):
         loaded = GPT.from_pretrained(folder)
     assert not all(p.is_contiguous() for p in loaded.parameters())
     return loaded
+
+
+def partial_setup():
+    """Partial fine-tuning sharded: only the top block and ln_f train; block 0 and the (tied)
+    embeddings are frozen, a whole sharded block and most of the root's parameters. Every
+    rank builds the same weights (frozen ones are not broadcast)."""
+    from minift.peft import freeze_all_but_top
+    model = as_loaded(tiny_model(seed=0, dropout=0.1))
+    freeze_all_but_top(model, 1)
+    conf = dict(lr=3e-3, batch_size=3, epochs=1, eval_every=3, eval_batch_size=2,
+                max_grad_norm=0.5, log_every=1, save_every=3, fsdp=True)
+    return model, pattern_data(12, seed=5), pattern_data(4, seed=6), conf
 
 
 def lora_data():
@@ -107,7 +121,7 @@ def reference(name):
 def runs(tmp_path_factory):
     """Launch the worker once on 2 processes; returns its output folder."""
     out = tmp_path_factory.mktemp("distributed")
-    names = ["ddp"] + ([] if fsdp_missing() else ["fsdp", "fsdp_resume", "lora"])
+    names = ["ddp"] + ([] if fsdp_missing() else ["fsdp", "fsdp_resume", "lora", "fsdp_partial"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", __file__, str(out), *names],
@@ -193,6 +207,20 @@ def test_fsdp_lora_with_idle_processes(runs):
     assert_same_run(runs / "lora", reference("lora"), 5, [5])
 
 
+@needs_fsdp
+def test_fsdp_partial_fine_tuning(runs):
+    """freeze_all_but_top(model, 1) sharded over 2 processes equals 1 process: the frozen
+    block and embeddings stay as they were, and only the top block and ln_f are saved."""
+    ref = reference("fsdp_partial")
+    saved = assert_same_run(runs / "fsdp_partial", ref, 2, [2])
+    assert {n.split(".")[1] + n.split(".")[2] for n in saved} == {"h1", "ln_fweight", "ln_fbias"}
+    report = json.loads((runs / "fsdp_partial" / "report.json").read_text())
+    assert report["sharded"] and report["local_numel"] <= report["numel"] // 2 + 64
+    final, start = load_file(str(runs / "fsdp_partial" / "final.safetensors")), tiny_model(seed=0)
+    for n, p in start.named_parameters():
+        assert torch.equal(final[n], p.detach()) == (n not in saved), n   # frozen: unchanged
+
+
 def test_import_minift_leaves_fsdp_unimported():
     """torch's FSDP (slow to import, with sympy) is imported by shard_model, not by minift."""
     code = ("import sys, minift\n"
@@ -214,7 +242,7 @@ def run_scenario(out, name, rank):
         torch.distributed.barrier()
         conf["resume"] = True
     train(model, data, val, TrainConfig(**conf, output_dir=str(folder)))
-    if name != "fsdp":
+    if name not in ("fsdp", "fsdp_partial"):
         return
     params = dict(model.named_parameters())
     report = {"sharded": is_sharded(model),
