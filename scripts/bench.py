@@ -1,38 +1,48 @@
-"""Training-step speed and peak memory of minift against transformers + PEFT.
+"""Training-step speed and peak memory of minift against transformers + PEFT, side by side.
 
-    python scripts/bench.py                        # GPT-2 small, every case, CUDA if present
-    python scripts/bench.py --quick                # tiny config, 1 step: a smoke test
-    python scripts/bench.py --cases lora,masked --steps 5 --out bench.json
+    python scripts/bench.py                          # GPT-2 small, every row, CUDA if present
+    python scripts/bench.py --quick                  # tiny config, 1 step: a smoke test
+    python scripts/bench.py --rows lora,"plain lora" --repeat 3 --out bench.json
 
-Both stacks load the same random GPT-2 small (GPT2Config() defaults, written once with
-transformers' save_pretrained to a temporary folder), in fp32, in train mode with GPT-2's
-dropouts (0.1), and train on the same batch (4 x 256 random tokens, labels = inputs) with
-the same adapter and the same optimizer (torch.optim.AdamW(fused=True), lr 1e-4, weight
-decay 0.01, on the trainable parameters only; transformers' Trainer defaults to this fused
-AdamW too; --optimizer picks another). Every run is its own process, so its peak resident
-memory (ru_maxrss: model loading included) is its own. With --repeat, each run's fastest
-tokens/s is kept and its median peak RSS (which moves by a few hundred MB between identical
-runs, with how the heap happens to fragment). The cases:
+Both stacks load the same random GPT-2 (GPT2Config defaults, or --shape medium; written once
+with transformers' save_pretrained to a temporary folder) in fp32, in train mode with GPT-2's
+dropouts (0.1), and train on the same batch (random tokens, labels = inputs) with the same
+adapter. Every run is its own process, so its peak resident memory (ru_maxrss, model
+loading included) is its own. With --repeat every row's runs go round again, interleaved
+(row by row, run by run, then the next round); each run keeps its fastest tokens/s, the
+spread (slowest against fastest) and its median peak RSS. The cases:
 
   lora    LoRA r=8, alpha=16, dropout 0.1 on c_attn (Hu et al. 2021, §4.1)
   full    every parameter trained
   prefix  prefix tuning, 20 virtual tokens (Li & Liang 2021)
   masked  LoRA on a prompt/completion batch: labels -100 on the first half of each row
+  dora    the lora case with DoRA (use_dora=True, Liu et al. 2024): a trained magnitude per
+          output feature; its bound counts LoRA's matmuls (not DoRA's extra B A and norm)
+
+Each row is a case on a path, in a precision, at a batch shape (ROWS below):
+
+  train   the step train() takes: loss.backward() and torch.optim.AdamW(fused=True) on
+          both stacks (train()'s AdamW is minift's; this isolates the model)
+  plain   the fine-tuning guides' loop: `model(input_ids=x, labels=x).loss.backward();
+          optimizer.step()`, minift.AdamW against torch.optim.AdamW (its default, foreach)
+  bf16    both stacks under torch.autocast(bfloat16), fp32 weights and optimizer state
 
 The reference runs transformers + PEFT eagerly (use_cache=False, the training setting).
-minift runs eagerly and with `compile_blocks` (one compiled block; the cold-compile time is
-the first step minus a steady step, with an empty inductor cache unless --warm-cache).
-minift computes the LM head only at target positions (masked_lm_loss); the reference
-computes it at every position, as transformers does.
+minift runs eagerly and, on train rows, with `compile_blocks` (the cold-compile time is the
+first step minus a steady step, with an empty inductor cache unless --warm-cache). minift's
+loss runs the LM head at target positions only (ops.masked_lm_loss); transformers runs it
+at every position.
 
 The lower bound: the step's matmul FLOPs counted from the shapes (forward, plus in the
 backward the input gradient of every layer that needs one and weight gradients of trainable
-weights only; the LM head at target tokens only: the work the task needs), divided by this
-machine's best fp32 matmul rate (a 2048^3 torch.mm). `of bound` is tokens/s over that.
+weights only; the LM head at target tokens only; causal attention's (query, key) pairs
+only: the work the task needs), divided by this machine's best matmul rate (a 2048^3
+torch.mm, in bf16 for bf16 rows). `of bound` is tokens/s over that.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -46,21 +56,38 @@ from pathlib import Path
 
 import torch
 
-CASES = ("lora", "full", "prefix", "masked")
+CASES = ("lora", "full", "prefix", "masked", "dora")
+LORA_CASES = ("lora", "masked", "dora")
 RUNS = {  # name -> (stack, compiled)
     "transformers+peft": ("hf", False),
     "minift": ("minift", False),
     "minift compiled": ("minift", True),
 }
 REFERENCE = "transformers+peft"
+# row -> (case, path, dtype, batch, seq)
+ROWS = {
+    "lora": ("lora", "train", "fp32", 4, 256),
+    "full": ("full", "train", "fp32", 4, 256),
+    "masked": ("masked", "train", "fp32", 4, 256),
+    "prefix": ("prefix", "train", "fp32", 4, 256),
+    "dora": ("dora", "train", "fp32", 4, 256),
+    "plain lora": ("lora", "plain", "fp32", 4, 256),
+    "plain masked": ("masked", "plain", "fp32", 4, 256),
+    "plain full": ("full", "plain", "fp32", 4, 256),
+    "bf16 lora": ("lora", "train", "bf16", 4, 256),
+    "lora T=1024": ("lora", "train", "fp32", 1, 1024),
+    "masked T=1024": ("masked", "train", "fp32", 1, 1024),
+}
+DEFAULT_ROWS = [r for r in ROWS if r != "dora"]
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["c_attn"])
 N_PREFIX = 20
 LR, WEIGHT_DECAY = 1e-4, 0.01
 
-# Targets of GitHub issue 5 (ratios against the reference; None: no target).
-TARGETS = {"lora": (1.1, 0.45), "full": (1.05, 0.6), "masked": (1.2, None), "prefix": (None, None)}
-BOUND_TARGET = 0.70       # LoRA reaches 70% of the matmul lower bound
-COMPILE_TARGET_S = 60.0   # cold compile overhead on GPT-2 small
+# Targets of GitHub issue 13: (row, what, limit); speed and rss are ratios against the reference
+TARGETS = [("plain lora", "speed", 1.15), ("plain masked", "speed", 1.3),
+           ("plain full", "speed", 1.1), ("plain lora", "rss", 0.45),
+           ("lora", "speed", 1.3), ("lora", "bound", 0.78), ("bf16 lora", "speed", 1.4),
+           ("lora T=1024", "bound", 0.65), ("lora T=1024", "speed", 1.3)]
 LOSS_TOL = 1e-5           # compiled vs eager loss
 
 
@@ -74,7 +101,9 @@ class Shape:
 
 
 GPT2_SMALL = Shape(12, 12, 768, 50257, 1024)
+GPT2_MEDIUM = Shape(24, 16, 1024, 50257, 1024)
 QUICK = Shape(2, 2, 64, 1000, 128)
+SHAPES = {"small": GPT2_SMALL, "medium": GPT2_MEDIUM}
 
 
 def device() -> torch.device:
@@ -118,7 +147,7 @@ def matmul_flops(s: Shape, case: str, batch: int, seq: int, n_target: int,
     C, L, V, N, r = s.n_embd, s.n_layer, s.vocab_size, batch * seq, LORA["r"]
     head_tokens = n_target if head_tokens is None else head_tokens
     P = N_PREFIX if case == "prefix" else 0
-    uses_lora = case in ("lora", "masked")
+    uses_lora = case in LORA_CASES
     attn = attention_flops(s, case, batch, seq, causal)    # one layer's forward
     proj = 2 * N * (3 * C * C + C * C + 2 * 4 * C * C)     # c_attn, attn.c_proj, c_fc, mlp.c_proj
     lora = 2 * N * r * (C + 3 * C) if uses_lora else 0     # (x A^T) B^T on c_attn (in C, out 3C)
@@ -143,27 +172,32 @@ def peak_rss_gb() -> float:
 
 
 def worker_matmul(args) -> dict:
-    """Best fp32 rate of a (n x n) @ (n x n) torch.mm, in FLOP/s."""
-    n, dev = 2048, device()
-    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
-    best = float("inf")
-    for _ in range(args.matmul_reps):
-        sync()
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return {"matmul_flops_per_s": 2 * n**3 / best}
+    """Best rate of a (n x n) @ (n x n) torch.mm in fp32 and bf16, in FLOP/s."""
+    n, dev, out = 2048, device(), {}
+    for dtype in ("fp32", "bf16"):
+        a, b = (torch.randn(n, n, device=dev, dtype=DTYPES[dtype]) for _ in range(2))
+        best = float("inf")
+        for _ in range(args.matmul_reps):
+            sync()
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        out[f"matmul_{dtype}"] = 2 * n**3 / best
+    return out
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def build_hf(folder, case):
     import peft
     from transformers import GPT2LMHeadModel
     model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).to(device())
-    if case in ("lora", "masked"):
+    if case in LORA_CASES:
         # GPT-2 stores Conv1D weights (in, out): PEFT needs fan_in_fan_out=True for them
         model = peft.get_peft_model(model, peft.LoraConfig(
-            task_type="CAUSAL_LM", fan_in_fan_out=True, **LORA))
+            task_type="CAUSAL_LM", fan_in_fan_out=True, use_dora=case == "dora", **LORA))
     elif case == "prefix":
         model = peft.get_peft_model(model, peft.PrefixTuningConfig(
             task_type="CAUSAL_LM", num_virtual_tokens=N_PREFIX))
@@ -176,15 +210,23 @@ def build_minift(folder, case, compiled):
     from minift.model import compile_blocks
     from minift.peft import LoraConfig, PrefixTuningConfig, get_peft_model
     model = GPT.from_pretrained(folder, device=device())
-    if case in ("lora", "masked"):
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    if case in LORA_CASES:
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", use_dora=case == "dora",
+                                                 **LORA))
     elif case == "prefix":
         model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM",
                                                          num_virtual_tokens=N_PREFIX))
     if compiled:
         compile_blocks(model)
-    return model.train(), (lambda ids, labels: model(ids, labels=labels,
-                                                     return_logits=False).loss)
+    # the public call, as the guides write it: the loss, logits never read (so never built)
+    return model.train(), (lambda ids, labels: model(input_ids=ids, labels=labels).loss)
+
+
+def make_optimizer(stack, path, params):
+    if path == "plain" and stack == "minift":
+        from minift import AdamW
+        return AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=path != "plain")
 
 
 def worker_run(args) -> dict:
@@ -198,18 +240,16 @@ def worker_run(args) -> dict:
     vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
     ids, labels = (t.to(device()) for t in make_batch(vocab, args.batch, args.seq, args.case))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if args.optimizer == "minift" and stack == "minift":
-        from minift import AdamW
-        opt = AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
-    else:  # "minift" keeps torch's for the reference
-        opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY,
-                                fused=args.optimizer == "torch-fused")
+    opt = make_optimizer(stack, args.path, trainable)
+    autocast = (torch.autocast(device().type, dtype=torch.bfloat16) if args.dtype == "bf16"
+                else contextlib.nullcontext())
 
     times, losses = [], []
     for _ in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
-        loss = loss_fn(ids, labels)
+        with autocast:
+            loss = loss_fn(ids, labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -228,7 +268,7 @@ def worker_run(args) -> dict:
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
     if compiled:  # same weights, dropout off: compiled and eager forward must agree
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             loss_c = loss_fn(ids, labels).item()
             with torch.compiler.set_stance("force_eager"):
                 loss_e = loss_fn(ids, labels).item()
@@ -260,80 +300,99 @@ def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+def runs_of(row: str, wanted: list[str]) -> list[str]:
+    """The runs a row gets: compiled minift on train-path rows at T <= 256 only (compiled
+    attention with dropout is the whole square; plain is the user's eager loop)."""
+    case, path, dtype, batch, seq = ROWS[row]
+    return [r for r in wanted if not (RUNS[r][1] and (path == "plain" or seq > 256))]
+
+
+def finish(results: dict, shape: Shape, meta: dict) -> None:
+    """Per run: the median peak RSS, the FLOPs per token and the share of the bound."""
+    for row, runs in results.items():
+        case, path, dtype, batch, seq = meta["rows"][row]
+        ids, labels = make_batch(shape.vocab_size, batch, seq, case)
+        n_target, n_tokens = int((labels[:, 1:] != -100).sum()), batch * seq
+        rate = meta[f"matmul_{dtype}"]
+        for r in runs.values():
+            if "error" in r:
+                continue
+            # peak RSS moves by a few hundred MB between identical runs (how the allocator's
+            # heap happens to fragment): the median over the repeats, for every stack
+            r["peak_rss_gb"] = statistics.median(x for x in r["all_peak_rss_gb"] if x)
+            speeds = [x for x in r["all_tokens_per_s"] if x]
+            r["spread"] = 1 - min(speeds) / max(speeds)
+            r["flops_per_token"] = matmul_flops(shape, case, batch, seq, n_target) / n_tokens
+            r["bound_tokens_per_s"] = rate / r["flops_per_token"]
+            r["of_bound"] = r["tokens_per_s"] / r["bound_tokens_per_s"]
+
+
 def report(results: dict, meta: dict) -> list[str]:
-    rate = meta["matmul_flops_per_s"]
     lines = [f"device {meta['device']}, {meta['threads']} threads, torch {meta['torch']}, "
              f"transformers {meta['transformers']}, peft {meta['peft']}",
-             f"model {meta['shape']}, batch {meta['batch']} x {meta['seq']} tokens, "
-             f"{meta['steps']} timed steps after {meta['warmup']} warm-up",
-             f"fp32 matmul rate {rate / 1e9:.1f} GFLOP/s (best 2048^3 torch.mm)", ""]
-    head = (f"{'case':7} {'run':18} {'tokens/s':>9} {'x ref':>6} {'peak GB':>8} {'x ref':>6} "
-            f"{'GFLOP/tok':>9} {'bound t/s':>9} {'of bound':>8} {'1st step':>8} {'overhead':>8}")
+             f"model {meta['shape']}, {meta['steps']} timed steps after {meta['warmup']} "
+             f"warm-up, best of {meta['repeat']} interleaved rounds; load average "
+             f"{meta['load_avg_start'][0]:.1f} at the start, {meta['load_avg_end'][0]:.1f} at the end",
+             f"matmul rate {meta['matmul_fp32'] / 1e9:.1f} GFLOP/s fp32, "
+             f"{meta['matmul_bf16'] / 1e9:.1f} bf16 (best 2048^3 torch.mm)", ""]
+    head = (f"{'row':14} {'B x T':>8} {'run':18} {'tokens/s':>9} {'x ref':>6} {'spread':>6} "
+            f"{'peak GB':>8} {'x ref':>6} {'of bound':>8} {'overhead':>8}")
     lines += [head, "-" * len(head)]
-    for case, runs in results.items():
+    for row, runs in results.items():
+        _, _, _, batch, seq = meta["rows"][row]
         ref = runs.get(REFERENCE, {})
         for name, r in runs.items():
             if "error" in r:
-                lines.append(f"{case:7} {name:18} FAILED: {r['error'].strip().splitlines()[-1]}")
+                lines.append(f"{row:14} {name:18} FAILED: {r['error'].strip().splitlines()[-1]}")
                 continue
             speed = r["tokens_per_s"] / ref["tokens_per_s"] if "tokens_per_s" in ref else None
             mem = r["peak_rss_gb"] / ref["peak_rss_gb"] if "peak_rss_gb" in ref else None
             lines.append(
-                f"{case:7} {name:18} {r['tokens_per_s']:9.1f} {fmt(speed, '6.2f')} "
-                f"{r['peak_rss_gb']:8.2f} {fmt(mem, '6.2f')} {r['flops_per_token'] / 1e9:9.3f} "
-                f"{r['bound_tokens_per_s']:9.1f} {r['of_bound']:8.0%} {r['first_step_s']:7.1f}s "
-                f"{r['first_step_overhead_s']:7.1f}s")
+                f"{row:14} {f'{batch}x{seq}':>8} {name:18} {r['tokens_per_s']:9.1f} "
+                f"{fmt(speed, '6.2f')} {r['spread']:6.0%} {r['peak_rss_gb']:8.2f} "
+                f"{fmt(mem, '6.2f')} {r['of_bound']:8.0%} {r['first_step_overhead_s']:7.1f}s")
     return lines
 
 
 def check_targets(results: dict) -> list[str]:
-    lines = ["", "targets (issue 5):"]
-
-    def say(case, name, what, good):
-        lines.append(f"  {case:6} {name:16} {what}: {'met' if good else 'MISSED'}")
-
-    for case, (speed_t, mem_t) in TARGETS.items():
-        runs = results.get(case, {})
+    lines = ["", "targets (issue 13):"]
+    for row, what, limit in TARGETS:
+        runs = results.get(row, {})
         ref = runs.get(REFERENCE, {})
         for name in ("minift", "minift compiled"):
             r = runs.get(name, {})
-            if "tokens_per_s" not in r or "tokens_per_s" not in ref:
+            if "tokens_per_s" not in r or (what != "bound" and "tokens_per_s" not in ref):
                 continue
-            if speed_t is not None:
+            if what == "speed":
                 x = r["tokens_per_s"] / ref["tokens_per_s"]
-                say(case, name, f"tokens/s {x:.2f}x ref (>= {speed_t}x)", x >= speed_t)
-            if mem_t is not None:
+                text, good = f"tokens/s {x:.2f}x ref (>= {limit}x)", x >= limit
+            elif what == "rss":
                 x = r["peak_rss_gb"] / ref["peak_rss_gb"]
-                say(case, name, f"peak RSS {x:.2f}x ref (<= {mem_t}x)", x <= mem_t)
-            if case == "lora":
-                say(case, name, f"{r['of_bound']:.0%} of the matmul bound (>= {BOUND_TARGET:.0%})",
-                    r["of_bound"] >= BOUND_TARGET)
-            if name == "minift compiled":
-                o = r["first_step_overhead_s"]
-                say(case, name, f"compile overhead {o:.1f}s (<= {COMPILE_TARGET_S:.0f}s)",
-                    o <= COMPILE_TARGET_S)
+                text, good = f"peak RSS {x:.2f}x ref (<= {limit}x)", x <= limit
+            else:
+                text = f"{r['of_bound']:.0%} of the matmul bound (>= {limit:.0%})"
+                good = r["of_bound"] >= limit
+            lines.append(f"  {row:14} {name:16} {text}: {'met' if good else 'MISSED'}")
+            if "eval_loss_compiled" in r and what == "speed":
                 d = abs(r["eval_loss_compiled"] - r["eval_loss_eager"])
-                say(case, name, f"|eval loss compiled - eager| {d:.1e} (<= {LOSS_TOL:g})",
-                    d <= LOSS_TOL)
+                lines.append(f"  {row:14} {name:16} |eval loss compiled - eager| {d:.1e} "
+                             f"(<= {LOSS_TOL:g}): {'met' if d <= LOSS_TOL else 'MISSED'}")
     return lines
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {CASES}")
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                    help=f"comma-separated, from {tuple(ROWS)}")
     ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {tuple(RUNS)}")
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="small", help="GPT-2 small or medium")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile included)")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--optimizer", choices=("torch-fused", "torch", "minift"),
-                    default="torch-fused",
-                    help="torch-fused / torch: torch.optim.AdamW(fused=True / False) on "
-                         "both sides; minift: minift.AdamW on the minift side, torch's for "
-                         "the reference")
+    ap.add_argument("--batch", type=int, help="override every row's batch size")
+    ap.add_argument("--seq", type=int, help="override every row's sequence length")
     ap.add_argument("--repeat", type=int, default=1,
-                    help="run every case this many times, interleaved; keep each run's fastest "
-                         "tokens/s and its median peak RSS")
+                    help="go round every row's runs this many times, interleaved; keep each "
+                         "run's fastest tokens/s, its spread and its median peak RSS")
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 step: a smoke test")
     ap.add_argument("--warm-cache", action="store_true",
                     help="keep inductor's on-disk cache (default: compile cold in a fresh one)")
@@ -341,78 +400,65 @@ def main():
     ap.add_argument("--out", help="write every number to this JSON file")
     # internal: one measurement in a child process
     ap.add_argument("--worker", choices=("matmul", "run"), help=argparse.SUPPRESS)
-    ap.add_argument("--run", help=argparse.SUPPRESS)
-    ap.add_argument("--case", help=argparse.SUPPRESS)
-    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
+    for name in ("run", "case", "path", "dtype", "model-dir", "result"):
+        ap.add_argument(f"--{name}", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not args.worker:
+        for kind, given, known in (("row", args.rows, ROWS), ("run", args.runs, RUNS)):
+            for x in given.split(","):
+                if x not in known:
+                    ap.error(f"unknown {kind} {x!r}; choose from {tuple(known)}")
+    return args
 
+
+def main():
+    args = parse_args()
     if args.worker:
         out = worker_matmul(args) if args.worker == "matmul" else worker_run(args)
         Path(args.result).write_text(json.dumps(out))
         return
-
     if args.quick:
         args.batch, args.seq, args.steps, args.warmup = 2, 32, 1, 1
-    shape = QUICK if args.quick else GPT2_SMALL
-    cases = [c for c in args.cases.split(",") if c]
-    runs = [r for r in args.runs.split(",") if r]
-    for c in cases:
-        if c not in CASES:
-            ap.error(f"unknown case {c!r}; choose from {CASES}")
-    for r in runs:
-        if r not in RUNS:
-            ap.error(f"unknown run {r!r}; choose from {tuple(RUNS)}")
+    shape = QUICK if args.quick else SHAPES[args.shape]
+    rows = {r: ROWS[r][:3] + (args.batch or ROWS[r][3], args.seq or ROWS[r][4])
+            for r in args.rows.split(",")}
+    wanted = args.runs.split(",")
     import peft
     import transformers
     meta = dict(device=str(device()), threads=torch.get_num_threads(), torch=torch.__version__,
                 transformers=transformers.__version__, peft=peft.__version__,
-                shape=vars(shape), batch=args.batch, seq=args.seq, steps=args.steps,
-                warmup=args.warmup, optimizer=args.optimizer, lora=LORA, n_prefix=N_PREFIX,
-                lr=LR, weight_decay=WEIGHT_DECAY, load_avg_start=os.getloadavg())
-    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-              "--seq", str(args.seq), "--optimizer", args.optimizer]
-    results: dict = {}
+                shape=vars(shape), rows=rows, steps=args.steps, warmup=args.warmup,
+                repeat=args.repeat, lora=LORA, n_prefix=N_PREFIX, lr=LR,
+                weight_decay=WEIGHT_DECAY, load_avg_start=os.getloadavg())
+    results: dict = {r: {} for r in rows}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "gpt2-random"
         save_reference_model(shape, folder)
         meta.update(spawn(["--worker", "matmul", "--matmul-reps", str(args.matmul_reps)]))
-        for case, rep, name in ((c, i, n) for c in cases for i in range(args.repeat)
-                                for n in runs):
+        for rep, row, name in ((i, r, n) for i in range(args.repeat) for r in rows
+                               for n in runs_of(r, wanted)):
+            case, path, dtype, batch, seq = rows[row]
             env = {}
             if RUNS[name][1] and not args.warm_cache:  # a fresh, empty cache: a cold compile
-                env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / f"inductor-{case}-{rep}")
-            print(f"running {case} / {name} ({rep + 1}/{args.repeat}) ...", file=sys.stderr,
+                env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / f"inductor-{row}-{rep}")
+            print(f"running {row} / {name} ({rep + 1}/{args.repeat}) ...", file=sys.stderr,
                   flush=True)
-            r = spawn(["--worker", "run", "--run", name, "--case", case,
-                       "--model-dir", str(folder), *common], env)
-            kept = results.setdefault(case, {}).get(name)
+            r = spawn(["--worker", "run", "--run", name, "--case", case, "--path", path,
+                       "--dtype", dtype, "--batch", str(batch), "--seq", str(seq),
+                       "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--model-dir", str(folder)], env)
+            kept = results[row].get(name)
             if kept is None or r.get("tokens_per_s", 0) > kept.get("tokens_per_s", 0):
-                results[case][name] = kept = {**r, **{k: (kept or {}).get(k, []) for k in (
+                results[row][name] = kept = {**r, **{k: (kept or {}).get(k, []) for k in (
                     "all_tokens_per_s", "all_peak_rss_gb")}}
             kept["all_tokens_per_s"].append(r.get("tokens_per_s"))
             kept["all_peak_rss_gb"].append(r.get("peak_rss_gb"))
-        # the machine's rate, measured again at the end: the best of both (less load noise)
-        rate = spawn(["--worker", "matmul", "--matmul-reps", str(args.matmul_reps)])
-        meta["matmul_flops_per_s"] = max(meta["matmul_flops_per_s"], rate["matmul_flops_per_s"])
-    for case, runs_ in results.items():
-        ids, labels = make_batch(shape.vocab_size, args.batch, args.seq, case)
-        n_target, n_tokens = int((labels[:, 1:] != -100).sum()), args.batch * args.seq
-        for name, r in runs_.items():
-            if "error" in r:
-                continue
-            # peak RSS moves by a few hundred MB between identical runs (how the allocator's
-            # heap happens to fragment): the median over the repeats, for every stack
-            r["peak_rss_gb"] = statistics.median(x for x in r["all_peak_rss_gb"] if x)
-            # the bound counts the work the task needs: the LM head at target tokens only
-            r["flops_per_token"] = matmul_flops(shape, case, args.batch, args.seq,
-                                                n_target) / n_tokens
-            r["bound_tokens_per_s"] = meta["matmul_flops_per_s"] / r["flops_per_token"]
-            r["of_bound"] = r["tokens_per_s"] / r["bound_tokens_per_s"]
-            head = n_tokens if RUNS[name][0] == "hf" else None  # what the stack computes
-            r["flops_per_token_as_run"] = matmul_flops(shape, case, args.batch, args.seq,
-                                                       n_target, head) / n_tokens
+        # the machine's rates, measured again at the end: the best of both (less load noise)
+        again = spawn(["--worker", "matmul", "--matmul-reps", str(args.matmul_reps)])
+        for k in ("matmul_fp32", "matmul_bf16"):
+            meta[k] = max(meta[k], again[k])
     meta["load_avg_end"] = os.getloadavg()
+    finish(results, shape, meta)
     lines = report(results, meta) + check_targets(results)
     print("\n".join(lines))
     if args.out:
