@@ -166,8 +166,9 @@ def test_adapter_loads_in_peft_with_equal_logits(lora_run):
     ids = torch.randint(0, ours.config.vocab_size, (2, 12),
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
+        # minift-tiny's logits reach ~20: float32 summation order alone moves them ~1e-5
         torch.testing.assert_close(ours(ids).logits, theirs.eval()(input_ids=ids).logits,
-                                   rtol=0, atol=1e-5)
+                                   rtol=0, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- inference
@@ -213,7 +214,7 @@ def test_merge_loads_in_transformers_with_the_merged_logits(lora_run, tmp_path, 
     ids = torch.randint(0, merged.config.vocab_size, (2, 16),
                         generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(hf(ids).logits, merged(ids).logits, rtol=0, atol=1e-4)
     tok = Tokenizer.from_pretrained(out / "adapter")
     assert AutoTokenizer.from_pretrained(tmp_path / "merged")("def f(x):")["input_ids"] == \
         tok.encode("def f(x):")
@@ -332,9 +333,9 @@ def test_config_file_layers(tmp_path):
     opts = resolve_finetune(parse(["finetune", "--config", str(tmp_path / "run.toml"), "--r", "2"]))
     assert opts["r"] == 2 and opts["max_steps"] == 7 and opts["patience"] is None   # flag > file
     assert opts["target_modules"] == ["c_attn", "c_fc"] and opts["adam_betas"] == (0.8, 0.99)
-    assert opts["lr"] == 2e-3 and opts["batch_size"] == 16   # the CLI's recipe for LoRA
+    assert opts["lr"] == 3e-3 and opts["batch_size"] == 16   # the CLI's recipe for LoRA
     full = resolve_finetune(parse(["finetune", "--method", "full"]))
-    assert full["lr"] == 3e-4 and "r" not in full
+    assert full["lr"] == 1e-3 and "r" not in full
     betas = resolve_finetune(parse(["finetune", "--adam-betas", "0.8", "0.95", "--no-forgetting"]))
     assert betas["adam_betas"] == (0.8, 0.95) and betas["forgetting"] is False
     epochs = resolve_finetune(parse(["finetune", "--epochs", "2"]))
