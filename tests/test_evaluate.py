@@ -10,9 +10,10 @@ from conftest import make_hf_gpt2
 
 from minift import GPT, GPTConfig
 from minift.evaluate import (
-    choice_accuracy, evaluate_generation, exact_match, format_table, forgetting,
+    choice_accuracy, evaluate_generation, exact_match, forgetting,
     forgetting_report, generate_completions, normalize_tokens, perplexity,
-    print_table, rouge_l, samples, task_metrics, token_f1)
+    rouge_l, samples, task_metrics, token_f1)
+from minift.tables import format_table, print_table
 from minift.probes import bias_probe, load_bias_pairs
 from minift.model import CausalLMOutput, generate
 from minift.tokenizer import Tokenizer

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..evaluate import forgetting_report, format_table
+from ..evaluate import forgetting_report
+from ..tables import format_table
 from ..model import GPT
 from ..options import OPTIONS, RECIPE, UsageError, defaults
 from ..io import write_json

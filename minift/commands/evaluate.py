@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .. import chat
 from ..data import load_dataset
-from ..evaluate import evaluate_generation, forgetting_report, format_table, perplexity
+from ..evaluate import evaluate_generation, forgetting_report, perplexity
+from ..tables import format_table
 from ..probes import bias_probe
 from ..model import GPT
 from ..options import RECIPE

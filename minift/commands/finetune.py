@@ -22,7 +22,8 @@ from .. import __version__
 from ..config import TrainConfig
 from ..data import DataError
 from ..distributed import gather_to_rank0, is_sharded
-from ..evaluate import format_table, forgetting_report
+from ..evaluate import forgetting_report
+from ..tables import format_table
 from ..model import GPT
 from ..options import (METHOD_DEFAULTS, METHODS, MODEL_KEYS, OPTIONS, RUN_OPTIONS, TRAIN_OPTIONS,
                        Opt, UsageError, _show, convert, defaults, read_config_file)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from ..evaluate import format_table
+from ..tables import format_table
 from ..tasks import DEFAULT_TASK, task_rows
 from .common import add_command
 
