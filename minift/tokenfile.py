@@ -12,6 +12,7 @@ data.load_text cuts its in-memory stream; each block is read through a fresh mem
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -75,7 +76,7 @@ def _write_tokens(path: Path, tokenizer, out: Path) -> tuple[int, int]:
     n_tokens = n_docs = 0
     with open(out, "wb") as f:
         batch, chars = [], 0
-        for doc in [*documents(path), None]:  # None: flush the last batch
+        for doc in itertools.chain(documents(path), [None]):  # streamed; None: flush the last batch
             if doc is not None:
                 batch.append(doc)
                 chars += len(doc)
