@@ -189,6 +189,8 @@ METRIC_NAMES = {  # key in an evaluation dict -> how a report names it
     "f1": "token F1",
     "rouge_l": "ROUGE-L",
     "choice_accuracy": "choice accuracy",
+    "reward_accuracy": "reward accuracy (DPO)",
+    "reward_margin": "reward margin (DPO)",
     "reference_ppl": "reference perplexity",
 }
 
