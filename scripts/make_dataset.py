@@ -35,6 +35,7 @@ import json
 import platform
 import random
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -45,6 +46,7 @@ MAX_PROMPT_CHARS = 120       # ~40 tokens: the answer fits in max_length 128 wit
 MIN_WORDS, MAX_CHARS = 3, 120  # a summary is one real sentence, not a word or a paragraph
 ABBREVIATIONS = {"e.g.", "i.e.", "etc.", "vs.", "cf.", "resp.", "approx."}  # a "." that ends no sentence
 N_CHOICES = 4
+MACHINE_PATHS = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})  # in no committed file
 FRACTIONS = (0.8, 0.1, 0.1)  # train / validation / test, counted in functions
 
 
@@ -98,6 +100,8 @@ def functions_of(module_name: str) -> list[dict]:
         text = signature(obj)
         if kind != "def" or text is None or ":" in text.replace("lambda", "") or "<" in text:
             continue   # no signature inspect can read, an annotation, or an unprintable default
+        if any(p in text for p in MACHINE_PATHS):
+            continue   # a default that names this machine (platform.architecture's executable)
         head = header(kind, qualname, obj)
         if len(head) > MAX_PROMPT_CHARS:
             continue
