@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .report import _share, fmt, markdown_table
-from .stats import bootstrap_ci, paired_bootstrap
+from .stats import bootstrap_ci, paired_bootstrap, significant_pairs
 
 METRIC_LABELS = {"exact_match": "exact match", "choice_accuracy": "choice acc",
                  "rouge_l": "ROUGE-L", "f1": "token F1", "reward_accuracy": "reward acc"}
@@ -80,17 +80,13 @@ def compare_rows(s: dict) -> list[dict]:
 
 def significant_differences(s: dict) -> list[str]:
     """Lines naming every pair of methods whose paired-bootstrap interval excludes 0."""
-    metric, seed = s["metric"], s.get("seed", 0)
-    scored = [(r["method"], _items(r, metric)) for r in s["methods"] if not r.get("error")]
-    scored = [(m, v) for m, v in scored if v]
+    scored = {r["method"]: _items(r, s["metric"]) for r in s["methods"] if not r.get("error")}
     out = []
-    for i, (a, va) in enumerate(scored):
-        for b, vb in scored[i + 1:]:
-            res = paired_bootstrap(va, vb, seed=seed)
-            if res["significant"]:
-                hi, lo, d = (a, b, res["diff"]) if res["diff"] > 0 else (b, a, -res["diff"])
-                lo_ci, hi_ci = sorted((abs(res["low"]), abs(res["high"])))
-                out.append(f"{hi} > {lo}: {d:+.3f} [{lo_ci:.3f}, {hi_ci:.3f}]")
+    for res in significant_pairs({m: v for m, v in scored.items() if v}, seed=s.get("seed", 0)):
+        if res["significant"]:
+            hi, lo = (res["a"], res["b"]) if res["diff"] > 0 else (res["b"], res["a"])
+            low, high = sorted((abs(res["low"]), abs(res["high"])))  # both of one sign
+            out.append(f"{hi} > {lo}: {abs(res['diff']):+.3f} [{low:.3f}, {high:.3f}]")
     return out
 
 
