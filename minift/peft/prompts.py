@@ -27,22 +27,35 @@ from .config import PeftError, check_task_type
 SHAPE_FIELDS = {"token_dim": "n_embd", "num_layers": "n_layer", "num_attention_heads": "n_head"}
 
 
-def _check_common(config) -> None:
-    check_task_type(config.task_type)
-    config.task_type = "CAUSAL_LM"
-    n = config.num_virtual_tokens
-    if not isinstance(n, int) or n <= 0:
-        raise PeftError(f"num_virtual_tokens must be a positive integer, got {n!r}")
-    if config.num_transformer_submodules not in (None, 1):
-        raise PeftError(f"num_transformer_submodules={config.num_transformer_submodules}: "
-                        "GPT-2 is decoder-only, so it must be 1")
-
-
 @dataclass
-class PromptTuningConfig:
+class VirtualTokenConfig:
+    """The fields every virtual-token method shares (PEFT's PromptLearningConfig); the three
+    configs below add their own. Not used on its own: it has no peft_type."""
     task_type: str | None = "CAUSAL_LM"        # PEFT's field; causal LM is all minift does
     inference_mode: bool = False               # True: the prompt is frozen (saved files say True)
     base_model_name_or_path: str | None = None  # recorded in adapter_config.json, never opened
+    num_virtual_tokens: int = 20               # prompt / prefix length
+    token_dim: int | None = None               # PEFT's model-shape fields: filled from the model
+    num_layers: int | None = None              # (n_embd, n_layer, n_head) and checked on load
+    num_attention_heads: int | None = None
+    num_transformer_submodules: int | None = None  # 1 for a decoder-only model
+
+    def __post_init__(self):
+        check_task_type(self.task_type)
+        self.task_type = "CAUSAL_LM"
+        n = self.num_virtual_tokens
+        if not isinstance(n, int) or n <= 0:
+            raise PeftError(f"num_virtual_tokens must be a positive integer, got {n!r}")
+        if self.num_transformer_submodules not in (None, 1):
+            raise PeftError(f"num_transformer_submodules={self.num_transformer_submodules}: "
+                            "GPT-2 is decoder-only, so it must be 1")
+
+    def extra_json(self) -> dict:
+        return {}
+
+
+@dataclass
+class PromptTuningConfig(VirtualTokenConfig):
     num_virtual_tokens: int = 20               # Lester et al. §3.2: gains flatten beyond ~20
     prompt_tuning_init: str = "RANDOM"         # "RANDOM" N(0, 1); "SAMPLE_VOCAB" rows of wte for
                                                # random ids; "TEXT" the embeddings of init text
@@ -51,14 +64,10 @@ class PromptTuningConfig:
     tokenizer: Any = field(default=None, repr=False, compare=False, metadata={"save": False})
     # ...any tokenizer object: minift's Tokenizer, a transformers tokenizer, or anything with
     # __call__(text)["input_ids"] or encode(text). Used once at init; not saved.
-    token_dim: int | None = None               # PEFT's model-shape fields: filled from the model
-    num_layers: int | None = None              # (n_embd, n_layer, n_head) and checked on load
-    num_attention_heads: int | None = None
-    num_transformer_submodules: int | None = None  # 1 for a decoder-only model
     peft_type: ClassVar[str] = "PROMPT_TUNING"
 
     def __post_init__(self):
-        _check_common(self)
+        super().__post_init__()
         if self.prompt_tuning_init not in ("RANDOM", "SAMPLE_VOCAB", "TEXT"):
             raise PeftError(f"prompt_tuning_init={self.prompt_tuning_init!r}; choose RANDOM, "
                             "SAMPLE_VOCAB or TEXT")
@@ -75,53 +84,32 @@ class PromptTuningConfig:
 
 
 @dataclass
-class PromptEncoderConfig:
-    task_type: str | None = "CAUSAL_LM"
-    inference_mode: bool = False
-    base_model_name_or_path: str | None = None
-    num_virtual_tokens: int = 20
+class PromptEncoderConfig(VirtualTokenConfig):
     encoder_reparameterization_type: str = "MLP"  # "MLP" (3 linear layers) or "LSTM" (bi-LSTM + MLP)
     encoder_hidden_size: int | None = None     # width of the encoder; None: the model's n_embd
     encoder_num_layers: int = 2                # LSTM layers; ignored by the MLP, as in PEFT
     encoder_dropout: float = 0.0               # between LSTM layers
-    token_dim: int | None = None
-    num_layers: int | None = None
-    num_attention_heads: int | None = None
-    num_transformer_submodules: int | None = None
     peft_type: ClassVar[str] = "P_TUNING"
 
     def __post_init__(self):
-        _check_common(self)
+        super().__post_init__()
         if self.encoder_reparameterization_type not in ("MLP", "LSTM"):
             raise PeftError(f"encoder_reparameterization_type="
                             f"{self.encoder_reparameterization_type!r}; choose 'MLP' or 'LSTM'")
 
-    def extra_json(self) -> dict:
-        return {}
-
 
 @dataclass
-class PrefixTuningConfig:
-    task_type: str | None = "CAUSAL_LM"
-    inference_mode: bool = False
-    base_model_name_or_path: str | None = None
+class PrefixTuningConfig(VirtualTokenConfig):
     num_virtual_tokens: int = 20               # prefix length (Li & Liang use 10 to 200)
     prefix_projection: bool = False            # P = MLP(P'), tanh MLP, §4.3 (stabler training)
     encoder_hidden_size: int | None = None     # that MLP's width; None: the model's n_embd
     init_weights: str | None = None            # "zero": the prefix starts at zero keys and values
-    token_dim: int | None = None
-    num_layers: int | None = None
-    num_attention_heads: int | None = None
-    num_transformer_submodules: int | None = None
     peft_type: ClassVar[str] = "PREFIX_TUNING"
 
     def __post_init__(self):
-        _check_common(self)
+        super().__post_init__()
         if self.init_weights not in (None, "zero"):
             raise PeftError(f"init_weights={self.init_weights!r}; use None or 'zero'")
-
-    def extra_json(self) -> dict:
-        return {}
 
 
 PROMPT_CONFIGS = (PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig)
