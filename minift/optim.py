@@ -131,6 +131,31 @@ def build_param_groups(model, weight_decay, lr=None, layer_decay=None, no_decay=
     create_loraplus_optimizer also gives the ratio to every 1-D trainable parameter, e.g.
     DoRA's magnitude; here only the B matrices get it, as in the paper.)
     """
+    _check_group_options(lr, layer_decay, loraplus_lr_ratio)
+    blocks = [int(m.group(1)) for n, _ in model.named_parameters() if (m := _BLOCK.search(n))]
+    n_layer = max(blocks) + 1 if blocks else 0  # counted over all params, frozen ones too
+
+    groups = {}  # (depth, decay, is_b) -> params, in model order
+    for mod_name, module, name, p in _trainable_parameters(model):
+        parts = name.split(".")
+        decay = not (any(x in no_decay for x in parts)
+                     or isinstance(module, (nn.LayerNorm, nn.Embedding)))
+        depth = _depth(name, mod_name, n_layer) if layer_decay is not None else 0
+        is_b = loraplus_lr_ratio is not None and "lora_B" in parts
+        groups.setdefault((depth, decay, is_b), []).append(p)
+    if loraplus_lr_ratio is not None and groups and not any(b for _, _, b in groups):
+        raise ValueError("build_param_groups: loraplus_lr_ratio is set but no trainable "
+                         "parameter is a lora_B matrix (LoRA+ needs a LoRA adapter)")
+
+    def order(key):  # from the embeddings up; in each depth A-side, then B; decay first
+        depth, decay, is_b = key
+        return -depth, is_b, not decay
+
+    return [_group(groups[key], *key, weight_decay, lr, layer_decay, loraplus_lr_ratio)
+            for key in sorted(groups, key=order)]
+
+
+def _check_group_options(lr, layer_decay, loraplus_lr_ratio):
     if (layer_decay is not None or loraplus_lr_ratio is not None) and lr is None:
         raise ValueError("build_param_groups: layer_decay and loraplus_lr_ratio need the base lr")
     if loraplus_lr_ratio is not None and not loraplus_lr_ratio > 0:
@@ -138,50 +163,41 @@ def build_param_groups(model, weight_decay, lr=None, layer_decay=None, no_decay=
                          f"got {loraplus_lr_ratio!r}")
     if layer_decay is not None and not 0 < layer_decay:
         raise ValueError(f"build_param_groups: layer_decay must be > 0, got {layer_decay!r}")
-    blocks = [int(m.group(1)) for n, _ in model.named_parameters() if (m := _BLOCK.search(n))]
-    n_layer = max(blocks) + 1 if blocks else 0  # counted over all params, frozen ones too
 
-    groups, seen = {}, set()
+
+def _trainable_parameters(model):
+    """(module name, module, parameter name, parameter) for each trainable parameter, once:
+    a tied parameter (lm_head.weight is wte.weight) comes under its first name only."""
+    seen = set()
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            name = f"{mod_name}.{p_name}" if mod_name else p_name
-            parts = name.split(".")
-            decay = not (any(x in no_decay for x in parts)
-                         or isinstance(module, (nn.LayerNorm, nn.Embedding)))
-            depth = 0
-            if layer_decay is not None:
-                if m := _BLOCK.search(name):
-                    depth = n_layer - int(m.group(1))
-                elif mod_name.split(".")[-1] in ("wte", "wpe"):
-                    depth = n_layer + 1
-            is_b = loraplus_lr_ratio is not None and "lora_B" in parts
-            groups.setdefault((depth, decay, is_b), []).append(p)
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                yield mod_name, module, f"{mod_name}.{p_name}" if mod_name else p_name, p
 
-    if loraplus_lr_ratio is not None and groups and not any(b for _, _, b in groups):
-        raise ValueError("build_param_groups: loraplus_lr_ratio is set but no trainable "
-                         "parameter is a lora_B matrix (LoRA+ needs a LoRA adapter)")
-    out = []
 
-    def order(item):  # from the embeddings up; in each depth A-side, then B; decay first
-        (depth, decay, is_b), _ = item
-        return -depth, is_b, not decay
+def _depth(name, mod_name, n_layer):
+    """Layer decay's depth, counted down from the output (see build_param_groups)."""
+    if m := _BLOCK.search(name):
+        return n_layer - int(m.group(1))
+    if mod_name.split(".")[-1] in ("wte", "wpe"):
+        return n_layer + 1
+    return 0
 
-    for (depth, decay, is_b), params in sorted(groups.items(), key=order):
-        g = {"params": params, "weight_decay": weight_decay if decay else 0.0,
-             "name": ("decay" if decay else "no_decay")}
-        if layer_decay is not None:
-            g["name"] = f"depth{depth}_{g['name']}"
-            g["lr"] = lr * layer_decay ** depth
-        elif lr is not None:
-            g["lr"] = lr
-        if is_b:
-            g["name"] += "_lora_B"
-            g["lr"] *= loraplus_lr_ratio
-        out.append(g)
-    return out
+
+def _group(params, depth, decay, is_b, weight_decay, lr, layer_decay, loraplus_lr_ratio):
+    """One AdamW param group: its decay, its name and (when lr is given) its lr."""
+    g = {"params": params, "weight_decay": weight_decay if decay else 0.0,
+         "name": ("decay" if decay else "no_decay")}
+    if layer_decay is not None:
+        g["name"] = f"depth{depth}_{g['name']}"
+        g["lr"] = lr * layer_decay ** depth
+    elif lr is not None:
+        g["lr"] = lr
+    if is_b:
+        g["name"] += "_lora_B"
+        g["lr"] *= loraplus_lr_ratio
+    return g
 
 
 # Schedules: the multiplier of each group's initial lr after `step` optimizer steps, with
