@@ -22,6 +22,7 @@ changes nothing. They work with minift's GPT and the PEFT wrappers, on any devic
 """
 from __future__ import annotations
 
+import itertools
 import math
 import string
 import unicodedata
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from . import chat
 from .data import IGNORE_INDEX, collate
+from .distributed import evaluate_loss, to_device
 
 # ----------------------------------------------------------------------------- helpers
 @contextmanager
@@ -51,6 +53,11 @@ def _inference(model):
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     """Batch-encode; works with minift's and Hugging Face's tokenizers."""
     return tokenizer(list(texts))["input_ids"] if texts else []
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
 def _exp(x: float) -> float:
@@ -96,24 +103,13 @@ def perplexity(model, data_or_text, tokenizer=None, batch_size: int = 8,
     else:
         raise TypeError("perplexity expects a string or a non-empty list of examples "
                         "{'input_ids': [...], 'labels': [...]}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    total_nll, n_targets = 0.0, 0
-    with _inference(model) as device:
-        for i in range(0, len(examples), batch_size):
-            chunk = collate(examples[i:i + batch_size], pad_token_id=0)  # pads are masked out
-            batch = {k: v.to(device) for k, v in chunk.items()}           # each (B, T)
-            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # labels shift by one
-            if n == 0:
-                continue  # the loss of a batch without targets is nan
-            # the loss is a mean over the batch's n targets; n * loss is their sum
-            out = model(**batch, return_logits=False)
-            total_nll += float(out.loss) * n
-            n_targets += n
-    if n_targets == 0:
+    _check_batch_size(batch_size)
+    with _inference(model):  # evaluate_loss restores only the top module's training flag
+        loss = evaluate_loss(model, examples, batch_size)  # the mean over all target tokens
+    if math.isnan(loss):
         raise ValueError("no target tokens to score: the text is shorter than 2 tokens, or "
                          "every label is -100")
-    return _exp(total_nll / n_targets)
+    return _exp(loss)
 
 
 # ----------------------------------------------------------------------------- task metrics
@@ -216,11 +212,17 @@ def item_scores(preds: list[str], refs: list) -> dict[str, list[float]]:
             for name, fn in METRICS.items()}
 
 
+def score_means(scores: dict[str, list[float]]) -> dict:
+    """Per-item scores {metric: [score of item i]} (each list as long, none empty) ->
+    {metric: mean, ..., "n": the number of items}."""
+    n = len(next(iter(scores.values())))
+    return {**{name: sum(s) / n for name, s in scores.items()}, "n": n}
+
+
 def task_metrics(preds: list[str], refs: list) -> dict:
     """Corpus means of exact_match, f1 and rouge_l (item_scores' means), in [0, 1], plus
     the count n."""
-    scores = item_scores(preds, refs)
-    return {**{name: sum(s) / len(s) for name, s in scores.items()}, "n": len(preds)}
+    return score_means(item_scores(preds, refs))
 
 
 # ----------------------------------------------------------------------------- generation
@@ -237,8 +239,7 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
     """
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts must be a list of strings")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_batch_size(batch_size)
     encoded = _encode(tokenizer, prompts)
     for i, ids in enumerate(encoded):
         if not ids:
@@ -249,9 +250,9 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
     with _inference(model) as device:
         for i in range(0, len(encoded), batch_size):
             chunk = [{"input_ids": ids} for ids in encoded[i:i + batch_size]]
-            batch = collate(chunk, pad_token_id=0, padding_side="left")  # pads are masked out
-            ids = batch["input_ids"].to(device)                            # (B, T)
-            out = model.generate(ids, attention_mask=batch["attention_mask"].to(device),
+            batch = to_device(collate(chunk, pad_token_id=0, padding_side="left"), device)
+            ids = batch["input_ids"]                                       # (B, T), pads masked
+            out = model.generate(ids, attention_mask=batch["attention_mask"],
                                  max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=eos, pad_token_id=pad)         # (B, T + new)
             for row in out[:, ids.shape[1]:].tolist():
@@ -263,24 +264,20 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
 
 
 def _prompt_records(tokenizer, records) -> tuple[list, int | None]:
-    """Chat test records {"messages"} -> {"prompt", "completion"} (the last assistant turn
-    is the reference) and the template's end-of-turn id to stop at; others unchanged."""
-    if not isinstance(records, (list, tuple)) or not any(
-            isinstance(r, dict) and "messages" in r for r in records):
-        return records, None
-    out = [chat.eval_record(tokenizer, r["messages"]) if isinstance(r, dict) and "messages" in r
-           else r for r in records]
-    return out, chat.end_of_turn_id(tokenizer)
-
-
-def _check_records(records) -> None:
+    """Checked test records {"prompt", "completion"} and the id to stop generating at. Chat
+    records {"messages"} become {"prompt", "completion"} (the last assistant turn is the
+    reference), and the template's end-of-turn id is the stop (None otherwise: eos)."""
     if not isinstance(records, (list, tuple)) or not records:
         raise ValueError("records must be a non-empty list of {'prompt', 'completion'} dicts")
+    chats = [isinstance(r, dict) and "messages" in r for r in records]
+    records = [chat.eval_record(tokenizer, r["messages"]) if is_chat else r
+               for r, is_chat in zip(records, chats)]
     for i, r in enumerate(records):
         if not (isinstance(r, dict) and isinstance(r.get("prompt"), str)
                 and isinstance(r.get("completion"), str)):
             raise ValueError(f"record {i}: expected {{'prompt': str, 'completion': str}}, "
                              f"got {r!r:.80}")
+    return records, chat.end_of_turn_id(tokenizer) if any(chats) else None
 
 
 def evaluate_generation(model, tokenizer, records: list[dict], max_new_tokens: int = 32,
@@ -291,7 +288,6 @@ def evaluate_generation(model, tokenizer, records: list[dict], max_new_tokens: i
     scored on their last assistant turn. eos_token_id: as in generate_completions."""
     records, stop = _prompt_records(tokenizer, records)
     stop = eos_token_id if eos_token_id is not None else stop
-    _check_records(records)
     preds = generate_completions(model, tokenizer, [r["prompt"] for r in records],
                                  max_new_tokens, batch_size, stop_at_newline, stop)
     return task_metrics(preds, [r["completion"] for r in records])
@@ -301,7 +297,6 @@ def samples(model, tokenizer, records: list[dict], n: int = 5, max_new_tokens: i
             stop_at_newline: bool = True) -> list[dict]:
     """The first n records as rows {prompt, reference, generation}, for print_table."""
     records, stop = _prompt_records(tokenizer, records)
-    _check_records(records)
     chosen = records[:n]
     gens = generate_completions(model, tokenizer, [r["prompt"] for r in chosen], max_new_tokens,
                                 stop_at_newline=stop_at_newline, eos_token_id=stop)
@@ -317,8 +312,7 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]],
     Each sequence context + continuation runs once (batched, right-padded); the
     continuation's tokens are the only targets. The context needs at least one token.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_batch_size(batch_size)
     examples = []
     for i, (ctx, cont) in enumerate(pairs):
         if not ctx or not cont:
@@ -327,9 +321,8 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]],
                          "labels": [IGNORE_INDEX] * len(ctx) + list(cont)})
     scores = []
     with _inference(model) as device:
-        for i in range(0, len(examples), batch_size):
-            chunk = collate(examples[i:i + batch_size], pad_token_id=0)  # pads are masked out
-            batch = {k: v.to(device) for k, v in chunk.items()}           # each (B, T)
+        for i in range(0, len(examples), batch_size):  # right-padded; pads are masked out
+            batch = to_device(collate(examples[i:i + batch_size], pad_token_id=0), device)
             T = batch["input_ids"].shape[1]
             logits = model(input_ids=batch["input_ids"],
                            attention_mask=batch["attention_mask"]).logits
@@ -352,7 +345,8 @@ def choice_accuracy(model, tokenizer, items: list[dict], length_normalize: bool 
     choices from losing just for being long). Context and choice are tokenised
     separately and concatenated, so include the space: context "Q: ... A:", choice
     " Paris". The prediction is the highest score (the first on ties).
-    Returns {"accuracy", "n", "predictions": [int], "scores": [[float per choice]]}.
+    Returns {"accuracy", "n", "predictions": [int], "scores": [[float per choice]],
+    "correct": [1.0 or 0.0 per item]} (accuracy is correct's mean).
     """
     if not isinstance(items, (list, tuple)) or not items:
         raise ValueError("items must be a non-empty list of {'context', 'choices', 'label'} dicts")
@@ -370,15 +364,12 @@ def choice_accuracy(model, tokenizer, items: list[dict], length_normalize: bool 
     flat = continuation_logprobs(model, pairs, batch_size)
     if length_normalize:
         flat = [s / len(cont) for s, (_, cont) in zip(flat, pairs)]
-    scores, preds, k = [], [], 0
-    for it in items:
-        row = flat[k:k + len(it["choices"])]
-        k += len(row)
-        scores.append(row)
-        preds.append(max(range(len(row)), key=row.__getitem__))
-    correct = sum(p == it["label"] for p, it in zip(preds, items))
-    return {"accuracy": correct / len(items), "n": len(items), "predictions": preds,
-            "scores": scores}
+    ends = list(itertools.accumulate(len(it["choices"]) for it in items))
+    scores = [flat[end - len(it["choices"]):end] for it, end in zip(items, ends)]
+    preds = [max(range(len(row)), key=row.__getitem__) for row in scores]
+    correct = [float(p == it["label"]) for p, it in zip(preds, items)]
+    return {"accuracy": sum(correct) / len(items), "n": len(items), "predictions": preds,
+            "scores": scores, "correct": correct}
 
 
 # ----------------------------------------------------------------------------- forgetting

@@ -277,6 +277,7 @@ def test_choice_scores_equal_log_likelihoods_from_transformers_logits(tiny):
     items[1]["label"] = 1 - best[1]           # wrong
     got = choice_accuracy(model, tok, items, batch_size=2)
     assert got["accuracy"] == 0.5 and got["n"] == 2 and got["predictions"] == best
+    assert got["correct"] == [1.0, 0.0]       # item 0 labelled right, item 1 wrong
     for row, h in zip(got["scores"], hand):
         assert row == pytest.approx(h, abs=1e-5)
     normed = choice_accuracy(model, tok, items, length_normalize=True)

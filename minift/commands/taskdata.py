@@ -14,7 +14,8 @@ from pathlib import Path
 from .. import chat
 from ..data import eval_records, load_dataset, load_text, train_val_split
 from ..distributed import evaluate_loss
-from ..evaluate import choice_accuracy, generate_completions, item_scores, perplexity
+from ..evaluate import (choice_accuracy, generate_completions, item_scores, perplexity,
+                        score_means)
 from ..formats import parse_fields
 from ..options import VIRTUAL, UsageError
 from ..tasks import REFERENCE, Task, get_task
@@ -165,16 +166,14 @@ def evaluate_model(model, tok, data: TaskData, batch_size: int):
                                             "label": r["label"]} for r in data.records],
                               batch_size=batch_size)
         preds = [r["choices"][p] for r, p in zip(data.records, got["predictions"])]
-        items = {"choice_accuracy": [float(p == r["label"])
-                                     for r, p in zip(data.records, got["predictions"])]}
+        items = {"choice_accuracy": got["correct"]}
     elif data.records:
         preds = generate_completions(model, tok, [r["prompt"] for r in data.records],
                                      data.max_new_tokens, batch_size,
                                      eos_token_id=data.stop_token_id)
         items = item_scores(preds, [r["completion"] for r in data.records])
-    metrics.update({k: sum(v) / len(v) for k, v in items.items()})
     if items:
-        metrics["n"] = len(data.records)
+        metrics.update(score_means(items))  # the means and n, as task_metrics gives them
     if data.reference is not None:
         metrics["reference_ppl"] = perplexity(model, data.reference, tok, batch_size,
                                               data.reference_block)
