@@ -24,7 +24,9 @@ CASES += [("lora", "bf16", 0.1, 32), ("full", "bf16", 0.1, 32), ("full", "fp32",
           ("lora", "fp32", 0.1, 300), ("prefix", "fp32", 0.1, 300)]
 
 
-def saved_bytes(model, batch):
+def saved_bytes(model, batch) -> tuple[int, torch.Tensor]:
+    """Bytes of the tensors autograd keeps for the backward (each storage once, parameters
+    left out), and the loss. tests/test_plan.py measures with this too."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 

@@ -2,6 +2,8 @@
 (saved-tensor hooks), AdamW's actual state and gradients, torch's FLOP counter, the files
 save_pretrained writes, and transformers' parameter counts for GPT-2's four sizes."""
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,11 @@ from minift.plan import MethodOptions, build, estimate, matmul_rate, parse_bytes
 from minift.config import TrainConfig
 from minift.train import make_optimizer
 
+# The measurement (saved-tensor hooks) lives once, in the script that prints these ratios;
+# it measures what autograd keeps and shares no code with the planner it checks.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from plan_accuracy import saved_bytes  # noqa: E402  (scripts/plan_accuracy.py)
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 OPTIONS = MethodOptions(r=4, num_virtual_tokens=6, bottleneck_size=8, top_k_blocks=1)
@@ -23,23 +30,6 @@ OPTIONS = MethodOptions(r=4, num_virtual_tokens=6, bottleneck_size=8, top_k_bloc
 def tiny_config(dropout=0.1, **kw):
     return GPTConfig(**{**dict(n_layer=3, n_head=4, n_embd=64, vocab_size=200, n_positions=64,
                                embd_pdrop=dropout, attn_pdrop=dropout, resid_pdrop=dropout), **kw})
-
-
-def saved_bytes(model, batch) -> tuple[int, torch.Tensor]:
-    """Bytes of the tensors autograd keeps for the backward (each storage once, parameters
-    left out), and the loss."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch, return_logits=False).loss
-    return sum(seen.values()), loss
 
 
 def _setup(method, dropout=0.1, B=4, T=32):
