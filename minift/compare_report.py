@@ -5,6 +5,8 @@ The summary `commands/compare.py` writes to report.json holds, per method, its f
 report.json (with "item_scores": the per-test-item scores of the task metric), so every
 number here is recomputed from saved scores: the intervals are bootstrap intervals over the
 test items and the differences paired bootstraps over the same items (minift.stats).
+DPO rows ("objective": "dpo") train on preference pairs: they add reward accuracy and margin
+on the validation pairs, and have no ranked metric unless it is reward accuracy.
 """
 from __future__ import annotations
 
@@ -39,17 +41,25 @@ def _interval(ci: dict | None) -> str:
     return "-" if not ci else f"{ci['mean']:.3f} [{ci['low']:.2f}, {ci['high']:.2f}]"
 
 
+def _dpo(s: dict) -> list[str]:
+    return [r["method"] for r in s["methods"] if r.get("objective") == "dpo"]
+
+
 def compare_columns(s: dict) -> list[str]:
     label = METRIC_LABELS.get(s["metric"], s["metric"])
+    reward = [] if not _dpo(s) else ["reward margin"] if s["metric"] == "reward_accuracy" else [
+        "reward acc", "reward margin"]   # the ranked column is reward accuracy already
     return ["method", "trainable", "share", "lr", "val loss", f"{label} [95% CI]", "vs best",
-            "ref ppl change", "s/step", "peak MB"]
+            *reward, "ref ppl change", "s/step", "peak MB"]
 
 
 def compare_rows(s: dict) -> list[dict]:
     """One table row per method (and the base model first), values formatted. "vs best":
-    "best", "=" (not significantly different from the best), or the significant difference."""
+    "best", "=" (not significantly different from the best), or the significant difference;
+    "-" where a row has no scores of the ranked metric (a DPO row on a supervised task)."""
     cols, rank = compare_columns(s), ranked(s)
     metric_col = cols[5]
+    rewards = {c: "-" for c in ("reward acc", "reward margin") if c in cols}
     rows = []
     base = s.get("base")
     if base:
@@ -57,7 +67,8 @@ def compare_rows(s: dict) -> list[dict]:
         rows.append({"method": "base model (no training)", "trainable": "0", "share": "0%",
                      "lr": "-", "val loss": fmt(base.get("val_loss")),
                      metric_col: _interval(bootstrap_ci(base_items) if base_items else None),
-                     "vs best": "-", "ref ppl change": "-", "s/step": "-", "peak MB": "-"})
+                     "vs best": "-", **rewards, "ref ppl change": "-", "s/step": "-",
+                     "peak MB": "-"})
     for r in s["methods"]:
         m = r["method"]
         if r.get("error"):
@@ -68,10 +79,13 @@ def compare_rows(s: dict) -> list[dict]:
         vs = rank["vs_best"].get(m)
         mark = "best" if m == rank["best"] else "-" if vs is None else (
             f"{vs['diff']:+.3f}" if vs["significant"] else "=")
+        dpo = r.get("objective") == "dpo"   # its val_loss is the DPO loss: not comparable
+        reward = {c: fmt(a.get(k), 3) if dpo else "-" for c, k in (
+            ("reward acc", "reward_accuracy"), ("reward margin", "reward_margin")) if c in cols}
         rows.append({"method": m, "trainable": fmt(r["trainable_params"]),
                      "share": _share(r["trainable_params"], r["total_params"]),
-                     "lr": f"{r['lr']:g}", "val loss": fmt(a.get("val_loss")),
-                     metric_col: _interval(rank["ci"].get(m)), "vs best": mark,
+                     "lr": f"{r['lr']:g}", "val loss": "-" if dpo else fmt(a.get("val_loss")),
+                     metric_col: _interval(rank["ci"].get(m)), "vs best": mark, **reward,
                      "ref ppl change": "-" if change is None else f"{change:+.3f}",
                      "s/step": fmt(t.get("seconds_per_step"), 3),
                      "peak MB": fmt(t.get("rss_growth_mb"), 1)})
@@ -125,6 +139,26 @@ def plot_tradeoff(s: dict, path: Path) -> bool:
     return True
 
 
+def _dpo_sentence(s: dict) -> list[str]:
+    dpo = _dpo(s)
+    if not dpo:
+        return []
+    return [f"The DPO rows ({', '.join(dpo)}) optimise the DPO loss instead, with the same "
+            f"budget (a step's examples are pairs), on {s.get('dpo_data_detail', 'pairs')}.", ""]
+
+
+def _dpo_notes(s: dict) -> list[str]:
+    if not _dpo(s):
+        return []
+    where = s.get("dpo_eval_detail", "the validation pairs")
+    return [f"- reward acc / reward margin (DPO rows only): {where}, the share of pairs whose "
+            "chosen completion gets the higher implicit reward beta * log(policy / reference), "
+            "and the mean difference of the two rewards; the base model is the reference, so "
+            "its margin is 0 by definition (`-`)",
+            "- val loss is `-` for DPO rows: their validation loss is the DPO loss, not the "
+            "next-token loss of the other rows; they are not in loss_curves.png either"]
+
+
 def compare_markdown(s: dict) -> str:
     """report.md of `minift compare`, from the summary commands/compare.py writes."""
     cols = compare_columns(s)
@@ -135,11 +169,14 @@ def compare_markdown(s: dict) -> str:
              "own learning rate (column lr). Each method runs in its own process"
              + (f", with {s['threads']} CPU thread{'s' if s['threads'] != 1 else ''}."
                 if s.get("threads") else "."), "",
+             *_dpo_sentence(s),
              markdown_table(compare_rows(s), cols, right=tuple(cols[1:])), "",
              f"- {cols[5]}: the task metric on {s['eval_detail']}, with a 95% bootstrap "
              "interval over those items (2,000 resamples)",
              "- vs best: the paired-bootstrap difference to the best method on the same items "
-             "when it is significant at 95%, `=` when it is not",
+             "when it is significant at 95%, `=` when it is not, `-` for a row without that "
+             "metric",
+             *_dpo_notes(s),
              "- trainable / share: parameters updated by the optimizer, and their share of all "
              "parameters (the adapter's included)",
              "- val loss: mean next-token loss per target token on the validation set, after "

@@ -53,3 +53,39 @@ def test_tradeoff_plot_is_written(summary, tmp_path):
     pytest.importorskip("matplotlib")
     assert plot_tradeoff(summary, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def dpo_method(name, scores, margin=0.5):
+    r = method(name, [], change=2.0)
+    r |= {"objective": "dpo", "after": {"val_loss": 0.6, "reward_margin": margin,
+                                        "reward_accuracy": sum(scores) / len(scores)},
+          "item_scores": {"after": {"reward_accuracy": scores}}}
+    return r
+
+
+def test_a_dpo_row_has_reward_columns_and_no_rank_on_a_supervised_metric(summary):
+    summary["methods"].append(dpo_method("lora-dpo", [1.0] * 60 + [0.0] * 40))
+    assert ranked(summary)["best"] == "lora"           # the DPO row has no exact match
+    assert "lora-dpo" not in ranked(summary)["ci"]
+    assert not any("lora-dpo" in x for x in significant_differences(summary))
+    cols = compare_columns(summary)
+    assert cols[5].startswith("exact match") and cols[7:9] == ["reward acc", "reward margin"]
+    rows = {r["method"]: r for r in compare_rows(summary)}
+    d = rows["lora-dpo"]
+    assert (d["val loss"], d[cols[5]], d["vs best"]) == ("-", "-", "-")
+    assert (d["reward acc"], d["reward margin"], d["ref ppl change"]) == ("0.600", "0.500",
+                                                                         "+2.000")
+    assert rows["lora"]["reward acc"] == "-"
+    assert rows["base model (no training)"]["reward acc"] == "-"
+    assert "reward acc / reward margin (DPO rows only)" in compare_markdown(summary)
+
+
+def test_dpo_rows_alone_are_ranked_by_reward_accuracy(summary):
+    summary |= {"metric": "reward_accuracy", "base": {"reference_ppl": 10.0}, "base_items": {},
+                "methods": [dpo_method("lora-dpo", [1.0] * 90 + [0.0] * 10),
+                            dpo_method("full-dpo", [1.0] * 40 + [0.0] * 60)]}
+    rows = {r["method"]: r for r in compare_rows(summary)}
+    cols = compare_columns(summary)
+    assert cols[5].startswith("reward acc [95% CI]") and "reward acc" not in cols[6:]
+    assert rows["lora-dpo"]["vs best"] == "best" and rows["full-dpo"]["vs best"] == "-0.500"
+    assert significant_differences(summary)[0].startswith("lora-dpo > full-dpo: +0.500")

@@ -1,6 +1,7 @@
 """DPO (minift.preference): sequence log-probabilities against a plain per-token loop, the
 loss against the paper's formula in float64, the reference as the model with its adapter
 disabled, the preference records and their errors, and training that separates the pairs."""
+import contextlib
 import json
 import math
 
@@ -240,3 +241,95 @@ def test_dpo_command_line_errors_are_one_line(tmp_path, capsys):
                             "--output-dir", tmp_path / "r3")
     assert code != 0
     one_line_error(err, "--use-dora applies to --method lora, not prompt")
+
+
+# ----------------------------------------------------------------------------- compare's DPO row
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """A random 2-layer, 32-wide GPT-2 with minift-tiny's vocabulary and tokenizer files: the
+    built-in tasks tokenise as for minift-tiny, at a fraction of its cost."""
+    import shutil
+    from conftest import make_hf_gpt2
+    from minift.checkpoint import resolve_source
+    folder = tmp_path_factory.mktemp("small_model")
+    make_hf_gpt2(folder, vocab_size=4096, n_positions=256, bos_token_id=0, eos_token_id=0)
+    for f in resolve_source("minift-tiny").glob("*.json"):
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+def hf_margins(model_dir, adapter_dir, pairs, beta=0.1):
+    """Reward margins recomputed with transformers and peft, pair by pair, in float64:
+    beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))) over completion + eos."""
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+    tok = Tokenizer.from_pretrained(model_dir)
+    policy = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(model_dir),
+                                       adapter_dir).eval()
+
+    def logp(prompt, completion):
+        p, c = tok(prompt)["input_ids"], tok(completion)["input_ids"] + [tok.eos_token_id]
+        ids = torch.tensor([p + c])
+        out = []
+        for disabled in (True, False):   # the reference: the base model, without the adapter
+            with torch.no_grad(), (policy.disable_adapter() if disabled else
+                                   contextlib.nullcontext()):
+                logits = policy(input_ids=ids).logits[0].double()
+            lp = torch.log_softmax(logits[len(p) - 1:-1], dim=-1)   # predicts tokens len(p)..
+            out.append(lp.gather(1, torch.tensor(c)[:, None]).sum().item())
+        return out[1] - out[0]
+
+    return [beta * (logp(r["prompt"], r["chosen"]) - logp(r["prompt"], r["rejected"]))
+            for r in pairs]
+
+
+def test_compare_has_a_dpo_row_scored_on_the_preference_pairs(small_model, tmp_path, capsys):
+    """`compare --methods lora,lora-dpo`: the DPO row trains on the built-in preference task;
+    its reward accuracy is the transformers + peft recomputation's; it has no exact match
+    (so no rank); its val loss is blank; the supervised row is ranked as before."""
+    from minift.tasks import REFERENCE, get_task
+    write_jsonl(tmp_path / "val.jsonl", get_task("params").records("validation")[:8])
+    (tmp_path / "ref.txt").write_text(REFERENCE.read_text()[:2000])
+    out = tmp_path / "cmp"
+    code, stdout, err = run_main(
+        capsys, "compare", "--methods", "lora,lora-dpo", "--model", small_model,
+        "--max-steps", 4, "--eval-every", 4, "--eval-samples", 2, "--batch-size", 8,
+        "--val-data", tmp_path / "val.jsonl", "--reference", tmp_path / "ref.txt",
+        "--output-dir", out)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    lora, dpo = report["methods"]
+    assert dpo["method"] == "lora-dpo" and dpo["objective"] == "dpo" and "objective" not in lora
+    val = get_task("preference").records("validation")
+    assert dpo["after"]["n"] == len(val) and "validation 96 pairs" in dpo["data_detail"]
+    margins = hf_margins(small_model, out / "lora-dpo" / "adapter", val)
+    assert dpo["item_scores"]["after"]["reward_accuracy"] == [float(m > 0) for m in margins]
+    assert dpo["after"]["reward_accuracy"] == sum(m > 0 for m in margins) / len(val)
+    assert dpo["after"]["reward_margin"] == pytest.approx(sum(margins) / len(val), abs=1e-5)
+    assert min(abs(m) for m in margins) > 1e-5          # no sign is up to rounding
+    assert "change" in dpo["forgetting"]                # the same reference text, before/after
+    md = (out / "report.md").read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| lora-dpo |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    cols = [c.strip() for c in md.split("| method |")[1].split("\n")[0].strip("|").split("|")]
+    cell = dict(zip(["method", *cols], cells))
+    assert cell["val loss"] == "-" and cell["exact match [95% CI]"] == "-"
+    assert cell["vs best"] == "-" and cell["reward acc"] == f"{dpo['after']['reward_accuracy']:.3f}"
+    lora_row = next(ln for ln in md.splitlines() if ln.startswith("| lora |"))
+    assert "| best |" in lora_row and "lora-dpo" in stdout
+
+
+def test_compare_dpo_row_needs_preference_pairs(small_model, tmp_path, capsys):
+    from minift.tasks import get_task
+    code, _, err = run_main(capsys, "compare", "--methods", "lora,lora-dpo", "--model",
+                            small_model, "--data", get_task("params").path("validation"),
+                            "--output-dir", tmp_path / "c1")
+    assert code == 1
+    one_line_error(err, "lora-dpo trains on preference pairs", "validation.jsonl line 1",
+                   'missing "chosen"')
+    code, _, err = run_main(capsys, "compare", "--methods", "lora", "--task", "preference",
+                            "--output-dir", tmp_path / "c2")
+    assert code == 2
+    one_line_error(err, "--task preference holds preference pairs", "lora-dpo")
+    assert not (tmp_path / "c1").exists() and not (tmp_path / "c2").exists()

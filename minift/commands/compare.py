@@ -18,21 +18,29 @@ from ..model import GPT
 from ..options import OPTIONS, RECIPE, UsageError, defaults
 from ..io import write_json
 from ..compare_report import compare_markdown, compare_rows, plot_tradeoff
+from ..evaluate import perplexity
 from ..report import loss_curves, plot_losses, read_metrics
 from ..tokenizer import Tokenizer
 from .common import add_command, number, say, set_threads
 from ..tasks import get_task
+from .preference_task import load_preference_task
 from .taskdata import evaluate_model, load_task_data
 
 COMPARE_METHODS = ["full", "partial", "adapter", "lora", "prefix", "prompt", "ptuning", "full+ewc"]
+# DPO rows (asked by name, not in the default set): `finetune --objective dpo` with the method,
+# on preference pairs: the built-in preference task, or --data when it is given.
+DPO_METHODS = {"lora-dpo": "lora", "full-dpo": "full"}
 QUICK = dict(max_steps=50, eval_every=25)  # `compare --quick`
 EWC_LAMBDA = 1e4   # full+ewc in `compare`
 
 COMPARE_EPILOG = """examples:
   minift compare --quick                          2-3 minutes on 2 CPU cores
   minift compare --methods lora,full,full+ewc --max-steps 200
-methods: """ + ", ".join(COMPARE_METHODS) + """
-(full+ewc: full fine-tuning with an EWC penalty, its Fisher from the reference text).
+  minift compare --methods lora,lora-dpo          a DPO row beside the supervised ones
+methods: """ + ", ".join(COMPARE_METHODS) + " (the default); " + ", ".join(DPO_METHODS) + """
+(full+ewc: full fine-tuning with an EWC penalty, its Fisher from the reference text;
+lora-dpo, full-dpo: DPO on the built-in preference task, or on --data's preference pairs,
+scored by reward accuracy and margin on the validation pairs).
 Each method is a `minift finetune` in its own process (honest peak memory, for about 3 s
 of start-up each), on the same data, step budget, batch size, seed and CPU threads, with
 its own learning rate. Writes report.md, report.json, loss_curves.png and
@@ -45,7 +53,7 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help=f"a short budget: {QUICK['max_steps']} "
                    "steps per method")
     p.add_argument("--methods", default=",".join(COMPARE_METHODS), metavar="A,B",
-                   help="comma-separated subset (default: all)")
+                   help="comma-separated subset (default: every supervised method)")
     number(p, "--max-steps", int, None, f"steps per method (default: {RECIPE['max_steps']}, "
            f"--quick {QUICK['max_steps']})")
     number(p, "--eval-every", int, None, f"steps between evaluations (default: "
@@ -70,6 +78,7 @@ def run(args) -> int:
     """Each method is `python -m minift finetune ...` in its own process, so its peak memory
     is its own; this process evaluates the base model once, the "before" of every method."""
     methods = _methods(args.methods)
+    sft = [m for m in methods if m not in DPO_METHODS]
     preset = QUICK if args.quick else RECIPE
     steps = args.max_steps or preset["max_steps"]
     n_eval = args.eval_samples   # None: every test prompt, so the intervals are as tight as can be
@@ -79,42 +88,44 @@ def run(args) -> int:
 
     paths = {o: getattr(args, o) for o in ("model", "data", "val_data", "test_data", "reference")}
     task = None if args.data else get_task(args.task)
-    common = _common_flags(args, steps, min(args.eval_every or preset["eval_every"], steps),
-                           n_eval, paths)
+    if task is not None and task.kind == "dpo" and sft:
+        raise UsageError(f"--task {task.name} holds preference pairs, which only DPO rows train "
+                         f"on: --methods {','.join(DPO_METHODS)}")
+    common, dpo_common = _child_flags(args, steps, min(args.eval_every or preset["eval_every"],
+                                                      steps), n_eval, paths)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     opts = {**defaults("lora"), **paths, "model": args.model or "minift-tiny",
             "seed": args.seed, "eval_samples": n_eval, "task": args.task}
-    say(f"evaluating the base model {opts['model']} ...")
-    model, tok = GPT.from_pretrained(opts["model"]), Tokenizer.from_pretrained(opts["model"])
-    set_threads(args.threads, model.num_parameters())
+    data, pairs, base, base_items = _evaluate_base(args, opts, methods)
     threads = torch.get_num_threads()  # what every child will choose too
-    data = load_task_data(opts, tok, model.config.n_positions)
-    base, _, base_items = evaluate_model(model, tok, data, args.batch_size)
-    del model
 
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(  # the children run this same minift
         [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
     rows, curves = [], {}
     for i, m in enumerate(methods, 1):
-        argv = [sys.executable, "-m", "minift", "finetune", "--output-dir", out / m, *common,
-                "--method", "full" if m == "full+ewc" else m]
+        method = DPO_METHODS.get(m, "full" if m == "full+ewc" else m)
+        argv = [sys.executable, "-m", "minift", "finetune", "--output-dir", out / m,
+                *(dpo_common if m in DPO_METHODS else common), "--method", method]
         argv += ["--ewc-lambda", args.ewc_lambda] if m == "full+ewc" else []
         argv += ["--overwrite"] if args.overwrite else []
         say(f"[{i}/{len(methods)}] {m}: {steps} steps ...")
         row = _run_method(m, argv, out / m, env, base)
         rows.append(row)
-        if "error" not in row:
-            curves[m] = loss_curves(read_metrics(out / m / "metrics.jsonl"), base["val_loss"])
+        if "error" not in row and m not in DPO_METHODS:  # a DPO row's loss is the DPO loss
+            curves[m] = loss_curves(read_metrics(out / m / "metrics.jsonl"), base.get("val_loss"))
 
     plotted = plot_losses(curves, out / "loss_curves.png", f"minift compare ({steps} steps)")
     summary = {"model": opts["model"], "data_detail": data.detail, "eval_detail": data.eval_detail,
                "reference": data.reference_name, "max_steps": steps,
                "batch_size": args.batch_size, "seed": args.seed, "threads": threads,
-               "metric": task.metrics[0] if task else _user_metric(data),
+               "metric": ("reward_accuracy" if not sft else task.metrics[0] if task
+                          else _user_metric(data)),
                "base": base, "base_items": base_items, "methods": rows,
                "plot": "loss_curves.png" if plotted else None}
+    if pairs is not None:
+        summary |= {"dpo_data_detail": pairs.detail, "dpo_eval_detail": pairs.eval_detail}
     summary["tradeoff_plot"] = "tradeoff.png" if plot_tradeoff(summary, out / "tradeoff.png") \
         else None
     _write_report(out, summary)
@@ -125,13 +136,53 @@ def run(args) -> int:
 
 
 def _methods(text: str) -> list[str]:
-    """--methods A,B -> the names, each one of COMPARE_METHODS."""
+    """--methods A,B -> the names, each one of COMPARE_METHODS or DPO_METHODS."""
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in COMPARE_METHODS]
+    known = COMPARE_METHODS + list(DPO_METHODS)
+    unknown = [m for m in methods if m not in known]
     if unknown or not methods:
         raise UsageError(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from "
-                         f"{','.join(COMPARE_METHODS)}")
+                         f"{','.join(known)}")
     return methods
+
+
+def _evaluate_base(args, opts: dict, methods: list[str]):
+    """(the supervised rows' TaskData, or the pairs when there are none; the DPO rows' pairs
+    or None; the base model's metrics; its per-item scores)."""
+    say(f"evaluating the base model {opts['model']} ...")
+    model, tok = GPT.from_pretrained(opts["model"]), Tokenizer.from_pretrained(opts["model"])
+    set_threads(args.threads, model.num_parameters())
+    pairs = _preference_data(methods, opts, tok, model.config.n_positions, bool(args.data))
+    if all(m in DPO_METHODS for m in methods):
+        return pairs, pairs, _base_reference_ppl(model, tok, pairs, args.batch_size), {}
+    data = load_task_data(opts, tok, model.config.n_positions)
+    base, _, base_items = evaluate_model(model, tok, data, args.batch_size)
+    return data, pairs, base, base_items
+
+
+def _preference_data(methods: list[str], opts: dict, tok, n_positions: int, user_data: bool):
+    """The DPO rows' pairs (None without DPO rows), loaded here so that data which is not
+    preference pairs fails once, before any training: --data, or the built-in preference
+    task (compare's --val-data and --test-data belong to the supervised task then)."""
+    dpo = [m for m in methods if m in DPO_METHODS]
+    if not dpo:
+        return None
+    if not user_data:
+        opts = {**opts, "task": "preference", "val_data": None, "test_data": None}
+    try:
+        return load_preference_task(opts, tok, n_positions)
+    except ValueError as e:   # DataError: the file and line
+        raise type(e)(f"{', '.join(dpo)} train{'s' if len(dpo) == 1 else ''} on preference "
+                      f"pairs: {e}") from None
+
+
+def _base_reference_ppl(model, tok, pairs, batch_size: int) -> dict:
+    """The base model's "before" when every row is a DPO row: its reference perplexity (its
+    reward margin is 0 by definition: it is the reference)."""
+    if pairs.reference is None:
+        return {}
+    return {"reference_ppl": perplexity(model, pairs.reference, tok, batch_size,
+                                        pairs.reference_block)}
 
 
 def _write_report(out: Path, summary: dict) -> None:
@@ -148,10 +199,22 @@ def _user_metric(data) -> str:
     return "choice_accuracy" if data.kind == "choice" else "rouge_l"
 
 
-def _common_flags(args, steps: int, eval_every: int, n_eval: int | None, paths: dict) -> list:
+def _child_flags(args, steps: int, eval_every: int, n_eval: int | None,
+                 paths: dict) -> tuple[list, list]:
+    """The finetune flags of the supervised rows, and of the DPO rows: their pairs are --data's
+    or the built-in preference task's (then without the supervised task's files)."""
+    common = _common_flags(args, steps, eval_every, n_eval, paths, args.task)
+    dpo_paths = paths if args.data else {o: paths[o] for o in ("model", "reference")}
+    dpo = _common_flags(args, steps, eval_every, None, dpo_paths,
+                        args.task if args.data else "preference")
+    return common, dpo + ["--objective", "dpo"]
+
+
+def _common_flags(args, steps: int, eval_every: int, n_eval: int | None, paths: dict,
+                  task: str) -> list:
     """The finetune flags every method shares: budget, evaluation, data, seed, threads."""
     common = ["--max-steps", steps, "--eval-every", eval_every, "--batch-size", args.batch_size,
-              "--seed", args.seed, "--no-eval-before", "--task", args.task]
+              "--seed", args.seed, "--no-eval-before", "--task", task]
     common += ["--eval-samples", n_eval] if n_eval else []
     for o, v in {**paths, "threads": args.threads}.items():
         common += [f"--{o.replace('_', '-')}", v] if v else []
@@ -176,7 +239,12 @@ def _run_method(m: str, argv: list, folder: Path, env: dict, base: dict) -> dict
         return {"method": m, "error": error}
     r = json.loads((folder / "report.json").read_text(encoding="utf-8"))
     r["method"] = m
-    if "reference_ppl" in base:
+    if m in DPO_METHODS:
+        r["objective"] = "dpo"
+    if "reference_ppl" in base and "reference_ppl" in r["after"]:
         r["forgetting"] = forgetting_report(base["reference_ppl"], r["after"]["reference_ppl"])
-    say(f"    {time.perf_counter() - t0:.1f} s, validation loss {r['after']['val_loss']:.4f}")
+    a = r["after"]
+    say(f"    {time.perf_counter() - t0:.1f} s, " + (
+        f"reward accuracy {a['reward_accuracy']:.3f}" if m in DPO_METHODS else
+        f"validation loss {a['val_loss']:.4f}"))
     return r
