@@ -1,5 +1,5 @@
 """The built-in tasks through the CLI's task code (minift.commands.taskdata): a multiple-choice
-task scored against log-likelihoods read off transformers' logits, and the error an unknown
+task scored against log-likelihoods from transformers' loss, and the error an unknown
 --task gives."""
 import pytest
 import torch
@@ -13,11 +13,12 @@ from minift.tasks import TASKS, get_task
 
 
 def hf_logprob(hf, context, continuation):
-    """sum_t log p(continuation_t | context, ...) from transformers' logits, by hand."""
-    ids = context + continuation
+    """log p(continuation | context): minus transformers' mean loss over the continuation's
+    tokens (the context's labels -100), times their count."""
+    labels = [-100] * len(context) + continuation
     with torch.no_grad():
-        logp = hf(torch.tensor([ids])).logits[0].log_softmax(-1)       # (T, V)
-    return sum(float(logp[t - 1, ids[t]]) for t in range(len(context), len(ids)))
+        loss = hf(torch.tensor([context + continuation]), labels=torch.tensor([labels])).loss
+    return -float(loss) * len(continuation)
 
 
 def test_task_choice_scores_the_likeliest_choice(tmp_path):
