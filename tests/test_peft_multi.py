@@ -1,5 +1,6 @@
 """Several adapters on one model against PEFT: load_adapter, set_adapter, disable_adapter,
 add_weighted_adapter ("linear", "cat", "ties", "svd"), PEFT's subfolder layout."""
+import json
 import warnings
 
 import pytest
@@ -158,7 +159,8 @@ def test_disable_adapter_gives_the_base_model_for_every_method(hf_tiny):
     folder, _ = hf_tiny
     ids, mask, _ = batch()
     base = GPT.from_pretrained(folder)(ids, attention_mask=mask).logits
-    for config in (PromptTuningConfig(num_virtual_tokens=3), AdapterConfig(bottleneck_size=4, init_std=0.3),
+    for config in (PromptTuningConfig(num_virtual_tokens=3),
+                   AdapterConfig(bottleneck_size=4, init_std=0.3),
                    LoraConfig(r=2, init_lora_weights=False)):
         model = get_peft_model(GPT.from_pretrained(folder), config).eval()
         assert (model(ids, attention_mask=mask).logits[:, -7:] - base).abs().max() > 1e-4
@@ -167,25 +169,29 @@ def test_disable_adapter_gives_the_base_model_for_every_method(hf_tiny):
         assert (model(ids, attention_mask=mask).logits[:, -7:] - base).abs().max() > 1e-4
 
 
-def test_minift_merge_combines_several_runs_with_weights(tmp_path, capsys):
+def test_minift_merge_combines_several_runs_with_weights(hf_tiny, tmp_path, capsys):
     """`minift merge --run A --run B --weights 0.7,0.3`: the merged model's logits are the
     base model plus 0.7 and 0.3 of the two LoRA updates (cat combines them exactly)."""
     from minift.cli import main
+    from minift.tokenizer import Tokenizer
+    folder, _ = hf_tiny
+    tok = Tokenizer.from_pretrained("minift-tiny")   # the run's adapter/ carries one, as finetune's
     runs, deltas = [], []
     for i, target in enumerate((["c_attn"], ["c_attn", "c_fc"])):
         torch.manual_seed(i)
-        model = get_peft_model(GPT.from_pretrained("minift-tiny"),
+        model = get_peft_model(GPT.from_pretrained(folder),
                                LoraConfig(r=2, init_lora_weights=False, target_modules=target))
         run = tmp_path / f"run{i}"
         model.save_pretrained(run / "adapter")
-        (run / "config.json").write_text('{"model": "minift-tiny"}')
+        tok.save_pretrained(run / "adapter")
+        (run / "config.json").write_text(json.dumps({"model": str(folder)}))
         runs.append(run)
         deltas.append({n: m.delta_weight() for n, m in model.base_model.lora_layers().items()})
     code = main(["merge", "--run", str(runs[0]), "--run", str(runs[1]), "--weights", "0.7,0.3",
                  "--out", str(tmp_path / "mix")])
     assert code == 0, capsys.readouterr().err
     merged = GPT.from_pretrained(tmp_path / "mix").state_dict()
-    base = GPT.from_pretrained("minift-tiny").state_dict()
+    base = GPT.from_pretrained(folder).state_dict()
     name = "transformer.h.0.mlp.c_fc"
     assert_close(merged[name + ".weight"], base[name + ".weight"] + 0.3 * deltas[1][name],
                  atol=1e-6)

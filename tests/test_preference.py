@@ -203,16 +203,32 @@ def one_line_error(err, *fragments):
     assert all(f in lines[-1] for f in fragments), lines[-1]
 
 
-def test_finetune_objective_dpo_on_the_preference_task(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """A random 2-layer, 32-wide GPT-2 with minift-tiny's vocabulary and tokenizer files: the
+    built-in tasks tokenise as for minift-tiny, at a fraction of its cost."""
+    import shutil
+    from conftest import make_hf_gpt2
+    from minift.checkpoint import resolve_source
+    folder = tmp_path_factory.mktemp("small_model")
+    make_hf_gpt2(folder, vocab_size=4096, n_positions=256, bos_token_id=0, eos_token_id=0)
+    for f in resolve_source("minift-tiny").glob("*.json"):
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+def test_finetune_objective_dpo_on_the_preference_task(small_model, tmp_path, capsys):
     """`minift finetune --task preference --objective dpo`: report.json has reward_accuracy
     and reward_margin before (0: the policy is the reference) and after, per pair too."""
     from minift.tasks import get_task
     pairs = get_task("preference").records("validation")[:12]
     write_jsonl(tmp_path / "val.jsonl", pairs)
-    write_jsonl(tmp_path / "train.jsonl", get_task("preference").records("train")[:24])
+    write_jsonl(tmp_path / "train.jsonl", get_task("preference").records("train")[:16])
     out = tmp_path / "run"
-    code, _, err = run_main(capsys, "finetune", "--objective", "dpo", "--data",
-                            tmp_path / "train.jsonl", "--val-data", tmp_path / "val.jsonl",
+    code, _, err = run_main(capsys, "finetune", "--model", small_model, "--objective", "dpo",
+                            "--data", tmp_path / "train.jsonl",
+                            "--val-data", tmp_path / "val.jsonl",
                             "--max-steps", 4, "--batch-size", 4, "--lr", 5e-3, "--no-bf16",
                             "--no-forgetting", "--output-dir", out, "--loraplus-lr-ratio", 4)
     assert code == 0, err
@@ -244,21 +260,6 @@ def test_dpo_command_line_errors_are_one_line(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- compare's DPO row
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
-    """A random 2-layer, 32-wide GPT-2 with minift-tiny's vocabulary and tokenizer files: the
-    built-in tasks tokenise as for minift-tiny, at a fraction of its cost."""
-    import shutil
-    from conftest import make_hf_gpt2
-    from minift.checkpoint import resolve_source
-    folder = tmp_path_factory.mktemp("small_model")
-    make_hf_gpt2(folder, vocab_size=4096, n_positions=256, bos_token_id=0, eos_token_id=0)
-    for f in resolve_source("minift-tiny").glob("*.json"):
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(f, folder / f.name)
-    return folder
-
-
 def hf_margins(model_dir, adapter_dir, pairs, beta=0.1):
     """Reward margins recomputed with transformers and peft, pair by pair, in float64:
     beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))) over completion + eos."""
