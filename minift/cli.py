@@ -47,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 TOP_EPILOG = """examples:
-  minift finetune                           LoRA on the built-in params task (about 2 minutes)
+  minift finetune                           LoRA on the built-in params task (300 steps)
   minift finetune --task choice             another built-in task (minift tasks lists them)
   minift finetune --method adapter --max-steps 500 --output-dir runs/adapter
   minift generate --run runs/adapter --prompt $'def shutil.copyfile(src, dst):\\n# parameters:'

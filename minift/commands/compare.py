@@ -34,17 +34,16 @@ QUICK = dict(max_steps=50, eval_every=25)  # `compare --quick`
 EWC_LAMBDA = 1e4   # full+ewc in `compare`
 
 COMPARE_EPILOG = """examples:
-  minift compare --quick                          2-3 minutes on 2 CPU cores
+  minift compare --quick                          every method, 50 steps each
   minift compare --methods lora,full,full+ewc --max-steps 200
   minift compare --methods lora,lora-dpo          a DPO row beside the supervised ones
 methods: """ + ", ".join(COMPARE_METHODS) + " (the default); " + ", ".join(DPO_METHODS) + """
 (full+ewc: full fine-tuning with an EWC penalty, its Fisher from the reference text;
 lora-dpo, full-dpo: DPO on the built-in preference task, or on --data's preference pairs,
 scored by reward accuracy and margin on the validation pairs).
-Each method is a `minift finetune` in its own process (honest peak memory, for about 3 s
-of start-up each), on the same data, step budget, batch size, seed and CPU threads, with
-its own learning rate. Writes report.md, report.json, loss_curves.png and
-a run folder per method."""
+Each method is a `minift finetune` in its own process (so peak memory is honest), on
+the same data, step budget, batch size, seed and CPU threads, with its own learning
+rate. Writes report.md, report.json, loss_curves.png and a run folder per method."""
 
 
 def register(subparsers) -> None:
