@@ -60,16 +60,24 @@ def test_folder_is_small_and_complete(tiny):
 
 def test_logits_match_transformers(tiny):
     """The same function as transformers' GPT-2: equal to 1e-9 in float64. In float32 the two
-    differ by summation order only: measured 8.8e-5 at most over 2M logits, so 2e-4 there
-    (the issue asked for 1e-5, which this model's float32 rounding alone exceeds)."""
+    round differently (summation order; transformers writes GELU out, minift calls torch's
+    fused one) and the final LayerNorm magnifies a hidden state's few ulps, so the issue's
+    1e-5 is below float32's reach on these trained weights. The float32 bound is therefore
+    transformers' own disagreement with itself: minift is at most twice as far from its
+    eager and its SDPA attention as those two are from each other."""
     from transformers import GPT2LMHeadModel
-    hf = GPT2LMHeadModel.from_pretrained(TINY).eval()
+    eager = GPT2LMHeadModel.from_pretrained(TINY, attn_implementation="eager").eval()
+    sdpa = GPT2LMHeadModel.from_pretrained(TINY, attn_implementation="sdpa").eval()
     torch.manual_seed(0)
     ids = torch.randint(0, tiny.config.vocab_size, (2, tiny.config.n_positions))  # full context
     with torch.no_grad():
-        torch.testing.assert_close(tiny(ids).logits, hf(ids).logits, rtol=0, atol=2e-4)
-        ours, theirs = GPT.from_pretrained("minift-tiny").double(), hf.double()
-        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=0, atol=1e-9)
+        ours, e, s = tiny(ids).logits, eager(ids).logits, sdpa(ids).logits
+        noise = (e - s).abs().max().item()
+        assert 0 < noise < 1e-3                       # float32 rounding, not a different model
+        assert (ours - e).abs().max().item() <= 2 * noise
+        assert (ours - s).abs().max().item() <= 2 * noise
+        ours64, theirs64 = GPT.from_pretrained("minift-tiny").double(), eager.double()
+        torch.testing.assert_close(ours64(ids).logits, theirs64(ids).logits, rtol=0, atol=1e-9)
 
 
 def test_tokenizer_matches_transformers(tiny, tok):
