@@ -53,7 +53,7 @@ REFERENCE = ROOT / "minift" / "assets" / "reference.txt"
 HOLD_OUT_EVERY = 50        # every 50th file (2%) is held out
 REFERENCE_CHARS = 40_000   # ~12k tokens: forgetting is measured in about a second
 BLOCK = 256
-COPY_STEPS = 1500          # stage 2
+COPY_STEPS = 3500          # stage 2
 
 
 def documents() -> tuple[list[str], list[str], list[str]]:
