@@ -112,7 +112,7 @@ def test_reference_perplexity_is_what_pretrain_json_says(tok):
 def test_base_model_copies_a_repeated_random_sequence(tiny):
     """Induction (Olsson et al. 2022): 8 sequences of 50 random token ids, each written
     twice; on the second copy the model's top-1 prediction is the next token of the first
-    >= 90% of the time (measured 98%; stage 1 of pretraining alone gave 0%)."""
+    >= 90% of the time (measured 100%; stage 1 of pretraining alone gave 0%)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randint(100, tiny.config.vocab_size, (8, 50), generator=g)
     ids = torch.cat([x, x], 1)
@@ -123,10 +123,11 @@ def test_base_model_copies_a_repeated_random_sequence(tiny):
 
 def test_base_model_copies_identifiers_from_its_context(tiny, tok):
     """Greedy continuation of a line of random identifiers (random letters, 1-2 parts),
-    started again: >= 70% of the tokens copied (measured 77.5% on 40 lines; the issue's
-    target is 90%, missed; the old minift-tiny, trained on 1.8M tokens of docstrings, got 4%)."""
-    got = copy_probe(tiny, tok, n_trials=12, seed=1)
-    assert got["token_accuracy"] >= 0.7, got
+    started again, on the 40 lines the README quotes: >= 80% of the tokens copied at their
+    position (measured 84.4%; the issue's target is 90%, missed; the previous minift-tiny
+    got 77.5%, the first one, trained on 1.8M tokens of docstrings, 4%)."""
+    got = copy_probe(tiny, tok, n_trials=40, seed=0)
+    assert got["token_accuracy"] >= 0.8, got
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
