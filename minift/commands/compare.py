@@ -18,13 +18,12 @@ from ..model import GPT
 from ..options import OPTIONS, RECIPE, UsageError, defaults
 from ..io import write_json
 from ..compare_report import compare_markdown, compare_rows, plot_tradeoff
-from ..evaluate import perplexity
 from ..report import loss_curves, plot_losses, read_metrics
 from ..tokenizer import Tokenizer
 from .common import add_command, number, say, set_threads
 from ..tasks import get_task
 from .preference_task import load_preference_task
-from .taskdata import evaluate_model, load_task_data
+from .taskdata import evaluate_model, load_task_data, reference_metrics
 
 COMPARE_METHODS = ["full", "partial", "adapter", "lora", "prefix", "prompt", "ptuning", "full+ewc"]
 # DPO rows (asked by name, not in the default set): `finetune --objective dpo` with the method,
@@ -153,7 +152,8 @@ def _evaluate_base(args, opts: dict, methods: list[str]):
     set_threads(args.threads, model.num_parameters())
     pairs = _preference_data(methods, opts, tok, model.config.n_positions, bool(args.data))
     if all(m in DPO_METHODS for m in methods):
-        return pairs, pairs, _base_reference_ppl(model, tok, pairs, args.batch_size), {}
+        # the base model is the reference: its margins are 0, its "before" is forgetting's
+        return pairs, pairs, reference_metrics(model, tok, pairs, args.batch_size), {}
     data = load_task_data(opts, tok, model.config.n_positions)
     base, _, base_items = evaluate_model(model, tok, data, args.batch_size)
     return data, pairs, base, base_items
@@ -173,15 +173,6 @@ def _preference_data(methods: list[str], opts: dict, tok, n_positions: int, user
     except ValueError as e:   # DataError: the file and line
         raise type(e)(f"{', '.join(dpo)} train{'s' if len(dpo) == 1 else ''} on preference "
                       f"pairs: {e}") from None
-
-
-def _base_reference_ppl(model, tok, pairs, batch_size: int) -> dict:
-    """The base model's "before" when every row is a DPO row: its reference perplexity (its
-    reward margin is 0 by definition: it is the reference)."""
-    if pairs.reference is None:
-        return {}
-    return {"reference_ppl": perplexity(model, pairs.reference, tok, batch_size,
-                                        pairs.reference_block)}
 
 
 def _write_report(out: Path, summary: dict) -> None:

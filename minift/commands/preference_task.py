@@ -7,10 +7,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..data import train_val_split
-from ..evaluate import perplexity
 from ..options import UsageError
 from ..preference import add_reference_logps, load_preferences, reward_margins
-from .taskdata import TaskData, reference_text, task_files
+from .taskdata import TaskData, reference_metrics, reference_text, task_files
 
 
 def load_preference_task(opts: dict, tok, n_positions: int) -> TaskData:
@@ -50,7 +49,4 @@ def evaluate_preferences(model, tok, data: TaskData, batch_size: int, beta: floa
     metrics = {"val_loss": -F.logsigmoid(margins).mean().item(),
                "reward_accuracy": sum(items["reward_accuracy"]) / len(margins),
                "reward_margin": margins.mean().item(), "n": len(margins)}
-    if data.reference is not None:
-        metrics["reference_ppl"] = perplexity(model, data.reference, tok, batch_size,
-                                              data.reference_block)
-    return metrics, [], items
+    return metrics | reference_metrics(model, tok, data, batch_size), [], items

@@ -174,7 +174,13 @@ def evaluate_model(model, tok, data: TaskData, batch_size: int):
         items = item_scores(preds, [r["completion"] for r in data.records])
     if items:
         metrics.update(score_means(items))  # the means and n, as task_metrics gives them
-    if data.reference is not None:
-        metrics["reference_ppl"] = perplexity(model, data.reference, tok, batch_size,
-                                              data.reference_block)
-    return metrics, preds, items
+    return metrics | reference_metrics(model, tok, data, batch_size), preds, items
+
+
+def reference_metrics(model, tok, data: TaskData, batch_size: int) -> dict:
+    """{"reference_ppl": perplexity on the forgetting text}, or {} when the task has none;
+    every "before" and "after" (supervised, DPO, compare's base model) measures it here."""
+    if data.reference is None:
+        return {}
+    return {"reference_ppl": perplexity(model, data.reference, tok, batch_size,
+                                        data.reference_block)}
