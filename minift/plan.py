@@ -37,7 +37,7 @@ import torch
 
 from .checkpoint import _from_hf_cache, read_config, resolve_source
 from .model import GPT, GPTConfig
-from .ops import QUERY_BLOCK, query_blocks
+from .ops import HEAD_CHUNK, QUERY_BLOCK, query_blocks
 from .peft import (AdapterConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
                    PromptTuningConfig, get_peft_model)
 from .peft.partial import freeze_all_but_top, unfreeze_all
@@ -47,7 +47,6 @@ SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (3
           "gpt2-xl": (48, 25, 1600)}
 METHODS = ("full", "partial", "lora", "dora", "adapter", "prefix", "prompt", "ptuning")
 DTYPES = ("fp32", "bf16")
-HEAD_CHUNK = 256          # rows of LM-head logits per chunk (model.masked_lm_loss)
 
 
 @dataclass

@@ -113,7 +113,7 @@ def test_attention_in_training_keeps_no_square_float_tensor(T, monkeypatch):
     assert not [t for t in saved if t.is_floating_point() and t.dim() == 4 and t.shape[-1] == T]
     blocks = query_blocks(T, T, 16)
     n = 2 * 2 * sum((i1 - i0) * keys for i0, i1, keys in blocks)
-    assert [t.numel() for t in saved if t.dtype == torch.bool] == [n]
+    assert [t.numel() for t in saved if t.dtype == torch.uint8] == [n]
     assert n < (0.75 if T > 16 else 1.01) * 2 * 2 * T * T
     torch.manual_seed(1)
     keep = square_keep(torch.rand(n) >= 0.5, 2, 2, T, T, 16)
@@ -125,16 +125,17 @@ def test_attention_in_training_keeps_no_square_float_tensor(T, monkeypatch):
 # ------------------------------------------------------------------ dropout masks
 @pytest.mark.parametrize("shape", [(3, 100_003), (2, 5)])
 def test_keep_mask_is_one_draw_of_uniform_numbers(shape):
-    """Drawn 64K numbers at a time on the CPU, yet the very mask of one torch.rand draw."""
+    """Drawn 64K numbers at a time on the CPU, yet the very mask of one torch.rand draw,
+    handed out as bytes (0/1): what the float kernels multiply by fastest."""
     torch.manual_seed(0)
     keep = keep_mask(shape, 0.3, torch.device("cpu"))
     torch.manual_seed(0)
-    assert keep.dtype == torch.bool and torch.equal(keep, torch.rand(shape) >= 0.3)
+    assert keep.dtype == torch.uint8 and torch.equal(keep.view(torch.bool), torch.rand(shape) >= 0.3)
 
 
-def test_dropout_keeps_a_bool_mask_and_scales_the_rest():
+def test_dropout_keeps_a_one_byte_mask_and_scales_the_rest():
     """minift's Dropout on the CPU: zeros with probability p, the rest scaled by 1 / (1 - p),
-    the same mask in the backward, and only that mask (bool) kept for it."""
+    the same mask in the backward, and only that mask (one byte an element) kept for it."""
     drop = Dropout(0.25).train()
     assert isinstance(drop, torch.nn.Dropout)  # set_dropout and friends still find it
     x = torch.randn(64, 48, requires_grad=True)
@@ -142,7 +143,7 @@ def test_dropout_keeps_a_bool_mask_and_scales_the_rest():
     torch.manual_seed(3)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = drop(x)
-    assert [t.dtype for t in saved] == [torch.bool]
+    assert [t.dtype for t in saved] == [torch.uint8]
     torch.manual_seed(3)
     keep = torch.rand(64, 48) >= 0.25
     assert 0.72 <= keep.float().mean() <= 0.78
