@@ -6,11 +6,15 @@
 - held-out perplexity on minift/assets/reference.txt (pretraining text never trained on);
 - in-context copying (minift.probes.copy_probe): a line of random identifiers, started
   again, continued greedily;
-- syntactically valid Python: for `def` lines of task-module functions (never read in
-  pretraining), sampled bodies (temperature 0.8, top-k 40) and the greedy one, cut at the
-  first line back at column 0 (the end of the function), parse with `ast` as a whole
-  function. A body that ran out of tokens mid-statement is cut back to its last complete
-  line first, so only what the model finished is judged.
+- syntactically valid Python: for the `def` lines of the params task's test functions
+  (task modules, never read in pretraining), sampled bodies (temperature 0.8, top-k 40)
+  and the greedy one, cut where the function ends, parse with `ast` as a whole function.
+  The function ends at the first line indented less than the body's first line: the model
+  picks the body's indentation itself (8 spaces, as for a method, as often as 4), and its
+  next line at a lower level starts the next definition (at column 0 or, in the class it
+  imagines, at 4). A body at column 0 is no body. A body that ran out of tokens
+  mid-statement is cut back to its last complete line first, so only what the model
+  finished is judged.
 """
 from __future__ import annotations
 
@@ -28,11 +32,15 @@ from minift.tasks import REFERENCE, get_task
 
 
 def function_text(head: str, body: str) -> str:
-    """The def line and the body up to the first non-blank line back at column 0."""
-    lines = []
+    """The def line and the body up to the first non-blank line indented less than the
+    body's first non-blank line (nothing when that line is at column 0)."""
+    lines, indent = [], None
     for line in body.split("\n"):
-        if line.strip() and not line[0].isspace() and lines:
-            break
+        if line.strip():
+            depth = len(line) - len(line.lstrip())
+            if depth < (1 if indent is None else indent):
+                break
+            indent = depth if indent is None else indent
         lines.append(line)
     return head + "\n".join(lines)
 
@@ -55,7 +63,7 @@ def parses(text: str) -> bool:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="minift-tiny")
-    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--samples", type=int, default=91, help="def lines (91: all of them)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

@@ -130,6 +130,21 @@ def test_base_model_copies_identifiers_from_its_context(tiny, tok):
     assert got["token_accuracy"] >= 0.8, got
 
 
+def test_valid_python_probe_ends_the_function_where_its_body_dedents():
+    """scripts/capability.py's rule: the body runs until a line indented less than its first
+    line; what follows (the next method of an imagined class) is not judged, a body at
+    column 0 is no function, and a real syntax error inside the body still fails."""
+    cap = script("capability")
+    head = "def shutil.copyfile(src, dst):"
+    method_like = "\n        n = len(src)\n\n        return dst\n    def next(self):\n        x = (\n"
+    assert cap.function_text(head, method_like) == head + "\n        n = len(src)\n\n        return dst"
+    assert cap.parses(cap.function_text(head, method_like))
+    assert cap.function_text(head, "\nx = 1\n") == head and not cap.parses(head)
+    assert not cap.parses(cap.function_text(head, "\n    if src.:\n        pass\n    return dst"))
+    # ran out of tokens mid-statement: judged on the complete lines before it
+    assert cap.parses(cap.function_text(head, "\n    n = len(src)\n    return copy(src,"))
+
+
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_task_splits_are_well_formed_and_disjoint(name):
     task, seen = get_task(name), {}
