@@ -137,7 +137,7 @@ class AttentionDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, keep, p: float, block: int | None):
         # q (B, nh, T, hs); k, v (B, nh, S, hs); mask bool broadcast to (B, nh, T, S) or None
-        # for causal; keep flat 0/1 (bool or int8) over query_blocks(T, S, block)
+        # for causal; keep flat 0/1 (uint8, int8 or bool: keep_mask) over query_blocks(T, S, block)
         blocks = query_blocks(q.shape[2], k.shape[2], block)
         q = q * (1.0 / math.sqrt(q.shape[-1]))                             # contiguous copy
         k, v = k.contiguous(), v.contiguous()

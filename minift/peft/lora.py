@@ -89,7 +89,7 @@ class LoraLinearFunction(torch.autograd.Function):
         u = (x * keep) A^T / (1 - p)            (..., r)    keep: 0/1 dropout mask or None
         y = x W^T + b + s u B^T                 (..., out)  s = scaling
 
-    Saved for the backward: x, the 1-byte mask (bool, or int8 when compiled: see
+    Saved for the backward: x, the 1-byte mask (uint8 on the CPU, int8 when compiled: see
     `minift.ops.keep_mask`) and the thin u, plus references to W, A, B.
     Not the dropped-out copy of x, and nothing for W, which is frozen: its gradient
     (and b's) is computed only if asked for. The backward, with g = dL/dy (N, out):
