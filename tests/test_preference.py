@@ -1,9 +1,9 @@
 """DPO (minift.preference): sequence log-probabilities against a plain per-token loop, the
 loss against the paper's formula in float64, the reference as the model with its adapter
 disabled, the preference records and their errors, and training that separates the pairs."""
-import contextlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,28 +260,32 @@ def test_dpo_command_line_errors_are_one_line(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- compare's DPO row
-def hf_margins(model_dir, adapter_dir, pairs, beta=0.1):
+def hf_margins(model_dir, trained_dir, pairs, beta=0.1):
     """Reward margins recomputed with transformers and peft, pair by pair, in float64:
-    beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))) over completion + eos."""
+    beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))) over completion + eos, with
+    ref the model in model_dir and pi the run's trained folder: adapter/ (PEFT over ref) or
+    model/ (a whole Hugging Face folder, from full fine-tuning)."""
     from peft import PeftModel
     from transformers import GPT2LMHeadModel
     tok = Tokenizer.from_pretrained(model_dir)
-    policy = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(model_dir),
-                                       adapter_dir).eval()
+    reference = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    if (Path(trained_dir) / "adapter_config.json").exists():
+        policy = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(model_dir),
+                                           trained_dir).eval()
+    else:
+        policy = GPT2LMHeadModel.from_pretrained(trained_dir).eval()
 
-    def logp(prompt, completion):
+    def logp(model, prompt, completion):
         p, c = tok(prompt)["input_ids"], tok(completion)["input_ids"] + [tok.eos_token_id]
-        ids = torch.tensor([p + c])
-        out = []
-        for disabled in (True, False):   # the reference: the base model, without the adapter
-            with torch.no_grad(), (policy.disable_adapter() if disabled else
-                                   contextlib.nullcontext()):
-                logits = policy(input_ids=ids).logits[0].double()
-            lp = torch.log_softmax(logits[len(p) - 1:-1], dim=-1)   # predicts tokens len(p)..
-            out.append(lp.gather(1, torch.tensor(c)[:, None]).sum().item())
-        return out[1] - out[0]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + c])).logits[0].double()
+        lp = torch.log_softmax(logits[len(p) - 1:-1], dim=-1)           # predicts tokens len(p)..
+        return lp.gather(1, torch.tensor(c)[:, None]).sum().item()
 
-    return [beta * (logp(r["prompt"], r["chosen"]) - logp(r["prompt"], r["rejected"]))
+    def ratio(prompt, completion):
+        return logp(policy, prompt, completion) - logp(reference, prompt, completion)
+
+    return [beta * (ratio(r["prompt"], r["chosen"]) - ratio(r["prompt"], r["rejected"]))
             for r in pairs]
 
 
@@ -319,6 +323,54 @@ def test_compare_has_a_dpo_row_scored_on_the_preference_pairs(small_model, tmp_p
     assert cell["vs best"] == "-" and cell["reward acc"] == f"{dpo['after']['reward_accuracy']:.3f}"
     lora_row = next(ln for ln in md.splitlines() if ln.startswith("| lora |"))
     assert "| best |" in lora_row and "lora-dpo" in stdout
+
+
+def test_compare_dpo_rows_alone_with_full_dpo(small_model, tmp_path, capsys):
+    """`compare --task preference --methods lora-dpo,full-dpo`: the DPO-only path. Both rows
+    are scored by the transformers (+ peft) recomputation from their saved weights (full-dpo
+    from its whole model folder), the base model is the reference (margin 0 on every pair,
+    so reward accuracy 0), the rows are ranked by reward accuracy, and no supervised metric
+    appears anywhere."""
+    from minift.tasks import REFERENCE, get_task
+    (tmp_path / "ref.txt").write_text(REFERENCE.read_text()[:2000])
+    val = get_task("preference").records("validation")[:12]
+    write_jsonl(tmp_path / "val.jsonl", val)
+    out = tmp_path / "cmp"
+    code, stdout, err = run_main(
+        capsys, "compare", "--task", "preference", "--methods", "lora-dpo,full-dpo",
+        "--model", small_model, "--max-steps", 3, "--eval-every", 3, "--batch-size", 4,
+        "--val-data", tmp_path / "val.jsonl", "--reference", tmp_path / "ref.txt",
+        "--output-dir", out)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    rows = {m["method"]: m for m in report["methods"]}
+    assert set(rows) == {"lora-dpo", "full-dpo"}
+    for name, folder in (("lora-dpo", "adapter"), ("full-dpo", "model")):
+        m = rows[name]
+        assert m["objective"] == "dpo" and m["after"]["n"] == len(val)
+        margins = hf_margins(small_model, out / name / folder, val)
+        assert min(abs(x) for x in margins) > 1e-5                 # no sign up to rounding
+        assert m["item_scores"]["after"]["reward_accuracy"] == [float(x > 0) for x in margins]
+        assert m["after"]["reward_margin"] == pytest.approx(sum(margins) / len(val), abs=1e-5)
+        assert "change" in m["forgetting"]
+    assert rows["full-dpo"]["trainable_params"] > 10 * rows["lora-dpo"]["trainable_params"]
+    md = (out / "report.md").read_text()
+    cols = [c.strip() for c in md.split("| method |")[1].split("\n")[0].strip("|").split("|")]
+    assert "reward acc [95% CI]" in cols and not [c for c in cols if "exact match" in c]
+    cells = {}
+    for ln in md.splitlines():
+        if ln.startswith("| ") and not ln.startswith(("| method", "|---")):
+            c = [x.strip() for x in ln.strip("|").split("|")]
+            cells[c[0]] = dict(zip(cols, c[1:]))
+    # the base model is the reference: nothing to score (its margins are 0 by definition)
+    assert set(cells["base model (no training)"].values()) <= {"0", "0%", "-"}
+    acc = {n: rows[n]["after"]["reward_accuracy"] for n in rows}
+    for n in rows:
+        assert cells[n]["reward acc [95% CI]"].startswith(f"{acc[n]:.3f} [")
+        assert cells[n]["val loss"] == "-"
+    best, other = sorted(rows, key=lambda n: -acc[n])
+    assert cells[best]["vs best"] == "best"
+    assert cells[other]["vs best"] in ("best", "=", f"{acc[other] - acc[best]:+.3f}")
 
 
 def test_compare_dpo_row_needs_preference_pairs(small_model, tmp_path, capsys):

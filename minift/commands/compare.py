@@ -39,7 +39,8 @@ COMPARE_EPILOG = """examples:
 methods: """ + ", ".join(COMPARE_METHODS) + " (the default); " + ", ".join(DPO_METHODS) + """
 (full+ewc: full fine-tuning with an EWC penalty, its Fisher from the reference text;
 lora-dpo, full-dpo: DPO on the built-in preference task, or on --data's preference pairs,
-scored by reward accuracy and margin on the validation pairs).
+scored by reward accuracy and margin on the validation pairs; with no supervised method in
+--methods, --val-data holds their validation pairs).
 Each method is a `minift finetune` in its own process (so peak memory is honest), on
 the same data, step budget, batch size, seed and CPU threads, with its own learning
 rate. Writes report.md, report.json, loss_curves.png and a run folder per method."""
@@ -89,13 +90,20 @@ def run(args) -> int:
     if task is not None and task.kind == "dpo" and sft:
         raise UsageError(f"--task {task.name} holds preference pairs, which only DPO rows train "
                          f"on: --methods {','.join(DPO_METHODS)}")
+    # The DPO rows' files: --data's pairs (with --val-data, --test-data) when --data is given,
+    # else the built-in preference task, with --val-data and --test-data when no supervised
+    # row claims them (a comparison of DPO rows alone).
+    dpo_paths = paths if args.data or not sft else {o: paths[o] for o in ("model", "reference")}
+    dpo_task = args.task if args.data else "preference"
     common, dpo_common = _child_flags(args, steps, min(args.eval_every or preset["eval_every"],
-                                                      steps), n_eval, paths)
+                                                      steps), n_eval, paths, dpo_paths, dpo_task)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     opts = {**defaults("lora"), **paths, "model": args.model or "minift-tiny",
             "seed": args.seed, "eval_samples": n_eval, "task": args.task}
-    data, pairs, base, base_items = _evaluate_base(args, opts, methods)
+    dpo_opts = {**opts, "task": dpo_task,
+                **{o: dpo_paths.get(o) for o in ("data", "val_data", "test_data")}}
+    data, pairs, base, base_items = _evaluate_base(args, opts, dpo_opts, methods)
     threads = torch.get_num_threads()  # what every child will choose too
 
     out.mkdir(parents=True, exist_ok=True)
@@ -144,13 +152,14 @@ def _methods(text: str) -> list[str]:
     return methods
 
 
-def _evaluate_base(args, opts: dict, methods: list[str]):
+def _evaluate_base(args, opts: dict, dpo_opts: dict, methods: list[str]):
     """(the supervised rows' TaskData, or the pairs when there are none; the DPO rows' pairs
-    or None; the base model's metrics; its per-item scores)."""
+    or None; the base model's metrics; its per-item scores). opts: the supervised rows'
+    options, dpo_opts: the DPO rows'."""
     say(f"evaluating the base model {opts['model']} ...")
     model, tok = GPT.from_pretrained(opts["model"]), Tokenizer.from_pretrained(opts["model"])
     set_threads(args.threads, model.num_parameters())
-    pairs = _preference_data(methods, opts, tok, model.config.n_positions, bool(args.data))
+    pairs = _preference_data(methods, dpo_opts, tok, model.config.n_positions)
     if all(m in DPO_METHODS for m in methods):
         # the base model is the reference: its margins are 0, its "before" is forgetting's
         return pairs, pairs, reference_metrics(model, tok, pairs, args.batch_size), {}
@@ -159,15 +168,12 @@ def _evaluate_base(args, opts: dict, methods: list[str]):
     return data, pairs, base, base_items
 
 
-def _preference_data(methods: list[str], opts: dict, tok, n_positions: int, user_data: bool):
-    """The DPO rows' pairs (None without DPO rows), loaded here so that data which is not
-    preference pairs fails once, before any training: --data, or the built-in preference
-    task (compare's --val-data and --test-data belong to the supervised task then)."""
+def _preference_data(methods: list[str], opts: dict, tok, n_positions: int):
+    """The DPO rows' pairs (None without DPO rows) from their options (run's dpo_opts),
+    loaded here so that data which is not preference pairs fails once, before any training."""
     dpo = [m for m in methods if m in DPO_METHODS]
     if not dpo:
         return None
-    if not user_data:
-        opts = {**opts, "task": "preference", "val_data": None, "test_data": None}
     try:
         return load_preference_task(opts, tok, n_positions)
     except ValueError as e:   # DataError: the file and line
@@ -189,14 +195,12 @@ def _user_metric(data) -> str:
     return "choice_accuracy" if data.kind == "choice" else "rouge_l"
 
 
-def _child_flags(args, steps: int, eval_every: int, n_eval: int | None,
-                 paths: dict) -> tuple[list, list]:
-    """The finetune flags of the supervised rows, and of the DPO rows: their pairs are --data's
-    or the built-in preference task's (then without the supervised task's files)."""
+def _child_flags(args, steps: int, eval_every: int, n_eval: int | None, paths: dict,
+                 dpo_paths: dict, dpo_task: str) -> tuple[list, list]:
+    """The finetune flags of the supervised rows, and of the DPO rows (their own files and
+    task: run's dpo_paths and dpo_task)."""
     common = _common_flags(args, steps, eval_every, n_eval, paths, args.task)
-    dpo_paths = paths if args.data else {o: paths[o] for o in ("model", "reference")}
-    dpo = _common_flags(args, steps, eval_every, None, dpo_paths,
-                        args.task if args.data else "preference")
+    dpo = _common_flags(args, steps, eval_every, None, dpo_paths, dpo_task)
     return common, dpo + ["--objective", "dpo"]
 
 
