@@ -101,6 +101,14 @@ PATCHES = [
     Patch("train ignores restore_best", "minift/train.py",
           "if config.restore_best:", "if False:",
           ["tests/test_train.py::test_early_stopping_and_restore_best_in_train"]),
+    Patch("CPU dropout masks keep everything", "minift/ops.py",
+          "torch.ge(torch.rand(part.shape, device=device), p, out=part)",
+          "torch.ge(torch.rand(part.shape, device=device), 0.0, out=part)",
+          ["tests/test_ops.py::test_dropout_keeps_a_one_byte_mask_and_scales_the_rest",
+           "tests/test_fast.py::test_lora_layer_dropout_draws_one_mask"]),
+    Patch("compare's DPO rows alone ignore --val-data", "minift/commands/compare.py",
+          "dpo_paths = paths if args.data or not sft else", "dpo_paths = paths if args.data else",
+          ["tests/test_preference.py::test_compare_dpo_rows_alone_with_full_dpo"]),
 ]
 
 
