@@ -136,8 +136,9 @@ def test_valid_python_probe_ends_the_function_where_its_body_dedents():
     column 0 is no function, and a real syntax error inside the body still fails."""
     cap = script("capability")
     head = "def shutil.copyfile(src, dst):"
-    method_like = "\n        n = len(src)\n\n        return dst\n    def next(self):\n        x = (\n"
-    assert cap.function_text(head, method_like) == head + "\n        n = len(src)\n\n        return dst"
+    body = "\n        n = len(src)\n\n        return dst"
+    method_like = body + "\n    def next(self):\n        x = (\n"
+    assert cap.function_text(head, method_like) == head + body
     assert cap.parses(cap.function_text(head, method_like))
     assert cap.function_text(head, "\nx = 1\n") == head and not cap.parses(head)
     assert not cap.parses(cap.function_text(head, "\n    if src.:\n        pass\n    return dst"))
