@@ -10,7 +10,7 @@
   (task modules, never read in pretraining), sampled bodies (temperature 0.8, top-k 40)
   and the greedy one, cut where the function ends, parse with `ast` as a whole function.
   The function ends at the first line indented less than the body's first line: the model
-  picks the body's indentation itself (8 spaces, as for a method, as often as 4), and its
+  picks the body's indentation itself (mostly 8 or 12 spaces, as for a method), and its
   next line at a lower level starts the next definition (at column 0 or, in the class it
   imagines, at 4). A body at column 0 is no body. A body that ran out of tokens
   mid-statement is cut back to its last complete line first, so only what the model
