@@ -289,6 +289,15 @@ def hf_margins(model_dir, trained_dir, pairs, beta=0.1):
             for r in pairs]
 
 
+def compare_report(out):
+    """report.json, and its table rows by method (compare_report.compare_rows: the cells
+    report.md shows, which must be exactly the markdown of report.json)."""
+    from minift.compare_report import compare_markdown, compare_rows
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").read_text(encoding="utf-8") == compare_markdown(report)
+    return report, {r["method"]: r for r in compare_rows(report)}
+
+
 def test_compare_has_a_dpo_row_scored_on_the_preference_pairs(small_model, tmp_path, capsys):
     """`compare --methods lora,lora-dpo`: the DPO row trains on the built-in preference task;
     its reward accuracy is the transformers + peft recomputation's; it has no exact match
@@ -303,7 +312,7 @@ def test_compare_has_a_dpo_row_scored_on_the_preference_pairs(small_model, tmp_p
         "--val-data", tmp_path / "val.jsonl", "--reference", tmp_path / "ref.txt",
         "--output-dir", out)
     assert code == 0, err
-    report = json.loads((out / "report.json").read_text())
+    report, cells = compare_report(out)
     lora, dpo = report["methods"]
     assert dpo["method"] == "lora-dpo" and dpo["objective"] == "dpo" and "objective" not in lora
     val = get_task("preference").records("validation")
@@ -314,15 +323,10 @@ def test_compare_has_a_dpo_row_scored_on_the_preference_pairs(small_model, tmp_p
     assert dpo["after"]["reward_margin"] == pytest.approx(sum(margins) / len(val), abs=1e-5)
     assert min(abs(m) for m in margins) > 1e-5          # no sign is up to rounding
     assert "change" in dpo["forgetting"]                # the same reference text, before/after
-    md = (out / "report.md").read_text()
-    row = next(ln for ln in md.splitlines() if ln.startswith("| lora-dpo |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    cols = [c.strip() for c in md.split("| method |")[1].split("\n")[0].strip("|").split("|")]
-    cell = dict(zip(["method", *cols], cells))
+    cell = cells["lora-dpo"]
     assert cell["val loss"] == "-" and cell["exact match [95% CI]"] == "-"
     assert cell["vs best"] == "-" and cell["reward acc"] == f"{dpo['after']['reward_accuracy']:.3f}"
-    lora_row = next(ln for ln in md.splitlines() if ln.startswith("| lora |"))
-    assert "| best |" in lora_row and "lora-dpo" in stdout
+    assert cells["lora"]["vs best"] == "best" and "lora-dpo" in stdout
 
 
 def test_compare_dpo_rows_alone_with_full_dpo(small_model, tmp_path, capsys):
@@ -342,7 +346,7 @@ def test_compare_dpo_rows_alone_with_full_dpo(small_model, tmp_path, capsys):
         "--val-data", tmp_path / "val.jsonl", "--reference", tmp_path / "ref.txt",
         "--output-dir", out)
     assert code == 0, err
-    report = json.loads((out / "report.json").read_text())
+    report, cells = compare_report(out)
     rows = {m["method"]: m for m in report["methods"]}
     assert set(rows) == {"lora-dpo", "full-dpo"}
     for name, folder in (("lora-dpo", "adapter"), ("full-dpo", "model")):
@@ -354,16 +358,11 @@ def test_compare_dpo_rows_alone_with_full_dpo(small_model, tmp_path, capsys):
         assert m["after"]["reward_margin"] == pytest.approx(sum(margins) / len(val), abs=1e-5)
         assert "change" in m["forgetting"]
     assert rows["full-dpo"]["trainable_params"] > 10 * rows["lora-dpo"]["trainable_params"]
-    md = (out / "report.md").read_text()
-    cols = [c.strip() for c in md.split("| method |")[1].split("\n")[0].strip("|").split("|")]
+    cols = list(cells["lora-dpo"])
     assert "reward acc [95% CI]" in cols and not [c for c in cols if "exact match" in c]
-    cells = {}
-    for ln in md.splitlines():
-        if ln.startswith("| ") and not ln.startswith(("| method", "|---")):
-            c = [x.strip() for x in ln.strip("|").split("|")]
-            cells[c[0]] = dict(zip(cols, c[1:]))
     # the base model is the reference: nothing to score (its margins are 0 by definition)
-    assert set(cells["base model (no training)"].values()) <= {"0", "0%", "-"}
+    base = cells["base model (no training)"]
+    assert {v for k, v in base.items() if k != "method"} <= {"0", "0%", "-"}
     acc = {n: rows[n]["after"]["reward_accuracy"] for n in rows}
     for n in rows:
         assert cells[n]["reward acc [95% CI]"].startswith(f"{acc[n]:.3f} [")
