@@ -38,9 +38,9 @@ def function_text(head: str, body: str) -> str:
     for line in body.split("\n"):
         if line.strip():
             depth = len(line) - len(line.lstrip())
-            if depth < (1 if indent is None else indent):
-                break
             indent = depth if indent is None else indent
+            if depth < max(indent, 1):
+                break
         lines.append(line)
     return head + "\n".join(lines)
 
