@@ -36,27 +36,55 @@ HEAD_CHUNK = 512
 
 
 # ---------------------------------------------------------------------------- dropout
-def keep_mask(shape, p: float, device: torch.device) -> torch.Tensor:
-    """Dropout's keep-mask: 1 where a uniform draw is >= p (probability 1 - p), else 0, one
-    byte an element; multiply by it (then by 1 / (1 - p)) to drop out.
+# mask elements per random draw on the CPU: a 1 MB buffer of int64s that stays in the 2 MB L2
+# (a step's masks took 155 ms at 2^18, 168 at 2^17, 182 at 2^16: scripts/bench_mask.py's shapes)
+MASK_CHUNK = 1 << 18
 
-    Eager code on the CPU gets uint8: its uniform numbers are drawn 64K at a time into a
-    buffer that stays in cache (the same numbers, in the same order, as one draw; GPT-2
-    small's attention mask at 4 x 256 would otherwise pass through a 12.6 MB float tensor
-    per layer, which is slower and leaves heap fragments behind), compared into a bool
-    tensor, and that is handed out viewed as bytes: torch's CPU kernels multiply a float
-    tensor by a bool one through a float copy of the bool, by a uint8 one directly, 2-4x
-    faster at these shapes. Code compiled by inductor gets int8 0/1 made with `where`
-    (inductor's C++ stores and loads bool tensors several times slower than int8 ones), and
-    other devices a bool tensor. The products are the same numbers.
+
+@torch.library.custom_op("minift::random_bits_", mutates_args=("bits",), device_types="cpu")
+def random_bits_(bits: torch.Tensor) -> None:
+    """Fill an int64 tensor with 64 random bits an element from torch's generator (mt19937 on
+    the CPU, 64 bits a draw). An op of its own so that compiled code can call it: dynamo
+    stops its graph at Tensor.random_, and inductor runs this op in program order, drawing
+    exactly what eager code draws (it mutates `bits`, so it is never merged or dropped)."""
+    bits.random_(-2**63, None)
+
+
+def keep_mask(shape, p: float, device: torch.device) -> torch.Tensor:
+    """Dropout's keep-mask, one byte an element: multiply by it (then by 1 / (1 - p)) to drop.
+
+    On the CPU each element is one uniform signed 32-bit integer s, kept when
+    s >= round(p * 2^32) - 2^31: P(drop) = round(p * 2^32) / 2^32, within 2^-33 of p (a float32
+    uniform >= p is within 2^-24). The integers are the two halves of `random_bits_`'s int64s,
+    drawn MASK_CHUNK / 2 at a time into a buffer that stays in cache: the same integers, in the same
+    order, as one draw of the whole mask, in less time than torch.rand's float draws for it
+    (`scripts/bench_mask.py`; the masks are the largest cost outside the matmuls of a bf16
+    LoRA step). Eager code gets the mask as uint8 (a bool tensor viewed as bytes: torch's CPU
+    kernels multiply a float tensor by a bool one through a float copy of the bool, by a
+    uint8 one directly, 2-4x faster at GPT-2's shapes). Code compiled by inductor gets the
+    same mask as int8 0/1 made with `where` (its C++ loads and stores bool tensors several
+    times slower than int8 ones). Other devices draw torch.rand >= p (one fused kernel there).
     """
+    device = torch.device(device)
+    if device.type != "cpu":
+        keep = torch.rand(shape, device=device) >= p
+        return torch.where(keep, 1, 0).to(torch.int8) if torch.compiler.is_compiling() else keep
+    if p >= 1:
+        return torch.zeros(shape, dtype=torch.uint8)
+    threshold = round(p * 2**32) - 2**31           # an int32: p = 0 keeps every s
+    n = math.prod(shape)
     if torch.compiler.is_compiling():
-        return torch.where(torch.rand(shape, device=device) >= p, 1, 0).to(torch.int8)
-    if torch.device(device).type != "cpu":
-        return torch.rand(shape, device=device) >= p
-    keep = torch.empty(shape, dtype=torch.bool, device=device)
-    for part in keep.view(-1).split(1 << 16):
-        torch.ge(torch.rand(part.shape, device=device), p, out=part)
+        bits = torch.empty((n + 1) // 2, dtype=torch.int64)
+        random_bits_(bits)
+        # bits.view(torch.int32), little-endian, by shifts: inductor fails on that view
+        halves = torch.stack(((bits << 32) >> 32, bits >> 32), dim=-1).flatten()[:n]
+        return torch.where(halves.view(shape) >= threshold, 1, 0).to(torch.int8)
+    keep = torch.empty(shape, dtype=torch.bool)
+    bits = torch.empty(MASK_CHUNK // 2, dtype=torch.int64)
+    for part in keep.view(-1).split(MASK_CHUNK):
+        m = part.numel()                            # even, but for the last part
+        random_bits_(bits[:(m + 1) // 2])
+        torch.ge(bits.view(torch.int32)[:m], threshold, out=part)
     return keep.view(torch.uint8)
 
 
@@ -65,11 +93,11 @@ class Dropout(nn.Dropout):
     rest by 1 / (1 - p)) that keeps a 1-byte mask on the CPU.
 
     torch's CPU dropout draws a float mask with bernoulli_ and keeps it, 4 bytes an element,
-    for the backward. Here the mask is `keep_mask` (uniform >= p, 1 byte), and
-    `(x * keep) * scale` lets autograd keep only that: a quarter of the memory, and uniform
-    numbers are drawn in half the time of bernoulli_. Same distribution, same output for
-    the same mask. On other devices F.dropout is already one fused kernel with a 1-byte
-    mask, so it is used as is.
+    for the backward. Here the mask is `keep_mask` (a random 32-bit integer >= a threshold,
+    1 byte), and `(x * keep) * scale` lets autograd keep only that: a quarter of the memory,
+    drawn in under half of bernoulli_'s time (`scripts/bench_mask.py`). The same
+    distribution (to 2^-33), the same output for the same mask. On other devices F.dropout
+    is already one fused kernel with a 1-byte mask, so it is used as is.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,16 @@ def pattern_data(n, seed=0, stride=3, min_len=6, max_len=24, prompt=0):
     return out
 
 
+def reference_keep(shape, p):
+    """The dropout mask keep_mask draws on the CPU, by its definition and without its code:
+    one draw of int64s from torch's generator, read as little-endian signed 32-bit integers
+    (by numpy), each kept when >= round(p * 2^32) - 2^31. A bool tensor of `shape`."""
+    n = torch.Size(shape).numel()
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-2**63, None)
+    halves = torch.from_numpy(bits.numpy().astype("<i8").view("<i4")[:n].copy())
+    return (halves >= round(p * 2**32) - 2**31).view(shape)
+
+
 def weights(model):
     """A detached copy of every parameter, by name."""
     return {n: p.detach().clone() for n, p in model.named_parameters()}

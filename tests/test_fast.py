@@ -16,6 +16,7 @@ from minift import GPT, GPTConfig
 from minift.model import Block, compile_blocks
 from minift.peft import LoraConfig, LoraLinear, PrefixTuningConfig, get_peft_model
 from minift.peft.lora import LoraLinearFunction, lora_linear
+from conftest import reference_keep
 
 
 TINY = dict(n_layer=3, n_head=2, n_embd=32, vocab_size=97, n_positions=64,
@@ -85,7 +86,7 @@ def test_fused_lora_saves_x_mask_and_u_only():
 
 def test_lora_layer_dropout_draws_one_mask():
     """In training, LoraLinear's output is the plain composition under a Bernoulli(1 - p)
-    mask drawn from torch's generator (uniform draws >= p); in eval mode no mask at all."""
+    mask drawn from torch's generator (keep_mask's 32-bit draws); in eval mode no mask at all."""
     torch.manual_seed(0)
     layer = LoraLinear(torch.nn.Linear(12, 18), r=4, lora_alpha=8, lora_dropout=0.25)
     torch.nn.init.normal_(layer.lora_B.weight)
@@ -95,7 +96,7 @@ def test_lora_layer_dropout_draws_one_mask():
     torch.manual_seed(7)
     y = layer.train()(x)
     torch.manual_seed(7)
-    keep = torch.rand_like(x) >= 0.25
+    keep = reference_keep(x.shape, 0.25)
     assert 0 < keep.sum() < keep.numel()
     assert (y - plain_lora(x, W, b, A, B, 2.0, keep, 0.25)).abs().max() <= 1e-5
     assert (layer.eval()(x) - plain_lora(x, W, b, A, B, 2.0)).abs().max() <= 1e-5

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from minift import GPTConfig
 from minift.model import MLP, CausalSelfAttention, attention_mask_4d
+from conftest import reference_keep
 from minift.ops import (ActLinear, AttentionDropout, ChunkedHeadLoss, Dropout, attention,
                         keep_mask, masked_lm_loss, query_blocks)
 
@@ -116,21 +117,33 @@ def test_attention_in_training_keeps_no_square_float_tensor(T, monkeypatch):
     assert [t.numel() for t in saved if t.dtype == torch.uint8] == [n]
     assert n < (0.75 if T > 16 else 1.01) * 2 * 2 * T * T
     torch.manual_seed(1)
-    keep = square_keep(torch.rand(n) >= 0.5, 2, 2, T, T, 16)
+    keep = square_keep(reference_keep((n,), 0.5), 2, 2, T, T, 16)
     q, k, v = (t.view(2, T, 2, 16).transpose(1, 2) for t in attn.c_attn(x).split(32, dim=2))
     o = plain_attention(q, k, v, torch.ones(T, T, dtype=torch.bool).tril(), keep, 0.5)
     assert (y - attn.c_proj(o.transpose(1, 2).reshape(2, T, 32))).abs().max() <= 1e-6
 
 
 # ------------------------------------------------------------------ dropout masks
-@pytest.mark.parametrize("shape", [(3, 100_003), (2, 5)])
-def test_keep_mask_is_one_draw_of_uniform_numbers(shape):
-    """Drawn 64K numbers at a time on the CPU, yet the very mask of one torch.rand draw,
-    handed out as bytes (0/1): what the float kernels multiply by fastest."""
+@pytest.mark.parametrize("shape", [(3, 100_003), (2, 5), (1,)])
+def test_keep_mask_is_one_draw_of_32_bit_integers(shape):
+    """Drawn 64K elements at a time on the CPU (an odd count last), yet the very mask of one
+    draw of the whole, handed out as bytes (0/1): what the float kernels multiply by fastest."""
     torch.manual_seed(0)
     keep = keep_mask(shape, 0.3, torch.device("cpu"))
     torch.manual_seed(0)
-    assert keep.dtype == torch.uint8 and torch.equal(keep.view(torch.bool), torch.rand(shape) >= 0.3)
+    assert keep.dtype == torch.uint8 and torch.equal(keep.view(torch.bool), reference_keep(shape, 0.3))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_keep_mask_drops_with_probability_p(p):
+    """P(drop) = round(p 2^32) / 2^32: over 4M draws the count is within 5 standard
+    deviations of p n; p = 0 keeps all and p = 1 drops all."""
+    n = 1 << 22
+    torch.manual_seed(1)
+    dropped = n - keep_mask((n,), p, torch.device("cpu")).sum().item()
+    assert abs(dropped - p * n) <= 5 * (n * p * (1 - p)) ** 0.5
+    assert keep_mask((5, 7), 0.0, torch.device("cpu")).all()
+    assert not keep_mask((5, 7), 1.0, torch.device("cpu")).any()
 
 
 def test_dropout_keeps_a_one_byte_mask_and_scales_the_rest():
@@ -145,7 +158,7 @@ def test_dropout_keeps_a_one_byte_mask_and_scales_the_rest():
         y = drop(x)
     assert [t.dtype for t in saved] == [torch.uint8]
     torch.manual_seed(3)
-    keep = torch.rand(64, 48) >= 0.25
+    keep = reference_keep((64, 48), 0.25)
     assert 0.72 <= keep.float().mean() <= 0.78
     assert torch.equal(y, x * keep * (1 / 0.75))
     g = torch.randn(64, 48)

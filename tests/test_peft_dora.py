@@ -9,6 +9,7 @@ import torch
 from minift import GPT
 from minift.peft import LoraConfig, LoraLinear, PeftError, PeftModel, get_peft_model, merge_lora
 from minift.peft.dora import dora_linear
+from conftest import reference_keep
 from peft_helpers import assert_close, assert_matches_peft, batch, cross_load, pair, peft_params
 
 peft = pytest.importorskip("peft")
@@ -140,7 +141,7 @@ def test_dora_op_gradcheck_and_dropout():
     torch.manual_seed(7)                     # with dropout: PEFT's form under the same mask
     y = dora_linear(x, W, b, A, B, m, 2.0, dropout_p=0.25)
     torch.manual_seed(7)
-    keep = torch.rand(x.shape) >= 0.25      # keep_mask's draws: float32 uniforms >= p
+    keep = reference_keep(x.shape, 0.25)    # keep_mask's draws
     assert_close(y, plain(x, keep, 0.25), atol=1e-10)
 
 
