@@ -274,7 +274,11 @@ class ChunkedHeadLoss(torch.autograd.Function):
     elements: BLAS writes aligned rows faster (for GPT-2's V = 50257), and one allocation
     replaces one per chunk. The matmuls run in the autocast dtype when autocast is on, as
     they would outside this op: writing into a buffer (`out=`) is exempt from autocast, so
-    it is explicit. Accumulation (loss, weight gradient) is in fp32 at least.
+    it is explicit. Accumulation (loss, weight gradient) is in fp32 at least: under bf16
+    autocast the softmax is worked on in a second, fp32 buffer, made once like the first,
+    and its gradient copied back into the first for the matmuls: no fresh (chunk, V) tensor
+    for either conversion. (Mixed-dtype `out=` ops would fuse the conversions away, but
+    torch's CPU kernels run those unvectorised: slower than the two copies.)
     """
 
     @staticmethod
@@ -287,20 +291,22 @@ class ChunkedHeadLoss(torch.autograd.Function):
         mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
         hm, wm = h.to(mm), weight.to(mm)                               # no-ops without autocast
         grad_h = torch.empty_like(h)                                   # (N, C)
-        V = weight.shape[0]
-        rows = torch.empty(min(chunk_size, h.shape[0]), -(-V // 64) * 64, dtype=mm,
-                           device=h.device)[:, :V]                     # (chunk, V), padded
+        V, n_rows = weight.shape[0], min(chunk_size, h.shape[0])
+        padded = lambda dtype: torch.empty(n_rows, -(-V // 64) * 64, dtype=dtype,
+                                           device=h.device)[:, :V]      # (chunk, V)
+        rows = padded(mm)                      # logits, then d loss / d logits: matmul dtype
+        z = rows if mm == acc else padded(acc)   # the softmax: accumulation dtype
         for i in range(0, h.shape[0], chunk_size):
-            hc, yc = hm[i:i + chunk_size], y[i:i + chunk_size]
-            z = torch.mm(hc, wm.t(), out=rows[:len(yc)]).to(acc)       # (n, V) logits
-            z_y = z.gather(1, yc[:, None])                             # (n, 1) target logits
-            z_max = z.amax(dim=-1, keepdim=True)                       # (n, 1)
-            g = z.sub_(z_max).exp_()                                   # exp(z - max), in place
-            norm = g.sum(dim=-1, keepdim=True)                         # (n, 1)
+            hc, yc = hm[i:i + chunk_size], y[i:i + chunk_size, None]   # (n, C), (n, 1)
+            logits = torch.mm(hc, wm.t(), out=rows[:len(yc)])          # (n, V)
+            z_y = logits.gather(1, yc).to(acc)                         # (n, 1) target logits
+            z_max = logits.amax(dim=-1, keepdim=True).to(acc)          # (n, 1)
+            e = z[:len(yc)].copy_(logits).sub_(z_max).exp_()  # exp(z - max); copy_ to self: no-op
+            norm = e.sum(dim=-1, keepdim=True)                         # (n, 1)
             total += (z_max + norm.log() - z_y).sum()                  # logsumexp(z) - z_y
-            g.div_(norm)                                               # softmax, in place
-            g[torch.arange(len(yc), device=g.device), yc] -= 1.0       # d loss / d logits
-            g = g.to(mm)
+            e.div_(norm)                                               # softmax, in place
+            e.scatter_add_(1, yc, torch.full_like(z_y, -1.0))          # d loss / d logits
+            g = logits.copy_(e)                                        # no-op in fp32
             if grad_h.dtype == mm:
                 torch.mm(g, wm, out=grad_h[i:i + chunk_size])          # (n, C)
             else:
