@@ -103,7 +103,10 @@ class LoraLinearFunction(torch.autograd.Function):
     Plain tensor ops only, so torch.compile traces it without a graph break and fuses the
     mask, the scalings and the adds into the surrounding kernels. Adapters kept in float32
     over a float16/bfloat16 base compute the LoRA branch in float32 (the `.to`s are no-ops
-    otherwise), the precision the optimizer updates them in. The forward returns u too (not
+    otherwise), the precision the optimizer updates them in. Under autocast every product
+    runs in autocast's dtype, the thin ones of the backward too, as PEFT's layers do under
+    it (the backward runs outside autocast, so setup_context notes the dtype); x is cast
+    once for the base and the branch. The forward returns u too (not
     differentiable), so that setup_context, apart from the forward as torch.func asks, can
     keep it: `grad` and `vmap` (per-example gradients) work through the op. `lora_linear`
     returns y alone.
@@ -113,8 +116,10 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias, lora_A, lora_B, scaling: float, keep, keep_scale: float):
         # x (..., in); weight (out, in); bias (out,) or None; lora_A (r, in); lora_B (out, r)
+        dtype = _branch_dtype(x, lora_A)
+        x = x.to(dtype) if torch.is_autocast_enabled(x.device.type) else x  # cast once, not twice
         base = F.linear(x, weight, bias)                                  # (..., out)
-        xa = x.to(lora_A.dtype)
+        xa = x.to(dtype)
         xd = xa if keep is None else xa * keep                             # dropout, unscaled
         u = F.linear(xd, lora_A) * keep_scale                             # (..., r)
         y = torch.add(base, F.linear(u, lora_B), alpha=scaling).to(base.dtype)
@@ -127,36 +132,45 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(u)
         ctx.save_for_backward(x, keep, u, weight, lora_A, lora_B)
         ctx.scaling, ctx.keep_scale = scaling, keep_scale
+        ctx.dtype = _branch_dtype(x, lora_A)       # the backward runs outside autocast
 
     @staticmethod
     def backward(ctx, g, _):                                              # _: u's, always None
         x, keep, u, weight, lora_A, lora_B = ctx.saved_tensors
-        s, q = ctx.scaling, ctx.keep_scale
+        s, q, dt = ctx.scaling, ctx.keep_scale, ctx.dtype
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         g = g.reshape(-1, g.shape[-1])                                    # (N, out)
         x2 = x.reshape(-1, x.shape[-1])                                   # (N, in)
         keep2 = None if keep is None else keep.reshape(-1, keep.shape[-1])
-        ga = g.to(lora_B.dtype)
+        ga = g.to(dt)
         # The two thin products with g are computed transposed, (r, N) and (r, out): BLAS
         # is 3-6x slower on (N, out) @ (out, r) with r tiny than on (r, out) @ (out, N).
-        du = (lora_B.t() @ ga.t()).t() * s                                # (N, r)
+        du = (lora_B.to(dt).t() @ ga.t()).t() * s                         # (N, r)
         dx = dw = db = dA = dB = None
         if need_x:
-            back = (du * q) @ lora_A                                      # (N, in)
+            back = (du * q) @ lora_A.to(dt)                               # (N, in)
             if keep2 is not None:
                 back = back.mul_(keep2)
             dx = (g @ weight.to(g.dtype) + back.to(g.dtype)).reshape(x.shape).to(x.dtype)
         if need_A:
-            xa = x2.to(lora_A.dtype)
+            xa = x2.to(dt)
             xd = xa if keep2 is None else xa * keep2
-            dA = (du.t() @ xd) * q                                        # (r, in)
+            dA = ((du.t() @ xd) * q).to(lora_A.dtype)                     # (r, in)
         if need_B:
-            dB = (u.reshape(-1, u.shape[-1]).to(ga.dtype).t() @ ga).t() * s  # (out, r)
+            dB = ((u.reshape(-1, u.shape[-1]).to(dt).t() @ ga).t() * s).to(lora_B.dtype)
         if need_w:  # only when the base weight was unfrozen on purpose
             dw = (g.t() @ x2.to(g.dtype)).to(weight.dtype)                # (out, in)
         if need_b:
             db = g.sum(0).to(weight.dtype)                                # (out,)
         return dx, dw, db, dA, dB, None, None, None
+
+
+def _branch_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype:
+    """The LoRA branch's dtype: autocast's when it is on (every matmul in it, the base's
+    and the thin ones, forward and backward, as PEFT's layers run under autocast), else the
+    adapter's own (float32 adapters over a bfloat16 base compute in float32)."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else lora_A.dtype
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0):
