@@ -301,12 +301,13 @@ class ChunkedHeadLoss(torch.autograd.Function):
             logits = torch.mm(hc, wm.t(), out=rows[:len(yc)])          # (n, V)
             z_y = logits.gather(1, yc).to(acc)                         # (n, 1) target logits
             z_max = logits.amax(dim=-1, keepdim=True).to(acc)          # (n, 1)
-            e = z[:len(yc)].copy_(logits).sub_(z_max).exp_()  # exp(z - max); copy_ to self: no-op
+            e = logits if z is rows else z[:len(yc)].copy_(logits)
+            e.sub_(z_max).exp_()                                       # exp(z - max), in place
             norm = e.sum(dim=-1, keepdim=True)                         # (n, 1)
             total += (z_max + norm.log() - z_y).sum()                  # logsumexp(z) - z_y
             e.div_(norm)                                               # softmax, in place
             e.scatter_add_(1, yc, torch.full_like(z_y, -1.0))          # d loss / d logits
-            g = logits.copy_(e)                                        # no-op in fp32
+            g = logits if z is rows else logits.copy_(e)
             if grad_h.dtype == mm:
                 torch.mm(g, wm, out=grad_h[i:i + chunk_size])          # (n, C)
             else:
