@@ -167,12 +167,13 @@ class AttentionDropout(torch.autograd.Function):
         # q (B, nh, T, hs); k, v (B, nh, S, hs); mask bool broadcast to (B, nh, T, S) or None
         # for causal; keep flat 0/1 (uint8, int8 or bool: keep_mask) over query_blocks(T, S, block)
         blocks = query_blocks(q.shape[2], k.shape[2], block)
-        q = q * (1.0 / math.sqrt(q.shape[-1]))                             # contiguous copy
+        q = _contiguous_mul(q, 1.0 / math.sqrt(q.shape[-1]))              # scaled, (B, nh, T, hs)
         k, v = k.contiguous(), v.contiguous()
         y = torch.empty(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=q.device)
+        v3, y3 = _heads_flat(v), _heads_flat(y)                           # (B nh, S or T, hs)
         for (i0, i1, n_keys), kb in zip(blocks, _block_masks(keep, q, blocks)):
-            probs = _block_probs(q, k, mask, i0, i1, n_keys)
-            y[:, :, i0:i1] = probs.mul_(kb) @ v[:, :, :n_keys]
+            probs = _block_probs(q, k, mask, i0, i1, n_keys).mul_(kb)     # dropped, unscaled
+            torch.bmm(_heads_flat(probs), v3[:, :n_keys], out=y3[:, i0:i1])
         ctx.save_for_backward(q, k, v, mask, keep)
         ctx.p, ctx.blocks = p, blocks
         return y.mul_(1.0 / (1.0 - p))                                      # (B, nh, T, hs)
@@ -181,25 +182,44 @@ class AttentionDropout(torch.autograd.Function):
     def backward(ctx, dy):
         q, k, v, mask, keep = ctx.saved_tensors                            # q scaled
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        dy = dy * (1.0 / (1.0 - ctx.p))                                    # (B, nh, T, hs)
+        dy3 = _heads_flat(_contiguous_mul(dy, 1.0 / (1.0 - ctx.p)))        # (B nh, T, hs)
+        q3, k3, v3 = _heads_flat(q), _heads_flat(k), _heads_flat(v)
         dq = torch.empty_like(q) if need_q else None
         dk = torch.zeros_like(k) if need_k else None
         dv = torch.zeros_like(v) if need_v else None
         for (i0, i1, n_keys), kb in zip(ctx.blocks, _block_masks(keep, q, ctx.blocks)):
             probs = _block_probs(q, k, mask, i0, i1, n_keys)               # recomputed
-            dyb = dy[:, :, i0:i1]
-            d_probs = (dyb @ v[:, :, :n_keys].transpose(-2, -1)).mul_(kb)   # (B, nh, n, keys)
+            dyb = dy3[:, i0:i1]                                            # (B nh, n, hs)
+            d_probs = torch.bmm(dyb, v3[:, :n_keys].transpose(1, 2)).view_as(probs).mul_(kb)
             # softmax's backward, P * (dP - rowsum(dP * P)), in one pass
-            d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)
+            d_scores = _heads_flat(torch._softmax_backward_data(d_probs, probs, -1, probs.dtype))
+            # the products accumulate into (or are written to) their slices: no temporaries
             if need_v:  # after the softmax backward: this drops out of probs in place
-                dv[:, :, :n_keys] += probs.mul_(kb).transpose(-2, -1) @ dyb
+                dvb = _heads_flat(dv)[:, :n_keys]
+                torch.baddbmm(dvb, _heads_flat(probs.mul_(kb)).transpose(1, 2), dyb, out=dvb)
             if need_q:  # not in block 0 under prefix tuning: nothing below it trains
-                dq[:, :, i0:i1] = d_scores @ k[:, :, :n_keys]
+                torch.bmm(d_scores, k3[:, :n_keys], out=_heads_flat(dq)[:, i0:i1])
             if need_k:
-                dk[:, :, :n_keys] += d_scores.transpose(-2, -1) @ q[:, :, i0:i1]
+                dkb = _heads_flat(dk)[:, :n_keys]
+                torch.baddbmm(dkb, d_scores.transpose(1, 2), q3[:, i0:i1], out=dkb)
         if need_q:
             dq.mul_(1.0 / math.sqrt(q.shape[-1]))
         return dq, dk, dv, None, None, None, None
+
+
+def _heads_flat(t: torch.Tensor) -> torch.Tensor:
+    """(B, nh, n, m) contiguous -> the (B nh, n, m) view that bmm takes."""
+    return t.view(-1, *t.shape[2:])
+
+
+def _contiguous_mul(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """t * scale, laid out contiguously: a plain `t * scale` keeps the strides of a
+    transposed t (q and dy come from (B, T, nh, hs) tensors), and every bmm on a query
+    block of it would then copy the block first. Eager: one pass, into a contiguous `out`.
+    Compiled: inductor fuses the product and the copy (and does not keep `out=`'s strides)."""
+    if torch.compiler.is_compiling():
+        return (t * scale).contiguous()
+    return torch.mul(t, scale, out=torch.empty(t.shape, dtype=t.dtype, device=t.device))
 
 
 def attention(q, k, v, mask=None, dropout_p: float = 0.0) -> torch.Tensor:
