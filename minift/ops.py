@@ -37,7 +37,8 @@ HEAD_CHUNK = 512
 
 # ---------------------------------------------------------------------------- dropout
 # mask elements per random draw on the CPU: a 1 MB buffer of int64s that stays in the 2 MB L2
-# (a step's masks took 155 ms at 2^18, 168 at 2^17, 182 at 2^16: scripts/bench_mask.py's shapes)
+# (the fastest of 2^16-2^18 in two runs of `scripts/bench_mask.py --chunks 16,17,18`: a step's
+# masks took 155 / 168 / 182 ms at 2^18 / 2^17 / 2^16, and 331 / 380 / 441 on a busier host)
 MASK_CHUNK = 1 << 18
 
 
@@ -56,10 +57,10 @@ def keep_mask(shape, p: float, device: torch.device) -> torch.Tensor:
     On the CPU each element is one uniform signed 32-bit integer s, kept when
     s >= round(p * 2^32) - 2^31: P(drop) = round(p * 2^32) / 2^32, within 2^-33 of p (a float32
     uniform >= p is within 2^-24). The integers are the two halves of `random_bits_`'s int64s,
-    drawn MASK_CHUNK / 2 at a time into a buffer that stays in cache: the same integers, in the same
-    order, as one draw of the whole mask, in less time than torch.rand's float draws for it
-    (`scripts/bench_mask.py`; the masks are the largest cost outside the matmuls of a bf16
-    LoRA step). Eager code gets the mask as uint8 (a bool tensor viewed as bytes: torch's CPU
+    drawn MASK_CHUNK / 2 at a time into a buffer that stays in cache: the same integers, in
+    the same order, as one draw of the whole mask, in less time than torch.rand's float draws
+    for it (`scripts/bench_mask.py`; the masks are the largest cost outside the matmuls of a
+    bf16 LoRA step). Eager code gets the mask as uint8 (a bool tensor viewed as bytes: torch's CPU
     kernels multiply a float tensor by a bool one through a float copy of the bool, by a
     uint8 one directly, 2-4x faster at GPT-2's shapes). Code compiled by inductor gets the
     same mask as int8 0/1 made with `where` (its C++ loads and stores bool tensors several

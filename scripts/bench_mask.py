@@ -12,6 +12,7 @@ round times all three on that many elements, in the shapes they come in, in turn
 ratios are per round, and the table gives their median and range.
 
     python scripts/bench_mask.py --rounds 7
+    python scripts/bench_mask.py --rounds 9 --chunks 16,17,18    # keep_mask's MASK_CHUNK, as 2^k
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import minift.ops as ops  # noqa: E402
 from minift.ops import keep_mask  # noqa: E402
 
 P = 0.1
@@ -54,12 +56,29 @@ def one_step(way) -> float:
     return time.perf_counter() - t0
 
 
+def sweep_chunks(ks: list[int], rounds: int) -> None:
+    """keep_mask per step with each MASK_CHUNK in turn, interleaved: median and all rounds."""
+    times = {k: [] for k in ks}
+    for r in range(rounds + 1):       # round 0 warms up
+        for k in ks:
+            ops.MASK_CHUNK = 1 << k
+            t = one_step(WAYS["keep_mask"])
+            if r:
+                times[k].append(t)
+    for k, ts in times.items():
+        print(f"MASK_CHUNK 2^{k}: {statistics.median(ts) * 1e3:6.1f} ms/step (rounds "
+              f"{min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--chunks", help="comma-separated k: time keep_mask alone with MASK_CHUNK = 2^k")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.chunks:
+        return sweep_chunks([int(k) for k in args.chunks.split(",")], args.rounds)
     n = sum(torch.Size(s).numel() * c for s, c in SHAPES)
     for way in WAYS.values():   # warm-up: allocator, first-call costs
         one_step(way)
