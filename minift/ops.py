@@ -60,11 +60,12 @@ def keep_mask(shape, p: float, device: torch.device) -> torch.Tensor:
     drawn MASK_CHUNK / 2 at a time into a buffer that stays in cache: the same integers, in
     the same order, as one draw of the whole mask, in less time than torch.rand's float draws
     for it (`scripts/bench_mask.py`; the masks are the largest cost outside the matmuls of a
-    bf16 LoRA step). Eager code gets the mask as uint8 (a bool tensor viewed as bytes: torch's CPU
-    kernels multiply a float tensor by a bool one through a float copy of the bool, by a
-    uint8 one directly, 2-4x faster at GPT-2's shapes). Code compiled by inductor gets the
-    same mask as int8 0/1 made with `where` (its C++ loads and stores bool tensors several
-    times slower than int8 ones). Other devices draw torch.rand >= p (one fused kernel there).
+    bf16 LoRA step). Eager code gets the mask as uint8 (a bool tensor viewed as bytes:
+    torch's CPU kernels multiply a float tensor by a bool one through a float copy of the
+    bool, by a uint8 one directly, 2-4x faster at GPT-2's shapes). Code compiled by inductor
+    gets the same mask as int8 0/1 made with `where` (its C++ loads and stores bool tensors
+    several times slower than int8 ones). Other devices draw torch.rand >= p (one fused
+    kernel there).
     """
     device = torch.device(device)
     if device.type != "cpu":

@@ -74,7 +74,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--chunks", help="comma-separated k: time keep_mask alone with MASK_CHUNK = 2^k")
+    ap.add_argument("--chunks",
+                    help="comma-separated k: time keep_mask alone with MASK_CHUNK = 2^k")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.chunks:

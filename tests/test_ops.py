@@ -131,7 +131,8 @@ def test_keep_mask_is_one_draw_of_32_bit_integers(shape):
     torch.manual_seed(0)
     keep = keep_mask(shape, 0.3, torch.device("cpu"))
     torch.manual_seed(0)
-    assert keep.dtype == torch.uint8 and torch.equal(keep.view(torch.bool), reference_keep(shape, 0.3))
+    assert keep.dtype == torch.uint8
+    assert torch.equal(keep.view(torch.bool), reference_keep(shape, 0.3))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
