@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import _encode, continuation_logprobs
+from .data import collate
+from .evaluate import _encode, _inference, continuation_logprobs
+from .stats import bootstrap_ratio_ci
 
 # minift's 40 pairs (gender 12, age 10, nationality 10, religion 8). Side a is, per
 # category: the male term; the younger person; a European or North American country;
@@ -40,33 +42,36 @@ def random_identifiers(n: int, rng: random.Random) -> list[str]:
     return out
 
 
-def copy_probe(model, tokenizer, n_trials: int = 20, n_names: int = 12, seed: int = 0) -> dict:
+def copy_probe(model, tokenizer, n_trials: int = 20, n_names: int = 12, seed: int = 0,
+               batch_size: int = 50) -> dict:
     """Greedy continuation of `a, b, c, ...\\na` against `, b, c, ...`, token by token.
 
     Returns {"token_accuracy": matched target tokens / target tokens (a token counts when
-    the generated token at its position is the same), "exact": the share of lines copied
-    whole, "n": n_trials}. Context and target are tokenised separately, as the model sees
-    them (GPT-2's pre-tokeniser splits before ", " anyway).
+    the generated token at its position is the same), "low", "high": its 95% bootstrap
+    interval over the lines, "exact": the share of lines copied whole, "n": n_trials}.
+    Context and target are tokenised separately, as the model sees them (GPT-2's
+    pre-tokeniser splits before ", " anyway). Lines go batch_size at a time, left-padded
+    (positions restart at each line's first token, so padding changes nothing but float
+    rounding); the lines depend only on seed, not on batch_size.
     """
     rng = random.Random(seed)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    matched = total = exact = 0
-    try:
-        with torch.no_grad():
-            for _ in range(n_trials):
-                names = random_identifiers(n_names, rng)
-                context = tokenizer.encode(", ".join(names) + "\n" + names[0])
-                target = tokenizer.encode(", " + ", ".join(names[1:]))
-                ids = torch.tensor([context], device=device)
-                out = model.generate(ids, max_new_tokens=len(target), do_sample=False)
-                got = out[0, len(context):].tolist()
-                hits = sum(a == b for a, b in zip(got, target))
-                matched, total, exact = matched + hits, total + len(target), exact + (got == target)
-    finally:
-        model.train(was_training)
-    return {"token_accuracy": matched / total, "exact": exact / n_trials, "n": n_trials}
+    lines = [random_identifiers(n_names, rng) for _ in range(n_trials)]
+    contexts = _encode(tokenizer, [", ".join(names) + "\n" + names[0] for names in lines])
+    targets = _encode(tokenizer, [", " + ", ".join(names[1:]) for names in lines])
+    hits = []
+    with _inference(model) as device:
+        for i in range(0, n_trials, batch_size):
+            ctx, tgt = contexts[i:i + batch_size], targets[i:i + batch_size]
+            batch = collate([{"input_ids": c} for c in ctx], pad_token_id=0, padding_side="left")
+            ids = batch["input_ids"].to(device)                               # (b, T)
+            out = model.generate(ids, attention_mask=batch["attention_mask"].to(device),
+                                 max_new_tokens=max(map(len, tgt)), do_sample=False)
+            for row, target in zip(out[:, ids.shape[1]:].tolist(), tgt):
+                hits.append(sum(a == b for a, b in zip(row, target)))
+    lengths = [len(t) for t in targets]
+    ci = bootstrap_ratio_ci(hits, lengths, seed=seed)
+    return {"token_accuracy": ci["ratio"], "low": ci["low"], "high": ci["high"],
+            "exact": sum(h == n for h, n in zip(hits, lengths)) / n_trials, "n": n_trials}
 
 
 # ----------------------------------------------------------------------------- bias probe

@@ -27,22 +27,40 @@ def _check(scores, name: str) -> np.ndarray:
     return a
 
 
-def _resampled_means(a: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
-    """Means of n_resamples bootstrap samples of a's items: (n_resamples,)."""
-    idx = np.random.default_rng(seed).integers(0, a.size, size=(n_resamples, a.size))
-    return a[idx].mean(axis=1)
+def _resamples(n: int, n_resamples: int, seed: int) -> np.ndarray:
+    """Item indices of n_resamples bootstrap samples of n items: (n_resamples, n)."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+
+
+def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The percentile interval of resampled statistics `values`."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    return float(low), float(high)
 
 
 def bootstrap_ci(scores, confidence: float = 0.95, n_resamples: int = N_RESAMPLES,
                  seed: int = 0) -> dict:
     """{"mean", "low", "high", "n"}: the mean of per-item scores and its percentile interval."""
     a = _check(scores, "scores")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    means = _resampled_means(a, n_resamples, seed)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return {"mean": float(a.mean()), "low": float(low), "high": float(high), "n": int(a.size)}
+    low, high = _percentiles(a[_resamples(a.size, n_resamples, seed)].mean(axis=1), confidence)
+    return {"mean": float(a.mean()), "low": low, "high": high, "n": int(a.size)}
+
+
+def bootstrap_ratio_ci(numerators, denominators, confidence: float = 0.95,
+                       n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict:
+    """{"ratio", "low", "high", "n"}: sum(numerators) / sum(denominators) over items (tokens
+    right / tokens, when items have different lengths) and its percentile interval, each
+    resample drawing whole items, both sums from the same draw."""
+    num, den = _check(numerators, "numerators"), _check(denominators, "denominators")
+    if num.size != den.size or (den <= 0).any():
+        raise ValueError(f"need one positive denominator per numerator: {num.size} numerators, "
+                         f"{den.size} denominators, {int((den <= 0).sum())} not positive")
+    idx = _resamples(num.size, n_resamples, seed)
+    low, high = _percentiles(num[idx].sum(axis=1) / den[idx].sum(axis=1), confidence)
+    return {"ratio": float(num.sum() / den.sum()), "low": low, "high": high, "n": int(num.size)}
 
 
 def paired_bootstrap(scores_a, scores_b, confidence: float = 0.95,

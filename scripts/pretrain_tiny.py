@@ -205,7 +205,7 @@ def main():
     ref_ppl = perplexity(model, reference_text, tok, batch_size=16)
     history = [json.loads(line) for run in (args.run, copy_run)
                for line in (run / "metrics.jsonl").read_text().splitlines()]
-    copying = copy_probe(model, tok, n_trials=40, seed=args.seed)
+    copying = copy_probe(model, tok, n_trials=1000, seed=args.seed)
     report = dict(
         python=platform.python_version(), torch=torch.__version__, seed=args.seed,
         device=str(args.device or ("cuda" if torch.cuda.is_available() else "cpu")),

@@ -15,22 +15,26 @@ class Copier(nn.Module):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(1))
 
-    def generate(self, ids, max_new_tokens, do_sample=False):
-        seq = ids[0].tolist()
-        for _ in range(max_new_tokens):
-            def match(i):   # length of the common suffix of seq[:i + 1] and seq
-                k = 0
-                while k <= i and seq[i - k] == seq[-1 - k]:
-                    k += 1
-                return k
-            best = max(range(len(seq) - 1), key=match)
-            seq.append(seq[best + 1])
-        return torch.tensor([seq])
+    def generate(self, ids, attention_mask, max_new_tokens, do_sample=False):
+        rows = []
+        for row, mask in zip(ids.tolist(), attention_mask.tolist()):
+            n_pad = mask.index(1)        # left padding: the row's tokens come after its pads
+            seq = row[n_pad:]
+            for _ in range(max_new_tokens):
+                def match(i):   # length of the common suffix of seq[:i + 1] and seq
+                    k = 0
+                    while k <= i and seq[i - k] == seq[-1 - k]:
+                        k += 1
+                    return k
+                best = max(range(len(seq) - 1), key=match)
+                seq.append(seq[best + 1])
+            rows.append(row[:n_pad] + seq)
+        return torch.tensor(rows)
 
 
 class Constant(Copier):
-    def generate(self, ids, max_new_tokens, do_sample=False):
-        return torch.cat([ids, torch.zeros(1, max_new_tokens, dtype=ids.dtype)], 1)
+    def generate(self, ids, attention_mask, max_new_tokens, do_sample=False):
+        return torch.cat([ids, torch.zeros(len(ids), max_new_tokens, dtype=ids.dtype)], 1)
 
 
 def test_a_perfect_copier_scores_one_and_a_constant_model_zero():
@@ -39,3 +43,21 @@ def test_a_perfect_copier_scores_one_and_a_constant_model_zero():
     assert got["token_accuracy"] == 1.0 and got["exact"] == 1.0
     got = copy_probe(Constant(), tok, n_trials=10)
     assert got["token_accuracy"] < 0.05 and got["exact"] == 0 and got["n"] == 10
+
+
+def test_the_lines_do_not_depend_on_the_batch():
+    """Batches of 3 (the last one short) and one batch of 10 score the same lines."""
+    tok = Tokenizer.from_pretrained("minift-tiny")
+    assert copy_probe(Copier(), tok, n_trials=10, batch_size=3) == copy_probe(
+        Copier(), tok, n_trials=10, batch_size=10)
+    got = copy_probe(Half(), tok, n_trials=10, batch_size=3)
+    assert 0.4 < got["token_accuracy"] < 0.6 and got["exact"] == 0
+    assert got == copy_probe(Half(), tok, n_trials=10, batch_size=10)
+
+
+class Half(Copier):
+    """Copies, then overwrites every second new token with 0: half the tokens right."""
+    def generate(self, ids, attention_mask, max_new_tokens, do_sample=False):
+        out = super().generate(ids, attention_mask, max_new_tokens)
+        out[:, ids.shape[1]::2] = 0
+        return out
