@@ -135,7 +135,9 @@ def _block_probs(q, k, mask, i0, i1, n_keys):
 
 
 def _block_masks(keep, q, blocks):
-    """Views of the flat keep-mask, one (B, nh, i1 - i0, keys) per block."""
+    """Views of the flat keep-mask, one (B, nh, i1 - i0, keys) per block (None: no dropout)."""
+    if keep is None:
+        return [None] * len(blocks)
     B, nh = q.shape[:2]
     out, at = [], 0
     for i0, i1, n_keys in blocks:
@@ -162,23 +164,29 @@ class AttentionDropout(torch.autograd.Function):
 
         dv += D^T dy      dP = (dy v^T) * keep / (1 - p)      dS = P * (dP - rowsum(dP * P))
         dq = dS k / sqrt(hs)      dk += dS^T q / sqrt(hs)
+
+    keep None (p = 0): the same blocks with no dropout, for bf16 training on the CPU, where
+    SDPA's backward is 1.5-2.6x slower than these blocks (scripts/bench_attention.py).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, mask, keep, p: float, block: int | None):
         # q (B, nh, T, hs); k, v (B, nh, S, hs); mask bool broadcast to (B, nh, T, S) or None
-        # for causal; keep flat 0/1 (uint8, int8 or bool: keep_mask) over query_blocks(T, S, block)
+        # for causal; keep flat 0/1 (uint8, int8 or bool: keep_mask) over query_blocks(T, S, block),
+        # or None when p = 0
         blocks = query_blocks(q.shape[2], k.shape[2], block)
         q = _contiguous_mul(q, 1.0 / math.sqrt(q.shape[-1]))              # scaled, (B, nh, T, hs)
         k, v = k.contiguous(), v.contiguous()
         y = torch.empty(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=q.device)
         v3, y3 = _heads_flat(v), _heads_flat(y)                           # (B nh, S or T, hs)
         for (i0, i1, n_keys), kb in zip(blocks, _block_masks(keep, q, blocks)):
-            probs = _block_probs(q, k, mask, i0, i1, n_keys).mul_(kb)     # dropped, unscaled
+            probs = _block_probs(q, k, mask, i0, i1, n_keys)
+            if kb is not None:
+                probs.mul_(kb)                                             # dropped, unscaled
             torch.bmm(_heads_flat(probs), v3[:, :n_keys], out=y3[:, i0:i1])
         ctx.save_for_backward(q, k, v, mask, keep)
         ctx.p, ctx.blocks = p, blocks
-        return y.mul_(1.0 / (1.0 - p))                                      # (B, nh, T, hs)
+        return y.mul_(1.0 / (1.0 - p)) if p > 0 else y                      # (B, nh, T, hs)
 
     @staticmethod
     def backward(ctx, dy):
@@ -192,13 +200,16 @@ class AttentionDropout(torch.autograd.Function):
         for (i0, i1, n_keys), kb in zip(ctx.blocks, _block_masks(keep, q, ctx.blocks)):
             probs = _block_probs(q, k, mask, i0, i1, n_keys)               # recomputed
             dyb = dy3[:, i0:i1]                                            # (B nh, n, hs)
-            d_probs = torch.bmm(dyb, v3[:, :n_keys].transpose(1, 2)).view_as(probs).mul_(kb)
+            d_probs = torch.bmm(dyb, v3[:, :n_keys].transpose(1, 2)).view_as(probs)
+            if kb is not None:
+                d_probs.mul_(kb)
             # softmax's backward, P * (dP - rowsum(dP * P)), in one pass
             d_scores = _heads_flat(torch._softmax_backward_data(d_probs, probs, -1, probs.dtype))
             # the products accumulate into (or are written to) their slices: no temporaries
             if need_v:  # after the softmax backward: this drops out of probs in place
                 dvb = _heads_flat(dv)[:, :n_keys]
-                torch.baddbmm(dvb, _heads_flat(probs.mul_(kb)).transpose(1, 2), dyb, out=dvb)
+                dropped = probs if kb is None else probs.mul_(kb)
+                torch.baddbmm(dvb, _heads_flat(dropped).transpose(1, 2), dyb, out=dvb)
             if need_q:  # not in block 0 under prefix tuning: nothing below it trains
                 torch.bmm(d_scores, k3[:, :n_keys], out=_heads_flat(dq)[:, i0:i1])
             if need_k:
@@ -230,13 +241,17 @@ def attention(q, k, v, mask=None, dropout_p: float = 0.0) -> torch.Tensor:
     With dropout_p > 0, dropout on the probabilities. q (B, nh, T, hs), k, v (B, nh, S, hs).
 
     F.scaled_dot_product_attention everywhere except CPU training with dropout, where it
-    would run its math kernel over the whole square: AttentionDropout instead.
+    would run its math kernel over the whole square, and eager CPU training in bf16, where
+    its backward is slower than query blocks (AttentionDropout's docstring): AttentionDropout
+    instead. (Compiled bf16 code without dropout keeps SDPA, which inductor lowers itself.)
     """
     T, S = q.shape[2], k.shape[2]
-    if dropout_p > 0 and q.device.type == "cpu" and torch.is_grad_enabled():
+    if q.device.type == "cpu" and torch.is_grad_enabled() and (dropout_p > 0 or (
+            q.dtype == torch.bfloat16 and not torch.compiler.is_compiling())):
         block = None if torch.compiler.is_compiling() else QUERY_BLOCK
         n = sum((i1 - i0) * n_keys for i0, i1, n_keys in query_blocks(T, S, block))
-        keep = keep_mask((q.shape[0] * q.shape[1] * n,), dropout_p, q.device)
+        keep = (keep_mask((q.shape[0] * q.shape[1] * n,), dropout_p, q.device)
+                if dropout_p > 0 else None)
         return AttentionDropout.apply(q, k, v, mask, keep, dropout_p, block)
     if mask is None and S > T > 1:  # causal with an offset: SDPA's is_causal can't say it
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril_(S - T)

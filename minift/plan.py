@@ -194,13 +194,13 @@ class _Walk:
         g = self.grad or prefix_trains
         qkv = self.act * (N * C + 2 * B * S * C)
         mask = B * self.Tq * S                           # (B, 1, T, S) bool: padding / prefix
-        if self.cpu and self.drop > 0:   # ops.AttentionDropout: causal blocks of queries
-            pairs = B * sum((i1 - i0) * keys for i0, i1, keys in
+        if self.cpu and (self.drop > 0 or self.bf16):   # ops.AttentionDropout: causal
+            pairs = B * sum((i1 - i0) * keys for i0, i1, keys in    # blocks of queries
                             query_blocks(self.Tq, S, QUERY_BLOCK))   # (query, key) per head
             # QK^T and PV forward, four matmuls backward, the recomputed QK^T
             self.flops += 2 * 2 * pairs * C * (1 + 2 * g) + (2 * pairs * C if g else 0)
-            if g:                                        # q, k, v and the 1-byte keep-mask
-                self.bytes += qkv + nh * pairs + mask
+            if g:                                # q, k, v and the 1-byte keep-mask (dropout)
+                self.bytes += qkv + (nh * pairs if self.drop > 0 else 0) + mask
         else:                                            # SDPA: q, k, v, out, logsumexp
             self.flops += 2 * 2 * N * S * C * (1 + 2 * g)
             if g:

@@ -84,6 +84,11 @@ def test_attention_dropout_gradcheck_and_plain_composition(kind, P, block):
     ones = torch.ones_like(keep)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert (AttentionDropout.apply(q, k, v, given, ones, 0.0, block) - sdpa).abs().max() <= 1e-12
+    # keep None (bf16 training without dropout): SDPA's numbers and gradients
+    y = AttentionDropout.apply(q, k, v, given, None, 0.0, block)
+    assert (y - sdpa).abs().max() <= 1e-12
+    for a, b in zip(torch.autograd.grad(y, (q, k, v), g), torch.autograd.grad(sdpa, (q, k, v), g)):
+        assert (a - b).abs().max() <= 1e-12
 
 
 def test_query_blocks_cover_the_causal_triangle_only():
@@ -121,6 +126,31 @@ def test_attention_in_training_keeps_no_square_float_tensor(T, monkeypatch):
     q, k, v = (t.view(2, T, 2, 16).transpose(1, 2) for t in attn.c_attn(x).split(32, dim=2))
     o = plain_attention(q, k, v, torch.ones(T, T, dtype=torch.bool).tril(), keep, 0.5)
     assert (y - attn.c_proj(o.transpose(1, 2).reshape(2, T, 32))).abs().max() <= 1e-6
+
+
+def test_bf16_training_without_dropout_takes_the_query_blocks():
+    """bf16 on the CPU with no dropout: attention() runs AttentionDropout's blocks (no keep
+    mask, nothing (T, T)-sized kept), and gives SDPA's output and gradients to bf16 rounding;
+    in float32, and without gradients, it stays SDPA."""
+    T = 40
+    q, k, v = (torch.randn(2, 2, T, 16, generator=torch.Generator().manual_seed(i))
+               .to(torch.bfloat16).requires_grad_() for i in range(3))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = attention(q, k, v)
+    assert y.grad_fn.name() == "AttentionDropoutBackward"
+    assert not [t for t in saved if t.dim() == 4 and t.shape[-1] == T and t.shape[-2] == T]
+    ref = F.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), is_causal=True)
+    assert (y.float() - ref).abs().max() <= 0.02
+    g = torch.randn(y.shape).to(torch.bfloat16)
+    ours = torch.autograd.grad(y, (q, k, v), g)
+    theirs = torch.autograd.grad(ref, (q, k, v), g.float())
+    for a, b in zip(ours, theirs):
+        assert (a.float() - b).abs().max() <= 0.03 * b.abs().max()
+    assert attention(q.float(), k.float(), v.float()).grad_fn.name() != "AttentionDropoutBackward"
+    with torch.no_grad():
+        torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(
+            q, k, v, is_causal=True), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ dropout masks
