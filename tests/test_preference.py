@@ -318,10 +318,13 @@ def test_compare_has_a_dpo_row_scored_on_the_preference_pairs(small_model, tmp_p
     val = get_task("preference").records("validation")
     assert dpo["after"]["n"] == len(val) and "validation 96 pairs" in dpo["data_detail"]
     margins = hf_margins(small_model, out / "lora-dpo" / "adapter", val)
-    assert dpo["item_scores"]["after"]["reward_accuracy"] == [float(m > 0) for m in margins]
-    assert dpo["after"]["reward_accuracy"] == sum(m > 0 for m in margins) / len(val)
+    # a pair whose margin is within rounding of 0 may take either sign in either stack
+    sure = [i for i, m in enumerate(margins) if abs(m) > 1e-5]
+    assert len(sure) >= len(val) - 2
+    ours = dpo["item_scores"]["after"]["reward_accuracy"]
+    assert [ours[i] for i in sure] == [float(margins[i] > 0) for i in sure]
+    assert dpo["after"]["reward_accuracy"] == sum(ours) / len(val)
     assert dpo["after"]["reward_margin"] == pytest.approx(sum(margins) / len(val), abs=1e-5)
-    assert min(abs(m) for m in margins) > 1e-5          # no sign is up to rounding
     assert "change" in dpo["forgetting"]                # the same reference text, before/after
     cell = cells["lora-dpo"]
     assert cell["val loss"] == "-" and cell["exact match [95% CI]"] == "-"
