@@ -71,7 +71,9 @@ def register(subparsers) -> None:
     shown = defaults("lora")
     data, method = p.add_argument_group("model, data, evaluation"), p.add_argument_group("method")
     for o in RUN_OPTIONS:
-        d = "lora " + _show(shown[o.name]) if o.name == "target_modules" else _show(o.default)
+        # LoRA's own defaults where the CLI has them (r=16, no dropout), else the option's
+        d = "lora " + _show(shown[o.name]) if o.name == "target_modules" else _show(
+            shown.get(o.name, o.default))
         _add_option(method if o.name == "method" or o.methods else data, o, d)
     group = p.add_argument_group("training (TrainConfig fields)")
     for o in TRAIN_OPTIONS:
