@@ -166,7 +166,7 @@ class AttentionDropout(torch.autograd.Function):
         dq = dS k / sqrt(hs)      dk += dS^T q / sqrt(hs)
 
     keep None (p = 0): the same blocks with no dropout, for bf16 training on the CPU, where
-    SDPA's backward is 1.5-2.6x slower than these blocks (scripts/bench_attention.py).
+    SDPA's forward + backward takes 1.2-1.9x these blocks' time (scripts/bench_attention.py).
     """
 
     @staticmethod

@@ -38,13 +38,15 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"| case | dtype | SDPA ms | minift ms | SDPA / minift (rounds) |\n|---|---|---:|---:|---:|")
+    print("| case | dtype | SDPA ms | minift ms | SDPA / minift (rounds) |\n"
+          "|---|---|---:|---:|---:|")
     for name, shape in SHAPES.items():
         for dtype in (torch.float32, torch.bfloat16):
             g = torch.Generator().manual_seed(0)
             q, k, v = (torch.randn(shape, generator=g).to(dtype).requires_grad_() for _ in range(3))
             dy = torch.randn(shape, generator=g).to(dtype)
-            runs = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(dy),
+            runs = {"sdpa": lambda: F.scaled_dot_product_attention(
+                        q, k, v, is_causal=True).backward(dy),
                     "minift": lambda: attention(q, k, v).backward(dy)}
             for f in runs.values():   # warm-up: the first call allocates
                 f()
