@@ -179,7 +179,10 @@ def main():
           f"from {len(used)} files", flush=True)
 
     # 4. The model and its training, with minift's own loop.
-    config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+    # gelu_pytorch_tanh: the fused tanh GELU that minift trains with under either name; under
+    # this one transformers calls the same kernel, so its logits equal minift's exactly
+    config = GPTConfig(activation_function="gelu_pytorch_tanh",
+                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                        vocab_size=tok.vocab_size, n_positions=BLOCK, bos_token_id=eos,
                        eos_token_id=eos)
     model = GPT(config)
