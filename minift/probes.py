@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .data import collate
-from .evaluate import _encode, _inference, continuation_logprobs
+from .evaluate import _check_batch_size, _encode, _inference, continuation_logprobs
 from .stats import bootstrap_ratio_ci
 
 # minift's 40 pairs (gender 12, age 10, nationality 10, religion 8). Side a is, per
@@ -54,6 +54,7 @@ def copy_probe(model, tokenizer, n_trials: int = 20, n_names: int = 12, seed: in
     (positions restart at each line's first token, so padding changes nothing but float
     rounding); the lines depend only on seed, not on batch_size.
     """
+    _check_batch_size(batch_size)
     rng = random.Random(seed)
     lines = [random_identifiers(n_names, rng) for _ in range(n_trials)]
     contexts = _encode(tokenizer, [", ".join(names) + "\n" + names[0] for names in lines])

@@ -1,5 +1,6 @@
 """copy_probe's arithmetic, on stand-in models whose behaviour is known exactly (the real
 model's copying is tested in test_assets.py)."""
+import pytest
 import torch
 from torch import nn
 
@@ -45,6 +46,14 @@ def test_a_perfect_copier_scores_one_and_a_constant_model_zero():
     assert got["token_accuracy"] < 0.05 and got["exact"] == 0 and got["n"] == 10
 
 
+class Half(Copier):
+    """Copies, then overwrites every second new token with 0: half the tokens right."""
+    def generate(self, ids, attention_mask, max_new_tokens, do_sample=False):
+        out = super().generate(ids, attention_mask, max_new_tokens)
+        out[:, ids.shape[1]::2] = 0
+        return out
+
+
 def test_the_lines_do_not_depend_on_the_batch():
     """Batches of 3 (the last one short) and one batch of 10 score the same lines."""
     tok = Tokenizer.from_pretrained("minift-tiny")
@@ -55,9 +64,7 @@ def test_the_lines_do_not_depend_on_the_batch():
     assert got == copy_probe(Half(), tok, n_trials=10, batch_size=10)
 
 
-class Half(Copier):
-    """Copies, then overwrites every second new token with 0: half the tokens right."""
-    def generate(self, ids, attention_mask, max_new_tokens, do_sample=False):
-        out = super().generate(ids, attention_mask, max_new_tokens)
-        out[:, ids.shape[1]::2] = 0
-        return out
+def test_a_batch_size_below_one_is_refused():
+    tok = Tokenizer.from_pretrained("minift-tiny")
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        copy_probe(Copier(), tok, n_trials=3, batch_size=0)
