@@ -8,7 +8,7 @@
 One LoRA step of GPT-2 small at 4 x 256 with every dropout on (p = 0.1) draws 57.4M mask
 elements: 12 layers of causal attention in 128-query blocks (28.3M), two residual
 dropouts (18.9M), LoRA's input dropout on c_attn (9.4M) and the embeddings' (0.8M). Each
-round times all three on that many elements, in the shapes they come in, in turn; the
+round times all four on that many elements, in the shapes they come in, in turn; the
 ratios are per round, and the table gives their median and range.
 
     python scripts/bench_mask.py --rounds 7

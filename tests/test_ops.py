@@ -156,8 +156,9 @@ def test_bf16_training_without_dropout_takes_the_query_blocks():
 # ------------------------------------------------------------------ dropout masks
 @pytest.mark.parametrize("shape", [(3, 100_003), (2, 5), (1,)])
 def test_keep_mask_is_one_draw_of_32_bit_integers(shape):
-    """Drawn 64K elements at a time on the CPU (an odd count last), yet the very mask of one
-    draw of the whole, handed out as bytes (0/1): what the float kernels multiply by fastest."""
+    """Drawn MASK_CHUNK (256K) elements at a time on the CPU (an odd count last), yet the very
+    mask of one draw of the whole, handed out as bytes (0/1): what the float kernels multiply
+    by fastest."""
     torch.manual_seed(0)
     keep = keep_mask(shape, 0.3, torch.device("cpu"))
     torch.manual_seed(0)
