@@ -296,6 +296,13 @@ def save_reference_model(shape: Shape, folder: Path):
     GPT2LMHeadModel(cfg).save_pretrained(folder)
 
 
+def inductor_cache(tmp: Path, row: str, rep: int) -> Path:
+    """A fresh inductor cache folder for one compiled run. Its name has no spaces: inductor
+    puts the path unquoted on g++'s command line, which split "bf16 lora" in two (the
+    compiled bf16 run failed with "input file '/tmp/...inductor-bf16' is the same as output")."""
+    return tmp / ("inductor-" + "".join(c if c.isalnum() else "_" for c in row) + f"-{rep}")
+
+
 def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -440,7 +447,7 @@ def main():
             case, path, dtype, batch, seq = rows[row]
             env = {}
             if RUNS[name][1] and not args.warm_cache:  # a fresh, empty cache: a cold compile
-                env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / f"inductor-{row}-{rep}")
+                env["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache(Path(tmp), row, rep))
             print(f"running {row} / {name} ({rep + 1}/{args.repeat}) ...", file=sys.stderr,
                   flush=True)
             r = spawn(["--worker", "run", "--run", name, "--case", case, "--path", path,

@@ -314,3 +314,11 @@ def test_bench_flop_count_equals_torch_flop_counter(case, tmp_path):
         if stack == "minift":
             expected += shape.n_layer * bench.attention_flops(shape, case, 2, 16, False) // 2
         assert counter.get_total_flops() == expected, stack
+
+
+def test_bench_inductor_cache_folders_have_no_spaces(tmp_path):
+    """Row names hold spaces ("bf16 lora"); inductor's g++ command line does not quote the
+    cache path, so a space in it broke every compiled run of such a row."""
+    folders = {bench.inductor_cache(tmp_path, row, rep) for row in bench.ROWS for rep in (0, 1)}
+    assert len(folders) == 2 * len(bench.ROWS)          # one fresh folder per row and round
+    assert all(f.parent == tmp_path and not any(c.isspace() for c in f.name) for f in folders)
