@@ -52,17 +52,20 @@ def copy_probe(model, tokenizer, n_trials: int = 20, n_names: int = 12, seed: in
     Context and target are tokenised separately, as the model sees them (GPT-2's
     pre-tokeniser splits before ", " anyway). Lines go batch_size at a time, left-padded
     (positions restart at each line's first token, so padding changes nothing but float
-    rounding); the lines depend only on seed, not on batch_size.
+    rounding); the lines depend only on seed, not on batch_size. A batch ends early where
+    its longest context plus its longest target would pass the model's n_positions (each
+    line alone must fit: a small tokenizer's lines are long).
     """
     _check_batch_size(batch_size)
     rng = random.Random(seed)
     lines = [random_identifiers(n_names, rng) for _ in range(n_trials)]
     contexts = _encode(tokenizer, [", ".join(names) + "\n" + names[0] for names in lines])
     targets = _encode(tokenizer, [", " + ", ".join(names[1:]) for names in lines])
+    limit = getattr(getattr(model, "config", None), "n_positions", None)
     hits = []
     with _inference(model) as device:
-        for i in range(0, n_trials, batch_size):
-            ctx, tgt = contexts[i:i + batch_size], targets[i:i + batch_size]
+        for i, j in _batches(contexts, targets, batch_size, limit):
+            ctx, tgt = contexts[i:j], targets[i:j]
             batch = collate([{"input_ids": c} for c in ctx], pad_token_id=0, padding_side="left")
             ids = batch["input_ids"].to(device)                               # (b, T)
             out = model.generate(ids, attention_mask=batch["attention_mask"].to(device),
@@ -73,6 +76,25 @@ def copy_probe(model, tokenizer, n_trials: int = 20, n_names: int = 12, seed: in
     ci = bootstrap_ratio_ci(hits, lengths, seed=seed)
     return {"token_accuracy": ci["ratio"], "low": ci["low"], "high": ci["high"],
             "exact": sum(h == n for h, n in zip(hits, lengths)) / n_trials, "n": n_trials}
+
+
+def _batches(contexts, targets, batch_size: int, limit: int | None):
+    """(start, end) of consecutive lines, at most batch_size of them, whose padded context
+    and generated target fit in `limit` positions (generation's rule: width + new <= limit)."""
+    start = 0
+    while start < len(contexts):
+        end, width, new = start, 0, 0
+        while end < len(contexts) and end - start < batch_size:
+            w, n = max(width, len(contexts[end])), max(new, len(targets[end]))
+            if limit is not None and w + n > limit:
+                break
+            end, width, new = end + 1, w, n
+        if end == start:
+            raise ValueError(f"copy_probe: line {start} takes {len(contexts[start])} context + "
+                             f"{len(targets[start])} target tokens, more than the model's "
+                             f"n_positions={limit}; use fewer n_names")
+        yield start, end
+        start = end
 
 
 # ----------------------------------------------------------------------------- bias probe

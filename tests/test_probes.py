@@ -64,6 +64,39 @@ def test_the_lines_do_not_depend_on_the_batch():
     assert got == copy_probe(Half(), tok, n_trials=10, batch_size=10)
 
 
+class ShortContext(Copier):
+    """A copier with a small context that refuses to generate past it, as GPT.generate does."""
+    def __init__(self, n_positions):
+        super().__init__()
+        self.config = type("Config", (), {"n_positions": n_positions})()
+
+    def generate(self, ids, attention_mask, max_new_tokens, do_sample=False):
+        if ids.shape[1] + max_new_tokens > self.config.n_positions:
+            raise ValueError("generation reached the model's context")
+        return super().generate(ids, attention_mask, max_new_tokens)
+
+
+def test_batches_end_before_the_models_context():
+    """A context every line fits in, but not 10 of them padded together (a small tokenizer's
+    case: pretrain_tiny's final probe crashed there), scores the lines as one at a time; a
+    line that cannot fit at all is one clear error."""
+    import random
+    from minift.evaluate import _encode
+    from minift.probes import random_identifiers
+    tok = Tokenizer.from_pretrained("minift-tiny")
+    rng = random.Random(0)                       # the probe's own lines (seed 0)
+    lines = [random_identifiers(8, rng) for _ in range(10)]
+    ctx = _encode(tok, [", ".join(n) + "\n" + n[0] for n in lines])
+    tgt = _encode(tok, [", " + ", ".join(n[1:]) for n in lines])
+    limit = max(len(c) + len(t) for c, t in zip(ctx, tgt))
+    assert max(map(len, ctx)) + max(map(len, tgt)) > limit      # one batch of 10 would not fit
+    got = copy_probe(ShortContext(limit), tok, n_trials=10, n_names=8, batch_size=10)
+    assert got == copy_probe(Copier(), tok, n_trials=10, n_names=8, batch_size=1)
+    assert got["token_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="copy_probe: line 0 takes .* n_positions=20; use fewer"):
+        copy_probe(ShortContext(20), tok, n_trials=3, n_names=8)
+
+
 def test_a_batch_size_below_one_is_refused():
     tok = Tokenizer.from_pretrained("minift-tiny")
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
