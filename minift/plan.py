@@ -51,7 +51,8 @@ DTYPES = ("fp32", "bf16")
 
 @dataclass
 class MethodOptions:
-    """The method's knobs, with `minift finetune`'s defaults."""
+    """The method's knobs, with the library's defaults (LoRA as PEFT's LoraConfig: r 8,
+    dropout 0.05, c_attn); `minift plan` passes `minift finetune`'s instead."""
     r: int = 8                         # LoRA rank
     lora_dropout: float = 0.05
     target_modules: list[str] | None = None   # None: c_attn, as PEFT does for GPT-2
@@ -332,6 +333,8 @@ def estimate(src: str, method: str, batch_size: int, max_length: int | None = No
     o = options or MethodOptions()
     _check(dtype, batch_size=batch_size, max_length=max_length or 1,
            gradient_accumulation_steps=gradient_accumulation_steps)
+    if dropout is not None and not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     c = config or model_config(src)
     model = build(c, method, o)
     n_virtual = o.num_virtual_tokens if method in ("prefix", "prompt", "ptuning") else 0

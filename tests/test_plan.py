@@ -152,22 +152,49 @@ def test_bad_input_is_one_clear_error(tmp_path):
 
 
 def test_the_plan_command_prints_the_api_estimates(capsys):
+    """The command is the API with `minift finetune`'s recipe: dropout off, LoRA r 16 on
+    every linear layer without dropout, bf16 where this CPU has it natively."""
     from minift.cli import main
+    from minift.distributed import cpu_has_native_bf16
     args = ["plan", "--model", "minift-tiny", "--method", "lora,full", "--batch-size", "2",
-            "--max-length", "32", "--memory", "1GiB", "--no-measure"]
+            "--max-length", "32", "--memory", "1GiB", "--no-measure", "--device", "cpu"]
     assert main([*args, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    expected = plan("minift-tiny", ["lora", "full"], batch_size=2, max_length=32,
-                    measure=False, memory=2 ** 30)
+    recipe = MethodOptions(r=16, lora_dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"])
+    dtype = "bf16" if cpu_has_native_bf16() else "fp32"
+    expected = [plan("minift-tiny", [m], batch_size=2, max_length=32, measure=False,
+                     memory=2 ** 30, device="cpu", dropout=0.0, dtype=dtype,
+                     options=recipe if m == "lora" else MethodOptions(r=16, lora_dropout=0.0))[0]
+                for m in ("lora", "full")]
     assert rows == [e.to_dict() for e in expected]
     assert main(args) == 0
     table = capsys.readouterr().out
     assert table == format_plan(expected) + "\n" and "GFLOP/token" in table
 
 
+@pytest.mark.parametrize("method", ["lora", "adapter", "partial", "prefix"])
+def test_the_plan_command_counts_what_minift_finetune_trains(capsys, method):
+    """Its default trainable parameters and adapter file are those of `minift finetune
+    --method M`'s model on minift-tiny (the options module's defaults, built as finetune
+    builds them)."""
+    from minift import GPT
+    from minift.cli import main
+    from minift.commands.finetune import apply_method, method_config
+    from minift.options import defaults
+    assert main(["plan", "--method", method, "--no-measure", "--json"]) == 0
+    row, = json.loads(capsys.readouterr().out)
+    opts = {**defaults(method), "model": "minift-tiny"}
+    model = apply_method(GPT.from_pretrained("minift-tiny"), method, opts, method_config(opts))
+    assert row["trainable_params"] == sum(p.numel() for p in model.parameters()
+                                          if p.requires_grad)
+    assert row["batch_size"] == opts["batch_size"] == 16
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "lorax"], "--method: unknown 'lorax'; choose from full, partial"),
     (["--memory", "lots"], "--memory: cannot read 'lots' as an amount of memory"),
+    (["--dropout", "1.5"], "dropout must be in [0, 1), got 1.5"),
+    (["--target-modules", "c_atn"], "target module 'c_atn' does not exist in the model"),
     (["--model", "/no/such/folder"], "/no/such/folder: no such folder"),
 ])
 def test_the_plan_command_errors_are_one_line(capsys, args, message):

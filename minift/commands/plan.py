@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import json
 
-from ..options import UsageError
-from ..plan import DTYPES, METHODS, SHAPES, Estimate, MethodOptions, parse_bytes, plan
+import torch
+
+from ..distributed import cpu_has_native_bf16
+from ..options import METHOD_DEFAULTS, RECIPE, UsageError
+from ..plan import (DTYPES, METHODS, SHAPES, Estimate, MethodOptions, matmul_rate, parse_bytes,
+                    plan)
 from .common import add_command, number
+
+LORA = METHOD_DEFAULTS["lora"]   # `minift finetune`'s LoRA: r 16 on every linear layer, no dropout
 
 PLAN_EPILOG = """examples:
   minift plan --model gpt2 --batch-size 8 --max-length 512        every method, one table
@@ -14,6 +20,8 @@ PLAN_EPILOG = """examples:
       --gradient-checkpointing --memory 24GiB --json
 --model takes a folder, a hub id in the local cache, minift-tiny, or a named shape
 (""" + ", ".join(SHAPES) + """), read from config.json alone: nothing is loaded.
+The defaults are `minift finetune`'s: micro-batches of 16, dropout off, LoRA and DoRA
+with r 16 on c_attn,c_proj,c_fc, bf16 where the device has it natively.
 Memory is per process: parameters, gradients, AdamW state, activations and workspace,
 against this machine's free memory (or --memory). The step time divides the step's
 FLOPs by a matmul rate measured here for a moment: a lower bound."""
@@ -27,11 +35,12 @@ def register(subparsers) -> None:
                    + " (default: minift-tiny)")
     p.add_argument("--method", default="all", metavar="X",
                    help=f"one of {', '.join(METHODS)}, comma-separated, or all (default)")
-    number(p, "--batch-size", int, 8, "examples per micro-batch")
+    number(p, "--batch-size", int, RECIPE["batch_size"], "examples per micro-batch")
     number(p, "--max-length", int, None, "tokens per example (default: the model's context)")
     number(p, "--gradient-accumulation-steps", int, 1, "micro-batches per optimizer step")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32",
-                   help="fp32, or bf16 autocast over fp32 weights (default: fp32)")
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                   help="fp32, or bf16 autocast over fp32 weights; auto (the default): bf16 "
+                        "where the device has it natively, as `minift finetune` does")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each block in the backward")
     p.add_argument("--memory", metavar="SIZE", default=None,
@@ -40,12 +49,38 @@ def register(subparsers) -> None:
     p.add_argument("--no-measure", action="store_true",
                    help="skip the matmul-rate measurement (no step time)")
     defaults = MethodOptions()
-    number(p, "--r", int, defaults.r, "LoRA rank")
+    number(p, "--dropout", float, RECIPE["dropout"], "the model's dropout rates (GPT-2's own: "
+           "0.1)")
+    number(p, "--r", int, LORA["r"], "LoRA rank")
+    number(p, "--lora-dropout", float, LORA["lora_dropout"], "dropout on LoRA's input")
+    p.add_argument("--target-modules", metavar="NAMES", default=None,
+                   help="comma-separated layers for LoRA / DoRA and adapters (default: "
+                        f"{','.join(LORA['target_modules'])} for LoRA, the adapter's own for "
+                        "adapters)")
     number(p, "--num-virtual-tokens", int, defaults.num_virtual_tokens,
            "prefix / prompt / P-tuning length")
     number(p, "--bottleneck-size", int, defaults.bottleneck_size, "adapter width")
     number(p, "--top-k-blocks", int, defaults.top_k_blocks, "blocks partial fine-tuning trains")
     p.add_argument("--json", action="store_true", help="one JSON object per method, as a list")
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `minift finetune` would train in bf16 there (distributed.choose_device's
+    rule); a CUDA device planned from a machine without one: yes, as on every GPU since
+    Ampere."""
+    if device.startswith("cuda"):
+        return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+    return device == "cpu" and cpu_has_native_bf16()
+
+
+def method_options(args, method: str) -> MethodOptions:
+    """The options `minift finetune --method <method>` would train with, flags applied."""
+    targets = args.target_modules.split(",") if args.target_modules else None
+    if targets is None and method in ("lora", "dora"):
+        targets = LORA["target_modules"]
+    return MethodOptions(r=args.r, lora_dropout=args.lora_dropout, target_modules=targets,
+                         num_virtual_tokens=args.num_virtual_tokens,
+                         bottleneck_size=args.bottleneck_size, top_k_blocks=args.top_k_blocks)
 
 
 def run(args) -> int:
@@ -58,13 +93,15 @@ def run(args) -> int:
         memory = parse_bytes(args.memory) if args.memory is not None else None
     except ValueError as e:
         raise UsageError(f"--memory: {e}") from None
-    options = MethodOptions(r=args.r, num_virtual_tokens=args.num_virtual_tokens,
-                            bottleneck_size=args.bottleneck_size, top_k_blocks=args.top_k_blocks)
-    estimates = plan(args.model, methods, args.batch_size, args.max_length,
-                     measure=not args.no_measure, device=args.device,
-                     gradient_accumulation_steps=args.gradient_accumulation_steps,
-                     dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
-                     options=options, memory=memory)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if native_bf16(device) else "fp32")
+    here = not device.startswith("cuda") or torch.cuda.is_available()
+    rate = matmul_rate(dtype, device) if here and not args.no_measure else None
+    estimates = [e for m in methods for e in plan(
+        args.model, [m], args.batch_size, args.max_length, measure=False, device=device,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, dtype=dtype,
+        gradient_checkpointing=args.gradient_checkpointing, options=method_options(args, m),
+        memory=memory, matmul_flops_per_s=rate, dropout=args.dropout)]
     if args.json:
         print(json.dumps([e.to_dict() for e in estimates], indent=1))
     else:
