@@ -88,7 +88,9 @@ TARGETS = [("plain lora", "speed", 1.15), ("plain masked", "speed", 1.3),
            ("plain full", "speed", 1.1), ("plain lora", "rss", 0.45),
            ("lora", "speed", 1.3), ("lora", "bound", 0.78), ("bf16 lora", "speed", 1.4),
            ("lora T=1024", "bound", 0.65), ("lora T=1024", "speed", 1.3)]
-LOSS_TOL = 1e-5           # compiled vs eager loss
+# compiled vs eager eval loss: float32's rounding; in bf16, inductor's fusions round other
+# intermediates (1.2e-4 apart on GPT-2 small), so gpu_check's bf16 tolerance
+LOSS_TOL = {"fp32": 1e-5, "bf16": 2e-2}
 
 
 @dataclass
@@ -381,9 +383,9 @@ def check_targets(results: dict) -> list[str]:
                 good = r["of_bound"] >= limit
             lines.append(f"  {row:14} {name:16} {text}: {'met' if good else 'MISSED'}")
             if "eval_loss_compiled" in r and what == "speed":
-                d = abs(r["eval_loss_compiled"] - r["eval_loss_eager"])
+                d, tol = abs(r["eval_loss_compiled"] - r["eval_loss_eager"]), LOSS_TOL[ROWS[row][2]]
                 lines.append(f"  {row:14} {name:16} |eval loss compiled - eager| {d:.1e} "
-                             f"(<= {LOSS_TOL:g}): {'met' if d <= LOSS_TOL else 'MISSED'}")
+                             f"(<= {tol:g}): {'met' if d <= tol else 'MISSED'}")
     return lines
 
 
