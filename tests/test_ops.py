@@ -253,6 +253,28 @@ def test_chunked_head_loss_gradcheck(frozen_head):
         assert abs(ChunkedHeadLoss.apply(h, w, y, 3).item() - f(h, w).item()) <= 1e-12
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_head_softmax_blocks_give_the_same_bits(monkeypatch, bf16):
+    """SOFTMAX_ROWS only changes how many rows each softmax pass covers: blocks of 3 rows
+    (a short last one in every 7-row chunk) and one pass per chunk give the same loss and
+    gradients to the bit, in float32 and under bf16 autocast (its fp32 buffer)."""
+    g = torch.Generator().manual_seed(0)
+    h0 = torch.randn(20, 16, generator=g)
+    w0 = torch.randn(50, 16, generator=g)
+    y = torch.randint(0, 50, (20,), generator=g)
+    results = []
+    for rows in (3, 1000):
+        monkeypatch.setattr("minift.ops.SOFTMAX_ROWS", rows)
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = ChunkedHeadLoss.apply(h, w, y, 7)
+        loss.backward()
+        results.append((loss, h.grad, w.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert abs(results[0][0].item() - F.cross_entropy(h0 @ w0.t(), y, reduction="sum").item()) \
+        <= (2.0 if bf16 else 1e-3)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("frozen_head", [False, True])
 def test_masked_chunked_loss_and_gradients_equal_full_logits(dtype, tol, frozen_head):
