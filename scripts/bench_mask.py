@@ -3,6 +3,8 @@
   keep_mask      32-bit integers >= a threshold, drawn 256K elements at a time (minift.ops)
   uniform >= p   torch.rand(shape) >= p, one float draw of the whole mask
   ... in 64K     the same, 64K elements at a time into a bool mask (minift's keep_mask until 2026-12)
+  ... through the op   keep_mask's loop drawing through the custom op minift::random_bits_,
+                 as eager code did until session 8 (the same integers; the op's dispatch costs)
   bernoulli_     what F.dropout draws on the CPU: an empty float tensor, bernoulli_(1 - p)
 
 One LoRA step of GPT-2 small at 4 x 256 with every dropout on (p = 0.1) draws 57.4M mask
@@ -38,7 +40,21 @@ WAYS = {
     "uniform >= p": lambda shape: torch.rand(shape) >= P,
     "... in 64K": lambda shape: float_mask_in_parts(shape),
     "bernoulli_": lambda shape: torch.empty(shape).bernoulli_(1 - P),
+    "... through the op": lambda shape: keep_mask_through_the_op(shape),
 }
+
+
+def keep_mask_through_the_op(shape):
+    """keep_mask's CPU loop, each draw through ops.random_bits_ (a custom op) instead of
+    Tensor.random_: the same integers, so the same mask."""
+    threshold = round(P * 2**32) - 2**31
+    keep = torch.empty(shape, dtype=torch.bool)
+    bits = torch.empty(ops.MASK_CHUNK // 2, dtype=torch.int64)
+    for part in keep.view(-1).split(ops.MASK_CHUNK):
+        m = part.numel()
+        ops.random_bits_(bits[:(m + 1) // 2])
+        torch.ge(bits.view(torch.int32)[:m], threshold, out=part)
+    return keep.view(torch.uint8)
 
 
 def float_mask_in_parts(shape):
@@ -81,6 +97,11 @@ def main():
     if args.chunks:
         return sweep_chunks([int(k) for k in args.chunks.split(",")], args.rounds)
     n = sum(torch.Size(s).numel() * c for s, c in SHAPES)
+    masks = []
+    for way in (WAYS["keep_mask"], keep_mask_through_the_op):   # the same draw, the same mask
+        torch.manual_seed(0)
+        masks.append(way(SHAPES[0][0]))
+    assert torch.equal(*masks), "keep_mask and its loop through the op drew different masks"
     for way in WAYS.values():   # warm-up: allocator, first-call costs
         one_step(way)
     times = {name: [] for name in WAYS}
@@ -89,12 +110,12 @@ def main():
             times[name].append(one_step(way))
     print(f"torch {torch.__version__}, {args.threads} threads, {n / 1e6:.1f}M mask elements "
           f"per step, p = {P}, {args.rounds} rounds\n")
-    print(f"{'way':14s} {'ms/step':>8s} {'ns/elem':>8s} {'keep_mask / it':>16s}")
+    print(f"{'way':18s} {'ms/step':>8s} {'ns/elem':>8s} {'keep_mask / it':>16s}")
     for name, ts in times.items():
         ratios = [a / b for a, b in zip(times["keep_mask"], ts)]
         med = statistics.median(ts)
         spread = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
-        print(f"{name:14s} {med * 1e3:8.1f} {med / n * 1e9:8.2f} {spread:>16s}")
+        print(f"{name:18s} {med * 1e3:8.1f} {med / n * 1e9:8.2f} {spread:>16s}")
 
 
 if __name__ == "__main__":
