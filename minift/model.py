@@ -22,7 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from . import checkpoint as files
 from .generation import generate
-from .ops import ACTIVATIONS, ActLinear, Dropout, attention, masked_lm_loss
+from .loss import masked_lm_loss
+from .ops import ACTIVATIONS, ActLinear, Dropout, attention
 
 # A KV cache / prefix: one (key, value) pair per layer, each (B, nh, P, hs).
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]
@@ -233,7 +234,7 @@ class GPT(nn.Module):
         A packed row (packing.py) also passes position_ids (B, T), restarting at 0 with each
         example, and segment_ids (B, T), one id per example: no token attends across them.
 
-        With labels, the loss runs the LM head only at target positions (ops.masked_lm_loss)
+        With labels, the loss runs the LM head only at target positions (loss.masked_lm_loss)
         and `out.logits` is computed when read (see CausalLMOutput). return_logits=True
         computes the logits now and the loss from them (transformers' way, same numbers);
         False gives no logits at all.

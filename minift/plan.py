@@ -37,7 +37,8 @@ import torch
 
 from .checkpoint import _from_hf_cache, read_config, resolve_source
 from .model import GPT, GPTConfig
-from .ops import HEAD_CHUNK, QUERY_BLOCK, query_blocks
+from .loss import HEAD_CHUNK
+from .ops import QUERY_BLOCK, query_blocks
 from .peft import (AdapterConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
                    PromptTuningConfig, get_peft_model)
 from .peft.partial import freeze_all_but_top, unfreeze_all

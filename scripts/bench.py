@@ -30,7 +30,7 @@ Each row is a case on a path, in a precision, at a batch shape (ROWS below):
 The reference runs transformers + PEFT eagerly (use_cache=False, the training setting).
 minift runs eagerly and, on train rows, with `compile_blocks` (the cold-compile time is the
 first step minus a steady step, with an empty inductor cache unless --warm-cache). minift's
-loss runs the LM head at target positions only (ops.masked_lm_loss); transformers runs it
+loss runs the LM head at target positions only (loss.masked_lm_loss); transformers runs it
 at every position.
 
 The lower bound: the step's matmul FLOPs counted from the shapes (forward, plus in the

@@ -1,5 +1,5 @@
-"""The LM-head loss's softmax block: `ops.ChunkedHeadLoss` forward + backward at GPT-2 small's
-head (1,020 target rows of a 4 x 256 batch, V = 50257, C = 768), with ops.SOFTMAX_ROWS set to
+"""The LM-head loss's softmax block: `loss.ChunkedHeadLoss` forward + backward at GPT-2 small's
+head (1,020 target rows of a 4 x 256 batch, V = 50257, C = 768), with loss.SOFTMAX_ROWS set to
 each value in turn, interleaved, in fp32 and under bf16 autocast. A value of 512 (HEAD_CHUNK)
 is one pass over each chunk, as before SOFTMAX_ROWS existed; every value gives the same loss
 and gradient, to the bit (checked here too). Prints each value's median time and its ratio
@@ -18,17 +18,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import minift.ops as ops  # noqa: E402
+import minift.loss as lm_loss  # noqa: E402
 
 N, C, V = 1020, 768, 50257
 
 
 def step(h0, w, y, dtype: str, rows: int):
     """One forward + backward with SOFTMAX_ROWS = rows: (loss, d loss / d h)."""
-    ops.SOFTMAX_ROWS = rows
+    lm_loss.SOFTMAX_ROWS = rows
     h = h0.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-        loss = ops.ChunkedHeadLoss.apply(h, w, y, ops.HEAD_CHUNK)
+        loss = lm_loss.ChunkedHeadLoss.apply(h, w, y, lm_loss.HEAD_CHUNK)
     loss.backward()
     return loss.detach(), h.grad
 
@@ -39,14 +39,14 @@ def main():
     ap.add_argument("--rows", default="32,64,128,512")
     args = ap.parse_args()
     values = [int(x) for x in args.rows.split(",")]
-    if ops.HEAD_CHUNK not in values:
-        values.append(ops.HEAD_CHUNK)
+    if lm_loss.HEAD_CHUNK not in values:
+        values.append(lm_loss.HEAD_CHUNK)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(V, C, generator=g) * 0.02
     h0, y = torch.randn(N, C, generator=g), torch.randint(0, V, (N,), generator=g)
     print("| dtype | SOFTMAX_ROWS | ms | one pass (512) / this (rounds) |\n|---|---:|---:|---:|")
     for dtype in ("fp32", "bf16"):
-        ref = step(h0, w, y, dtype, ops.HEAD_CHUNK)
+        ref = step(h0, w, y, dtype, lm_loss.HEAD_CHUNK)
         for k in values:
             loss, grad = step(h0, w, y, dtype, k)
             assert torch.equal(loss, ref[0]) and torch.equal(grad, ref[1]), (dtype, k)
@@ -57,7 +57,7 @@ def main():
                 step(h0, w, y, dtype, k)
                 times[k].append((time.perf_counter() - t0) * 1e3)
         for k in values:
-            r = [a / b for a, b in zip(times[ops.HEAD_CHUNK], times[k])]
+            r = [a / b for a, b in zip(times[lm_loss.HEAD_CHUNK], times[k])]
             print(f"| {dtype} | {k} | {statistics.median(times[k]):.0f} | "
                   f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}) |", flush=True)
 

@@ -1,6 +1,6 @@
 """ops.py, the fast path's pieces, against the plain compositions they replace: a gradcheck
 of every autograd Function, and the numbers of plain eager PyTorch (SDPA, nn.Dropout's
-distribution, autograd through act(h) and the full-logits cross-entropy)."""
+distribution, autograd through act(h)); the LM-head loss is tests/test_loss.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from minift import GPTConfig
 from minift.model import MLP, CausalSelfAttention, attention_mask_4d
 from conftest import reference_keep
-from minift.ops import (ActLinear, AttentionDropout, ChunkedHeadLoss, Dropout, attention,
-                        keep_mask, masked_lm_loss, query_blocks)
+from minift.ops import ActLinear, AttentionDropout, Dropout, attention, keep_mask, query_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=97, n_positions=64,
@@ -225,94 +224,3 @@ def test_act_linear_gradcheck_and_mlp_equals_plain(activation):
     assert torch.equal(y, ref_y)
     for a, c in zip(got, ref):
         assert (a - c).abs().max() <= 1e-6
-
-
-# ------------------------------------------------------------------ the LM-head loss
-@pytest.mark.parametrize("frozen_head", [False, True])
-def test_chunked_head_loss_gradcheck(frozen_head):
-    """Directional finite differences (torch's gradcheck runs several backwards through one
-    graph; this op hands its weight gradient over in place, once)."""
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=not frozen_head)
-    y = torch.randint(0, 11, (7,), generator=g)
-    inputs = (h,) if frozen_head else (h, w)
-    grads = torch.autograd.grad(ChunkedHeadLoss.apply(h, w, y, 3), inputs)
-    f = lambda h, w: F.cross_entropy(h @ w.t(), y, reduction="sum")  # only for its values
-    for _ in range(3):
-        u = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in inputs]
-        eps = 1e-6
-        plus = [t.detach() + eps * d for t, d in zip(inputs, u)]
-        minus = [t.detach() - eps * d for t, d in zip(inputs, u)]
-        if frozen_head:
-            plus, minus = plus + [w.detach()], minus + [w.detach()]
-        with torch.no_grad():
-            numeric = (ChunkedHeadLoss.apply(*plus, y, 3) - ChunkedHeadLoss.apply(*minus, y, 3))
-        analytic = sum((a * d).sum() for a, d in zip(grads, u))
-        assert abs(numeric / (2 * eps) - analytic) <= 1e-7 * max(1.0, abs(analytic))
-        assert abs(ChunkedHeadLoss.apply(h, w, y, 3).item() - f(h, w).item()) <= 1e-12
-
-
-@pytest.mark.parametrize("bf16", [False, True])
-def test_head_softmax_blocks_give_the_same_bits(monkeypatch, bf16):
-    """SOFTMAX_ROWS only changes how many rows each softmax pass covers: blocks of 3 rows
-    (a short last one in every 7-row chunk) and one pass per chunk give the same loss and
-    gradients to the bit, in float32 and under bf16 autocast (its fp32 buffer)."""
-    g = torch.Generator().manual_seed(0)
-    h0 = torch.randn(20, 16, generator=g)
-    w0 = torch.randn(50, 16, generator=g)
-    y = torch.randint(0, 50, (20,), generator=g)
-    results = []
-    for rows in (3, 1000):
-        monkeypatch.setattr("minift.ops.SOFTMAX_ROWS", rows)
-        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = ChunkedHeadLoss.apply(h, w, y, 7)
-        loss.backward()
-        results.append((loss, h.grad, w.grad))
-    assert all(torch.equal(a, b) for a, b in zip(*results))
-    # and they are the full-logits loss's, under the same autocast (bf16: to its rounding)
-    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        ref = F.cross_entropy((h @ w.t()).float(), y, reduction="sum")
-    ref.backward()
-    tol = 3e-2 if bf16 else 1e-5
-    assert abs(results[0][0].item() - ref.item()) <= tol * abs(ref.item())
-    for got, want in zip(results[0][1:], (h.grad, w.grad)):
-        assert (got - want).abs().max() <= tol * want.abs().max()
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("frozen_head", [False, True])
-def test_masked_chunked_loss_and_gradients_equal_full_logits(dtype, tol, frozen_head):
-    torch.manual_seed(0)
-    h = torch.randn(3, 10, 8, dtype=dtype, requires_grad=True)
-    w = torch.randn(50, 8, dtype=dtype, requires_grad=not frozen_head)
-    y = torch.randint(0, 50, (3, 10))
-    y[0, :4] = -100          # a masked prompt
-    y[2, 7:] = -100          # right padding
-    full = F.cross_entropy((h @ w.t())[:, :-1].flatten(0, 1), y[:, 1:].flatten())
-    inputs = (h,) if frozen_head else (h, w)
-    want = torch.autograd.grad(full, inputs)
-    for chunk in (1, 4, 1000):  # chunk boundaries anywhere, and one chunk for all
-        got_loss = masked_lm_loss(h, w, y, chunk_size=chunk)
-        got = torch.autograd.grad(got_loss, inputs)
-        assert abs(got_loss.item() - full.item()) <= tol
-        for a, b in zip(got, want):
-            assert (a - b).abs().max() <= tol
-    with torch.no_grad():  # the evaluation path gives the same number
-        assert abs(masked_lm_loss(h, w, y, chunk_size=4).item() - full.item()) <= tol
-
-
-def test_masked_loss_with_no_targets_is_nan_like_transformers():
-    h = torch.randn(1, 4, 8, requires_grad=True)
-    assert masked_lm_loss(h, torch.randn(20, 8), torch.full((1, 4), -100)).isnan()
-
-
-def test_chunked_loss_twice_through_one_graph_is_refused():
-    h = torch.randn(2, 6, 8, requires_grad=True)
-    w = torch.randn(20, 8, requires_grad=True)
-    loss = masked_lm_loss(h, w, torch.randint(0, 20, (2, 6)))
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward ran twice"):
-        loss.backward()

@@ -20,7 +20,7 @@ from conftest import cfg, max_diff, pattern_data, tiny_model, weights
 from minift.data import shuffled_batches
 from minift.config import TrainConfig
 from minift.distributed import evaluate_loss
-from minift.ops import HEAD_CHUNK
+from minift.loss import HEAD_CHUNK
 from minift.regularize import EarlyStopping, restore_dropout, set_dropout
 from minift.rundir import Progress, list_checkpoints
 from minift.step import NonFiniteError, accumulate_gradients
