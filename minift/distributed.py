@@ -140,6 +140,14 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast runs in hardware on `device`: a CUDA GPU that supports it, or a
+    CPU with native bf16 (cpu_has_native_bf16)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
 def choose_device(name: str | None, bf16: bool | None) -> tuple[torch.device, bool]:
     """(device, use bf16 autocast). name None: CUDA if available, cuda:LOCAL_RANK under
     torchrun; bf16 None: on for CUDA devices that support it and for CPUs with native bf16
@@ -150,9 +158,7 @@ def choose_device(name: str | None, bf16: bool | None) -> tuple[torch.device, bo
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        native = torch.cuda.is_bf16_supported()
-    else:
-        native = device.type == "cpu" and cpu_has_native_bf16()
+    native = native_bf16(device)
     if bf16 and not native:
         raise ValueError(f"TrainConfig.bf16=True needs a CUDA GPU or a CPU with native bf16 "
                          f"(AVX512-BF16 or AMX); {device} has neither")

@@ -383,8 +383,10 @@ def estimate(src: str, method: str, batch_size: int, max_length: int | None = No
 
 
 def plan(src: str, methods=METHODS, batch_size: int = 8, max_length: int | None = None,
-         measure: bool = True, device: str | None = None, **kw) -> list[Estimate]:
-    """estimate() for each method, with one matmul-rate measurement shared by all."""
+         measure: bool = True, device: str | None = None,
+         options: MethodOptions | dict[str, MethodOptions] | None = None, **kw) -> list[Estimate]:
+    """estimate() for each method, with one matmul-rate measurement shared by all; options
+    one MethodOptions for every method, or one per method (a dict by method name)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     methods = [methods] if isinstance(methods, str) else list(methods)
     unknown = [m for m in methods if m not in METHODS]
@@ -396,5 +398,6 @@ def plan(src: str, methods=METHODS, batch_size: int = 8, max_length: int | None 
     here = not device.startswith("cuda") or torch.cuda.is_available()
     if rate is None and measure and here:   # planning for a GPU elsewhere: no step time
         rate = matmul_rate(kw.get("dtype", "fp32"), device)
+    per_method = options if isinstance(options, dict) else dict.fromkeys(methods, options)
     return [estimate(src, m, batch_size, max_length, config=config, device=device,
-                     matmul_flops_per_s=rate, **kw) for m in methods]
+                     matmul_flops_per_s=rate, options=per_method[m], **kw) for m in methods]

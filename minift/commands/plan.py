@@ -5,10 +5,9 @@ import json
 
 import torch
 
-from ..distributed import cpu_has_native_bf16
+from ..distributed import native_bf16
 from ..options import METHOD_DEFAULTS, RECIPE, UsageError
-from ..plan import (DTYPES, METHODS, SHAPES, Estimate, MethodOptions, matmul_rate, parse_bytes,
-                    plan)
+from ..plan import DTYPES, METHODS, SHAPES, Estimate, MethodOptions, parse_bytes, plan
 from .common import add_command, number
 
 LORA = METHOD_DEFAULTS["lora"]   # `minift finetune`'s LoRA: r 16 on every linear layer, no dropout
@@ -64,13 +63,12 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per method, as a list")
 
 
-def native_bf16(device: str) -> bool:
-    """Whether `minift finetune` would train in bf16 there (distributed.choose_device's
-    rule); a CUDA device planned from a machine without one: yes, as on every GPU since
-    Ampere."""
-    if device.startswith("cuda"):
-        return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
-    return device == "cpu" and cpu_has_native_bf16()
+def auto_bf16(device: str) -> bool:
+    """--dtype auto: bf16 where `minift finetune` would train in it (distributed.native_bf16);
+    a CUDA device planned from a machine without one: yes, as on every GPU since Ampere."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return True
+    return native_bf16(torch.device(device))
 
 
 def method_options(args, method: str) -> MethodOptions:
@@ -94,14 +92,13 @@ def run(args) -> int:
     except ValueError as e:
         raise UsageError(f"--memory: {e}") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if native_bf16(device) else "fp32")
-    here = not device.startswith("cuda") or torch.cuda.is_available()
-    rate = matmul_rate(dtype, device) if here and not args.no_measure else None
-    estimates = [e for m in methods for e in plan(
-        args.model, [m], args.batch_size, args.max_length, measure=False, device=device,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, dtype=dtype,
-        gradient_checkpointing=args.gradient_checkpointing, options=method_options(args, m),
-        memory=memory, matmul_flops_per_s=rate, dropout=args.dropout)]
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if auto_bf16(device) else "fp32")
+    estimates = plan(args.model, methods, args.batch_size, args.max_length,
+                     measure=not args.no_measure, device=device,
+                     gradient_accumulation_steps=args.gradient_accumulation_steps, dtype=dtype,
+                     gradient_checkpointing=args.gradient_checkpointing,
+                     options={m: method_options(args, m) for m in methods}, memory=memory,
+                     dropout=args.dropout)
     if args.json:
         print(json.dumps([e.to_dict() for e in estimates], indent=1))
     else:
