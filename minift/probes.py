@@ -57,10 +57,7 @@ def copy_probe(model, tokenizer, n_trials: int = 20, n_names: int = 12, seed: in
     line alone must fit: a small tokenizer's lines are long).
     """
     _check_batch_size(batch_size)
-    rng = random.Random(seed)
-    lines = [random_identifiers(n_names, rng) for _ in range(n_trials)]
-    contexts = _encode(tokenizer, [", ".join(names) + "\n" + names[0] for names in lines])
-    targets = _encode(tokenizer, [", " + ", ".join(names[1:]) for names in lines])
+    contexts, targets = probe_lines(tokenizer, n_trials, n_names, seed)
     limit = getattr(getattr(model, "config", None), "n_positions", None)
     hits = []
     with _inference(model) as device:
@@ -76,6 +73,15 @@ def copy_probe(model, tokenizer, n_trials: int = 20, n_names: int = 12, seed: in
     ci = bootstrap_ratio_ci(hits, lengths, seed=seed)
     return {"token_accuracy": ci["ratio"], "low": ci["low"], "high": ci["high"],
             "exact": sum(h == n for h, n in zip(hits, lengths)) / n_trials, "n": n_trials}
+
+
+def probe_lines(tokenizer, n_trials: int, n_names: int, seed: int):
+    """copy_probe's lines, tokenised: (contexts `a, b, c, ...\na`, targets `, b, c, ...`)."""
+    rng = random.Random(seed)
+    lines = [random_identifiers(n_names, rng) for _ in range(n_trials)]
+    contexts = _encode(tokenizer, [", ".join(names) + "\n" + names[0] for names in lines])
+    targets = _encode(tokenizer, [", " + ", ".join(names[1:]) for names in lines])
+    return contexts, targets
 
 
 def _batches(contexts, targets, batch_size: int, limit: int | None):

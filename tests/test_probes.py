@@ -80,14 +80,9 @@ def test_batches_end_before_the_models_context():
     """A context every line fits in, but not 10 of them padded together (a small tokenizer's
     case: pretrain_tiny's final probe crashed there), scores the lines as one at a time; a
     line that cannot fit at all is one clear error."""
-    import random
-    from minift.evaluate import _encode
-    from minift.probes import random_identifiers
+    from minift.probes import probe_lines
     tok = Tokenizer.from_pretrained("minift-tiny")
-    rng = random.Random(0)                       # the probe's own lines (seed 0)
-    lines = [random_identifiers(8, rng) for _ in range(10)]
-    ctx = _encode(tok, [", ".join(n) + "\n" + n[0] for n in lines])
-    tgt = _encode(tok, [", " + ", ".join(n[1:]) for n in lines])
+    ctx, tgt = probe_lines(tok, n_trials=10, n_names=8, seed=0)   # the probe's own lines
     limit = max(len(c) + len(t) for c, t in zip(ctx, tgt))
     assert max(map(len, ctx)) + max(map(len, tgt)) > limit      # one batch of 10 would not fit
     got = copy_probe(ShortContext(limit), tok, n_trials=10, n_names=8, batch_size=10)
