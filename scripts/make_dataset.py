@@ -21,6 +21,12 @@ train / validation / test), so no test function shares a module with a training 
 model must read the signature in its context rather than recall a module.
 
     python scripts/make_dataset.py            # writes minift/assets/tasks/*/ and build.json
+    python scripts/make_dataset.py --more-train runs/more   # and a larger train split
+
+--more-train DIR also writes DIR/{params,call,docstring}/train.jsonl: the train split, then
+the same records made from the pretraining modules' functions (about 1,200 more). Their
+source was in the pretraining corpus, so they are kept out of the built-in tasks, whose
+every module is held out; the validation and test splits stay as they are.
 
 Deterministic: modules and names are visited in sorted order, duplicates are dropped keeping
 the first, and the splits and the distractors come from seeded generators. Different Python
@@ -39,7 +45,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from stdlib_corpus import TASK_MODULES, clean_docstring, documented_objects, header, import_module, signature
+from stdlib_corpus import PRETRAIN_MODULES, TASK_MODULES, clean_docstring, documented_objects, header, import_module, signature
 
 OUT = Path(__file__).resolve().parent.parent / "minift" / "assets" / "tasks"
 MAX_PROMPT_CHARS = 120       # ~40 tokens: the answer fits in max_length 128 with it
@@ -90,11 +96,11 @@ def call_line(qualname: str, sig: inspect.Signature) -> str:
     return f"{qualname}({', '.join(names)})"
 
 
-def functions_of(module_name: str) -> list[dict]:
+def functions_of(module_name: str, allowed: tuple[str, ...] = TASK_MODULES) -> list[dict]:
     """One entry per documented function or method with a plain signature (no annotations,
     no memory addresses in defaults) and a parameter besides self/cls: its def line, the
     params and call answers, and its docstring summary (None when none is usable)."""
-    module = import_module(module_name, TASK_MODULES)
+    module = import_module(module_name, allowed)
     out = []
     for kind, qualname, obj in documented_objects(module):
         text = signature(obj)
@@ -130,20 +136,27 @@ def split_modules(functions: list[dict], seed: int) -> dict[str, set[str]]:
     return parts
 
 
+def generation_records(fns: list[dict]) -> dict[str, list[dict]]:
+    """The params, call and docstring records of these functions (docstring: only those with
+    a usable summary)."""
+    return {"params": [{"prompt": f["head"] + "\n# parameters:", "completion": " " + f["params"]}
+                       for f in fns],
+            "call": [{"prompt": f["head"] + "\n# call:", "completion": " " + f["call"]}
+                     for f in fns],
+            "docstring": [{"prompt": f["head"] + '\n    """', "completion": f["summary"]}
+                          for f in fns if f["summary"]]}
+
+
 def build(functions: list[dict], seed: int) -> dict[str, dict[str, list[dict]]]:
     """{task: {split: records}}."""
     modules = split_modules(functions, seed)
     tasks = {"params": {}, "call": {}, "choice": {}, "docstring": {}, "preference": {}}
     for split, names in modules.items():
         fns = [f for f in functions if f["module"] in names]
-        tasks["params"][split] = [{"prompt": f["head"] + "\n# parameters:",
-                                   "completion": " " + f["params"]} for f in fns]
-        tasks["call"][split] = [{"prompt": f["head"] + "\n# call:",
-                                 "completion": " " + f["call"]} for f in fns]
+        for task, records in generation_records(fns).items():
+            tasks[task][split] = records
         with_doc = [f for f in fns if f["summary"]]
-        prompt = [f["head"] + '\n    """' for f in with_doc]
-        tasks["docstring"][split] = [{"prompt": p, "completion": f["summary"]}
-                                     for p, f in zip(prompt, with_doc)]
+        prompt = [r["prompt"] for r in tasks["docstring"][split]]
         rng = random.Random(f"{seed}-{split}")
         choice = []
         for p, f in zip(prompt, with_doc):
@@ -159,28 +172,54 @@ def build(functions: list[dict], seed: int) -> dict[str, dict[str, list[dict]]]:
     return tasks
 
 
+def all_functions(modules: tuple[str, ...]) -> list[dict]:
+    """functions_of every module, in order (sorted; within a module, documented_objects
+    sorts by name), an alias defined twice kept once."""
+    functions, seen = [], set()
+    for name in modules:
+        for f in functions_of(name, modules):
+            if f["head"] not in seen:
+                seen.add(f["head"])
+                functions.append(f)
+    return functions
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def write_more_train(folder: Path, tasks: dict) -> None:
+    """FOLDER/{params,call,docstring}/train.jsonl: each task's train split, then the same
+    records made from PRETRAIN_MODULES' functions. The base model read those modules' source
+    in pretraining, so this is not the built-in task (whose every module is held out of the
+    corpus); the validation and test splits, whose modules the model never read, are
+    unchanged, and the README measures what the extra examples are worth."""
+    extra = generation_records(all_functions(PRETRAIN_MODULES))
+    for task, records in extra.items():
+        write_jsonl(folder / task / "train.jsonl", tasks[task]["train"] + records)
+        print(f"{task} (--more-train): train {len(tasks[task]['train'])} + {len(records)}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--more-train", type=Path, metavar="DIR",
+                        help="also write DIR/{params,call,docstring}/train.jsonl: the train "
+                             "split plus records from the pretraining modules' functions")
     args = parser.parse_args()
 
-    functions, seen = [], set()
-    for name in TASK_MODULES:  # sorted; within a module, documented_objects sorts by name
-        for f in functions_of(name):
-            if f["head"] in seen:   # an alias defined twice
-                continue
-            seen.add(f["head"])
-            functions.append(f)
+    functions = all_functions(TASK_MODULES)
     tasks = build(functions, args.seed)
     for task, splits in tasks.items():
-        folder = args.out / task
-        folder.mkdir(parents=True, exist_ok=True)
         for split, recs in splits.items():
-            with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as f:
-                for r in recs:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            write_jsonl(args.out / task / f"{split}.jsonl", recs)
         print(f"{task}: " + ", ".join(f"{s} {len(r)}" for s, r in splits.items()))
+    if args.more_train:
+        write_more_train(args.more_train, tasks)
     meta = {"python": platform.python_version(), "seed": args.seed, "functions": len(functions),
             "modules": {s: sorted(m) for s, m in split_modules(functions, args.seed).items()}}
     (args.out / "build.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")

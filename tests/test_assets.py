@@ -191,6 +191,32 @@ def test_task_files_rebuild_byte_for_byte(tmp_path):
         assert (tmp_path / path.relative_to(TASKS_DIR)).read_bytes() == path.read_bytes(), path
 
 
+def test_more_train_adds_only_pretraining_modules_functions(tmp_path):
+    """--more-train writes the built-in train split unchanged, then records of the same
+    format from PRETRAIN_MODULES only: none from a task module, none repeating a prompt,
+    none a validation or test prompt, and the built-in task files are left as they were."""
+    corpus = script("stdlib_corpus")
+    out, more = tmp_path / "tasks", tmp_path / "more"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_dataset.py"), "--out", str(out),
+                    "--more-train", str(more)], check=True, capture_output=True)
+    assert sorted(p.name for p in more.iterdir()) == ["call", "docstring", "params"]
+    for name in ("params", "call", "docstring"):
+        built = (out / name / "train.jsonl").read_text(encoding="utf-8")
+        text = (more / name / "train.jsonl").read_text(encoding="utf-8")
+        assert text.startswith(built) and len(text) > 2 * len(built)
+        extra = [json.loads(line) for line in text[len(built):].splitlines()]
+        prompts = [r["prompt"] for r in extra]
+        assert len(set(prompts)) == len(prompts)
+        held = {r["prompt"] for split in ("validation", "test") for r in get_task(name).records(split)}
+        assert not held & set(prompts)
+        for r in extra:
+            qualname = r["prompt"][4:].split("(")[0]
+            assert any(qualname.startswith(m + ".") for m in corpus.PRETRAIN_MODULES), qualname
+            assert not any(qualname.startswith(m + ".") for m in corpus.TASK_MODULES), qualname
+            assert r["prompt"].endswith(get_task(name).records("test")[0]["prompt"][-6:])
+            assert r["completion"].strip() and "\n" not in r["completion"]
+
+
 def test_no_task_module_file_is_in_the_pretraining_corpus():
     """The corpus leaves out every file of every task module (sources found through the
     modules' own __file__, and their tests), and the reference text is held-out corpus text."""
