@@ -34,60 +34,96 @@ QUERY_BLOCK = 128  # query rows per block of AttentionDropout (eager CPU trainin
 
 
 # ---------------------------------------------------------------------------- dropout
-# mask elements per random draw on the CPU: a 1 MB buffer of int64s that stays in the 2 MB L2
-# (the fastest of 2^16-2^18 in two runs of `scripts/bench_mask.py --chunks 16,17,18`: a step's
-# masks took 155 / 168 / 182 ms at 2^18 / 2^17 / 2^16, and 331 / 380 / 441 on a busier host)
-MASK_CHUNK = 1 << 18
+# uniforms per round of keep_mask's walk on the CPU: its three (k,) buffers, 768 KB, stay in
+# the 2 MB L2 (`scripts/bench_mask.py --draws 13,15,17`: a GPT-2 small step's masks took
+# 125 / 111 / 136 ms, medians of 7 alternating rounds)
+MASK_DRAWS = 1 << 15
 
 
-@torch.library.custom_op("minift::random_bits_", mutates_args=("bits",), device_types="cpu")
-def random_bits_(bits: torch.Tensor) -> None:
-    """Fill an int64 tensor with 64 random bits an element from torch's generator (mt19937 on
-    the CPU, 64 bits a draw). An op of its own so that compiled code can call it: dynamo
-    stops its graph at Tensor.random_, and inductor runs this op in program order, drawing
-    exactly what eager code draws (it mutates `bits`, so it is never merged or dropped)."""
-    bits.random_(-2**63, None)
+def _walk_(keep: torch.Tensor, p: float) -> None:
+    """Fill a flat uint8 / int8 tensor with a dropout keep-mask: 0 with probability p, else 1.
+
+    Drawing one random number per element is most of the cost of a mask, yet at p = 0.1 only
+    one element in ten is dropped. So the walk draws only the rarer outcome's positions (the
+    drops for p <= 1/2, the keeps above it: probability q): between two of them the number of
+    elements of the other kind is Geometric(q), P(gap >= g) = (1 - q)^g, and
+    gap = floor(log U / log(1 - q)) has exactly that law for U uniform on (0, 1] (inversion:
+    Knuth, TAOCP vol. 2, §3.4.1, the geometric distribution). U = (b + 1) / 2^53 from a
+    random 53-bit integer b of torch's generator: P(drop) = p to float64's rounding of the log
+    (a threshold on 32-bit integers is within 2^-33, a float32 uniform within 2^-24). About
+    n q draws instead of n: at GPT-2's p = 0.1 a step's masks take 0.39x the time of one
+    32-bit integer an element (`scripts/bench_mask.py`: 116 against 261 ms, rounds
+    0.30-0.64x); at p = 1/2, 1.7x (505 against 301 ms). The positions come MASK_DRAWS
+    gaps a round, so one mask's draws depend only on n and p; a round ends the walk once it
+    passes the last element (its unused draws are dropped).
+    """
+    n = keep.numel()
+    q, rare = (p, 0) if p <= 0.5 else (1.0 - p, 1)
+    keep.fill_(1 - rare)
+    if q <= 0 or n == 0:
+        return
+    scale = 1.0 / math.log1p(-q)                    # < 0, so log U * scale >= 0
+    k = min(MASK_DRAWS, int(n * q + 6 * math.sqrt(n * q * (1 - q))) + 16)  # one round, mostly
+    bits = torch.empty(k, dtype=torch.int64)
+    u = torch.empty(k, dtype=torch.float64)
+    steps = torch.arange(k)                         # each rare element moves the walk by one
+    start = 0                                       # the position the next gap counts from
+    while True:
+        bits.random_(0, 2**53)
+        torch.add(bits, 1, out=u)                   # exact: below 2^53
+        gaps = u.mul_(2.0**-53).log_().mul_(scale).to(torch.int64)      # floor: all >= 0
+        pos = gaps.cumsum_(0).add_(steps).add_(start)                    # (k,), increasing
+        cut = int(torch.searchsorted(pos, n))       # those inside the mask
+        keep.index_fill_(0, pos[:cut], rare)
+        if cut < k:
+            return
+        start = int(pos[-1]) + 1
+
+
+# Every drawn_keep says it writes this tensor (it never changes it), so each draw depends on
+# the one before it as data, and inductor, which orders a graph's ops by their data alone,
+# runs them in program order. Without it inductor reorders independent draws (a mask for a
+# small tensor drawn before one for a larger, earlier one), effect tokens included.
+_DRAW_ORDER = torch.zeros(1, dtype=torch.int8)
+
+
+@torch.library.custom_op("minift::drawn_keep", mutates_args=("order",), device_types="cpu")
+def drawn_keep(order: torch.Tensor, n: int, p: float) -> torch.Tensor:
+    """`_walk_`'s mask of n elements as int8, an op of its own so that compiled code can call
+    it (dynamo stops its graph at Tensor.random_) and draw exactly what eager code draws, in
+    the same order: `order` is _DRAW_ORDER. A new tensor each call: masks written into
+    buffers from torch.empty would share one buffer once the graph merged equal empties."""
+    keep = torch.empty(n, dtype=torch.int8)
+    _walk_(keep, p)
+    return keep
+
+
+@drawn_keep.register_fake
+def _(order, n, p):
+    return torch.empty(n, dtype=torch.int8)
 
 
 def keep_mask(shape, p: float, device: torch.device) -> torch.Tensor:
     """Dropout's keep-mask, one byte an element: multiply by it (then by 1 / (1 - p)) to drop.
 
-    On the CPU each element is one uniform signed 32-bit integer s, kept when
-    s >= round(p * 2^32) - 2^31: P(drop) = round(p * 2^32) / 2^32, within 2^-33 of p (a float32
-    uniform >= p is within 2^-24). The integers are the two halves of `random_bits_`'s int64s,
-    drawn MASK_CHUNK / 2 at a time into a buffer that stays in cache: the same integers, in
-    the same order, as one draw of the whole mask, in less time than torch.rand's float draws
-    for it (`scripts/bench_mask.py`; the masks are the largest cost outside the matmuls of a
-    bf16 LoRA step). Eager code gets the mask as uint8 (a bool tensor viewed as bytes:
-    torch's CPU kernels multiply a float tensor by a bool one through a float copy of the
-    bool, by a uint8 one directly, 2-4x faster at GPT-2's shapes). Code compiled by inductor
-    gets the same mask as int8 0/1 made with `where` (its C++ loads and stores bool tensors
-    several times slower than int8 ones). Other devices draw torch.rand >= p (one fused
-    kernel there).
+    On the CPU, `_walk_`'s mask: 0 with probability p, from about n min(p, 1 - p) draws of
+    torch's generator (the masks are the largest cost outside the matmuls of a bf16 LoRA
+    step). Eager code gets it as uint8 (torch's CPU kernels multiply a float tensor by a bool
+    one through a float copy of the bool, by a uint8 one directly, 2-4x faster at GPT-2's
+    shapes); code compiled by inductor gets the same mask as int8, through the op `drawn_keep`
+    (its C++ loads and stores bool tensors several times slower than int8 ones). Other devices
+    draw torch.rand >= p (one fused kernel there).
     """
     device = torch.device(device)
     if device.type != "cpu":
         keep = torch.rand(shape, device=device) >= p
         return torch.where(keep, 1, 0).to(torch.int8) if torch.compiler.is_compiling() else keep
-    if p >= 1:
-        return torch.zeros(shape, dtype=torch.uint8)
-    threshold = round(p * 2**32) - 2**31           # an int32: p = 0 keeps every s
     n = math.prod(shape)
     if torch.compiler.is_compiling():
-        bits = torch.empty((n + 1) // 2, dtype=torch.int64)
-        random_bits_(bits)
-        # bits.view(torch.int32), little-endian, by shifts: inductor fails on that view
-        halves = torch.stack(((bits << 32) >> 32, bits >> 32), dim=-1).flatten()[:n]
-        return torch.where(halves.view(shape) >= threshold, 1, 0).to(torch.int8)
-    keep = torch.empty(shape, dtype=torch.bool)
-    bits = torch.empty(MASK_CHUNK // 2, dtype=torch.int64)
-    for part in keep.view(-1).split(MASK_CHUNK):
-        m = part.numel()                            # even, but for the last part
-        # random_bits_'s own draw, without its custom-op dispatch (12 ms of a GPT-2 small
-        # step's 219 calls: scripts/bench_mask.py's shapes, 7 rounds)
-        bits[:(m + 1) // 2].random_(-2**63, None)
-        torch.ge(bits.view(torch.int32)[:m], threshold, out=part)
-    return keep.view(torch.uint8)
+        return drawn_keep(_DRAW_ORDER, n, p).view(shape)
+    keep = torch.empty(n, dtype=torch.uint8)
+    _walk_(keep, p)                                 # the op's own body, without its dispatch
+    return keep.view(shape)
 
 
 class Dropout(nn.Dropout):
@@ -95,11 +131,11 @@ class Dropout(nn.Dropout):
     rest by 1 / (1 - p)) that keeps a 1-byte mask on the CPU.
 
     torch's CPU dropout draws a float mask with bernoulli_ and keeps it, 4 bytes an element,
-    for the backward. Here the mask is `keep_mask` (a random 32-bit integer >= a threshold,
-    1 byte), and `(x * keep) * scale` lets autograd keep only that: a quarter of the memory,
-    drawn in under half of bernoulli_'s time (`scripts/bench_mask.py`). The same
-    distribution (to 2^-33), the same output for the same mask. On other devices F.dropout
-    is already one fused kernel with a 1-byte mask, so it is used as is.
+    for the backward. Here the mask is `keep_mask` (1 byte an element), and
+    `(x * keep) * scale` lets autograd keep only that: a quarter of the memory, drawn in a
+    fraction of bernoulli_'s time (`scripts/bench_mask.py`). The same distribution, the same
+    output for the same mask. On other devices F.dropout is already one fused kernel with a
+    1-byte mask, so it is used as is.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,24 +1,27 @@
-"""Dropout masks on the CPU: minift's `keep_mask` against the two ways torch draws them.
+"""Dropout masks on the CPU: minift's `keep_mask` against the ways torch draws them.
 
-  keep_mask      32-bit integers >= a threshold, drawn 256K elements at a time (minift.ops)
+  keep_mask      the geometric walk: only the drops' positions are drawn (minift.ops)
+  ... through the op   the same walk through the custom op minift::drawn_keep, as compiled
+                 code draws it (the same mask; the op's dispatch costs)
+  32-bit >= t    one 32-bit integer an element >= a threshold, 256K at a time: keep_mask
+                 until 2026-12-02
   uniform >= p   torch.rand(shape) >= p, one float draw of the whole mask
-  ... in 64K     the same, 64K elements at a time into a bool mask (minift's keep_mask until 2026-12)
-  ... through the op   keep_mask's loop drawing through the custom op minift::random_bits_,
-                 as eager code did until session 8 (the same integers; the op's dispatch costs)
   bernoulli_     what F.dropout draws on the CPU: an empty float tensor, bernoulli_(1 - p)
 
 One LoRA step of GPT-2 small at 4 x 256 with every dropout on (p = 0.1) draws 57.4M mask
 elements: 12 layers of causal attention in 128-query blocks (28.3M), two residual
 dropouts (18.9M), LoRA's input dropout on c_attn (9.4M) and the embeddings' (0.8M). Each
-round times all four on that many elements, in the shapes they come in, in turn; the
+round times every way on that many elements, in the shapes they come in, in turn; the
 ratios are per round, and the table gives their median and range.
 
     python scripts/bench_mask.py --rounds 7
-    python scripts/bench_mask.py --rounds 9 --chunks 16,17,18    # keep_mask's MASK_CHUNK, as 2^k
+    python scripts/bench_mask.py --rounds 7 --p 0.5                # the walk's worst case
+    python scripts/bench_mask.py --rounds 9 --draws 13,15,17       # keep_mask's MASK_DRAWS, as 2^k
 """
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -30,38 +33,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minift.ops as ops  # noqa: E402
 from minift.ops import keep_mask  # noqa: E402
 
-P = 0.1
+P = 0.1      # --p
 # (shape, how many per step): GPT-2 small, B=4, T=256, 12 layers, query blocks of 128
 SHAPES = [((4 * 12 * (128 * 128 + 128 * 256),), 12),   # attention probabilities, causal blocks
           ((4, 256, 768), 2 * 12 + 1),                  # residual dropouts, embeddings
           ((4, 256, 768), 12)]                          # LoRA's dropout on c_attn's input
 WAYS = {
     "keep_mask": lambda shape: keep_mask(shape, P, torch.device("cpu")),
+    "... through the op": lambda shape: ops.drawn_keep(ops._DRAW_ORDER, math.prod(shape), P),
+    "32-bit >= t": lambda shape: threshold_mask(shape),
     "uniform >= p": lambda shape: torch.rand(shape) >= P,
-    "... in 64K": lambda shape: float_mask_in_parts(shape),
     "bernoulli_": lambda shape: torch.empty(shape).bernoulli_(1 - P),
-    "... through the op": lambda shape: keep_mask_through_the_op(shape),
 }
 
 
-def keep_mask_through_the_op(shape):
-    """keep_mask's CPU loop, each draw through ops.random_bits_ (a custom op) instead of
-    Tensor.random_: the same integers, so the same mask."""
+def threshold_mask(shape):
+    """keep_mask until 2026-12-02: a uniform signed 32-bit integer an element, kept when
+    >= round(p 2^32) - 2^31, drawn as int64 halves 256K elements at a time."""
     threshold = round(P * 2**32) - 2**31
     keep = torch.empty(shape, dtype=torch.bool)
-    bits = torch.empty(ops.MASK_CHUNK // 2, dtype=torch.int64)
-    for part in keep.view(-1).split(ops.MASK_CHUNK):
+    bits = torch.empty(1 << 17, dtype=torch.int64)
+    for part in keep.view(-1).split(1 << 18):
         m = part.numel()
-        ops.random_bits_(bits[:(m + 1) // 2])
+        bits[:(m + 1) // 2].random_(-2**63, None)
         torch.ge(bits.view(torch.int32)[:m], threshold, out=part)
     return keep.view(torch.uint8)
-
-
-def float_mask_in_parts(shape):
-    keep = torch.empty(shape, dtype=torch.bool)
-    for part in keep.view(-1).split(1 << 16):
-        torch.ge(torch.rand(part.shape), P, out=part)
-    return keep
 
 
 def one_step(way) -> float:
@@ -72,36 +68,39 @@ def one_step(way) -> float:
     return time.perf_counter() - t0
 
 
-def sweep_chunks(ks: list[int], rounds: int) -> None:
-    """keep_mask per step with each MASK_CHUNK in turn, interleaved: median and all rounds."""
+def sweep_draws(ks: list[int], rounds: int) -> None:
+    """keep_mask per step with each MASK_DRAWS in turn, interleaved: median and all rounds."""
     times = {k: [] for k in ks}
     for r in range(rounds + 1):       # round 0 warms up
         for k in ks:
-            ops.MASK_CHUNK = 1 << k
+            ops.MASK_DRAWS = 1 << k
             t = one_step(WAYS["keep_mask"])
             if r:
                 times[k].append(t)
     for k, ts in times.items():
-        print(f"MASK_CHUNK 2^{k}: {statistics.median(ts) * 1e3:6.1f} ms/step (rounds "
+        print(f"MASK_DRAWS 2^{k}: {statistics.median(ts) * 1e3:6.1f} ms/step (rounds "
               f"{min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f})")
 
 
 def main():
+    global P
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--chunks",
-                    help="comma-separated k: time keep_mask alone with MASK_CHUNK = 2^k")
+    ap.add_argument("--p", type=float, default=P, help="the dropout probability")
+    ap.add_argument("--draws",
+                    help="comma-separated k: time keep_mask alone with MASK_DRAWS = 2^k")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.chunks:
-        return sweep_chunks([int(k) for k in args.chunks.split(",")], args.rounds)
+    P = args.p
+    if args.draws:
+        return sweep_draws([int(k) for k in args.draws.split(",")], args.rounds)
     n = sum(torch.Size(s).numel() * c for s, c in SHAPES)
     masks = []
-    for way in (WAYS["keep_mask"], keep_mask_through_the_op):   # the same draw, the same mask
+    for name in ("keep_mask", "... through the op"):   # the same draw, the same mask
         torch.manual_seed(0)
-        masks.append(way(SHAPES[0][0]))
-    assert torch.equal(*masks), "keep_mask and its loop through the op drew different masks"
+        masks.append(WAYS[name](SHAPES[0][0]).view(torch.uint8))
+    assert torch.equal(*masks), "keep_mask and its op drew different masks"
     for way in WAYS.values():   # warm-up: allocator, first-call costs
         one_step(way)
     times = {name: [] for name in WAYS}

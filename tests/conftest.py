@@ -1,10 +1,13 @@
 """Shared fixtures: tiny random GPT-2 checkpoints written by transformers itself, and the
 tiny models, learnable data and helpers of the training tests (test_train, test_regularize,
 test_distributed, test_fuzz import them: `from conftest import ...`)."""
+import math
 import random
 
 import pytest
 import torch
+
+from minift.ops import MASK_DRAWS
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=97, n_positions=64)
 
@@ -58,13 +61,24 @@ def pattern_data(n, seed=0, stride=3, min_len=6, max_len=24, prompt=0):
 
 
 def reference_keep(shape, p):
-    """The dropout mask keep_mask draws on the CPU, by its definition and without its code:
-    one draw of int64s from torch's generator, read as little-endian signed 32-bit integers
-    (by numpy), each kept when >= round(p * 2^32) - 2^31. A bool tensor of `shape`."""
+    """The dropout mask keep_mask draws on the CPU, by its definition and without its code,
+    one element at a time in Python: the rarer outcome (a drop for p <= 1/2, else a keep;
+    probability q) falls at positions whose gaps are floor(log U / log(1 - q)), with
+    U = (b + 1) / 2^53 for 53-bit integers b that torch's generator draws in rounds of
+    k = min(MASK_DRAWS, int(n q + 6 sqrt(n q (1 - q))) + 16). A bool tensor of `shape`."""
     n = torch.Size(shape).numel()
-    bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-2**63, None)
-    halves = torch.from_numpy(bits.numpy().astype("<i8").view("<i4")[:n].copy())
-    return (halves >= round(p * 2**32) - 2**31).view(shape)
+    q, rare = (p, False) if p <= 0.5 else (1 - p, True)
+    keep = [not rare] * n
+    if q > 0 and n:
+        k = min(MASK_DRAWS, int(n * q + 6 * math.sqrt(n * q * (1 - q))) + 16)
+        position = -1
+        while position < n:
+            for b in torch.empty(k, dtype=torch.int64).random_(0, 2**53).tolist():
+                position += 1 + math.floor(math.log((b + 1) / 2**53) / math.log(1 - q))
+                if position >= n:
+                    break
+                keep[position] = rare
+    return torch.tensor(keep, dtype=torch.bool).view(shape)
 
 
 def weights(model):

@@ -16,6 +16,7 @@ from minift import GPT, GPTConfig
 from minift.model import Block, compile_blocks
 from minift.peft import LoraConfig, LoraLinear, PrefixTuningConfig, get_peft_model
 from minift.peft.lora import LoraLinearFunction, lora_linear
+from minift.ops import keep_mask
 from conftest import reference_keep
 
 
@@ -192,6 +193,28 @@ def eager_and_compiled():
     torch._dynamo.reset()  # start from empty caches so the counts below are ours
     counters.clear()
     return lora_gpt(), compile_blocks(lora_gpt())
+
+
+def test_compiled_masks_are_drawn_in_program_order():
+    """Four masks in one compiled graph with a gradient (so AOTAutograd partitions it), none
+    depending on another, the second for a smaller tensor: the very masks eager code draws,
+    in its order, at two lengths of one dynamic graph. Inductor orders ops by their data only,
+    and drew the second mask first until keep_mask's op declared _DRAW_ORDER."""
+    def f(x, y):
+        a = x * keep_mask(x.shape, 0.3, x.device)
+        b = y * keep_mask(y.shape, 0.1, y.device)
+        c = a * keep_mask(x.shape, 0.2, x.device)
+        return a, b, c, b.relu() * keep_mask(y.shape, 0.6, y.device)
+    torch._dynamo.reset()
+    compiled, y = torch.compile(f, dynamic=True), torch.ones(7, 33)
+    for n in (1000, 1100):
+        x = torch.ones(4, n, requires_grad=True)
+        torch.manual_seed(0)
+        eager, after_eager = f(x, y), torch.get_rng_state()
+        torch.manual_seed(0)
+        for e, c in zip(eager, compiled(x, y)):
+            assert torch.equal(e, c)
+        assert torch.equal(torch.get_rng_state(), after_eager)   # the same draws consumed
 
 
 def test_explain_block_has_no_graph_break():

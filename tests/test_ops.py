@@ -153,28 +153,37 @@ def test_bf16_training_without_dropout_takes_the_query_blocks():
 
 
 # ------------------------------------------------------------------ dropout masks
-@pytest.mark.parametrize("shape", [(3, 100_003), (2, 5), (1,)])
-def test_keep_mask_is_one_draw_of_32_bit_integers(shape):
-    """Drawn MASK_CHUNK (256K) elements at a time on the CPU (an odd count last), yet the very
-    mask of one draw of the whole, handed out as bytes (0/1): what the float kernels multiply
-    by fastest."""
+@pytest.mark.parametrize("shape, p", [((3, 100_003), 0.3), ((3, 100_003), 0.8), ((2, 5), 0.3),
+                                      ((1,), 0.3), ((40_000,), 0.05)])
+def test_keep_mask_is_the_geometric_walk(shape, p):
+    """The mask of the walk, element by element (conftest.reference_keep), for the drops
+    (p <= 1/2) and the keeps (p > 1/2) as the rarer outcome, over several rounds of
+    MASK_DRAWS (300K elements at p = 0.3 take three), and handed out as bytes (0/1): what the
+    float kernels multiply by fastest."""
     torch.manual_seed(0)
-    keep = keep_mask(shape, 0.3, torch.device("cpu"))
+    keep = keep_mask(shape, p, torch.device("cpu"))
+    state = torch.get_rng_state()
     torch.manual_seed(0)
-    assert keep.dtype == torch.uint8
-    assert torch.equal(keep.view(torch.bool), reference_keep(shape, 0.3))
+    assert keep.dtype == torch.uint8 and keep.shape == shape
+    assert torch.equal(keep.view(torch.bool), reference_keep(shape, p))
+    assert torch.equal(torch.get_rng_state(), state)   # the same draws consumed
 
 
-@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.3, 0.5, 0.7])
 def test_keep_mask_drops_with_probability_p(p):
-    """P(drop) = round(p 2^32) / 2^32: over 4M draws the count is within 5 standard
-    deviations of p n; p = 0 keeps all and p = 1 drops all."""
+    """Over 4M elements the drops are within 5 standard deviations of p n, and so are the
+    pairs of neighbours both dropped (p^2: independent elements, no gap off by one), and the
+    drops in the mask's last 10,000 elements (the walk reaches the end); p = 0 keeps all and
+    p = 1 drops all."""
     n = 1 << 22
     torch.manual_seed(1)
-    dropped = n - keep_mask((n,), p, torch.device("cpu")).sum().item()
-    assert abs(dropped - p * n) <= 5 * (n * p * (1 - p)) ** 0.5
+    dropped = keep_mask((n,), p, torch.device("cpu")) == 0
+    for count, m, prob in ((dropped.sum(), n, p), ((dropped[1:] & dropped[:-1]).sum(), n - 1, p * p),
+                           (dropped[-10_000:].sum(), 10_000, p)):
+        assert abs(count.item() - prob * m) <= 5 * (m * prob * (1 - prob)) ** 0.5, (m, prob)
     assert keep_mask((5, 7), 0.0, torch.device("cpu")).all()
     assert not keep_mask((5, 7), 1.0, torch.device("cpu")).any()
+    assert keep_mask((0, 3), 0.1, torch.device("cpu")).shape == (0, 3)
 
 
 def test_dropout_keeps_a_one_byte_mask_and_scales_the_rest():
