@@ -360,6 +360,27 @@ def report(results: dict, meta: dict) -> list[str]:
                 f"{row:14} {f'{batch}x{seq}':>8} {name:18} {r['tokens_per_s']:9.1f} "
                 f"{fmt(speed, '6.2f')} {r['spread']:6.0%} {r['peak_rss_gb']:8.2f} "
                 f"{fmt(mem, '6.2f')} {r['of_bound']:8.0%} {r['first_step_overhead_s']:7.1f}s")
+    return lines + [""] + rounds_report(results)
+
+
+def rounds_report(results: dict) -> list[str]:
+    """Every round's tokens/s per run and, for each run but the reference, its ratio to the
+    reference in the same round (the two ran back to back): what the best-of-rounds table
+    hides on a noisy machine."""
+    lines = ["tokens/s per round, and per-round ratio to the reference (median):"]
+    for row, runs in results.items():
+        ref = runs.get(REFERENCE, {}).get("all_tokens_per_s")
+        for name, r in runs.items():
+            if "error" in r:
+                continue
+            speeds = r["all_tokens_per_s"]
+            text = f"  {row:14} {name:18} " + ", ".join(fmt(x, ".1f") for x in speeds)
+            if ref and name != REFERENCE:
+                ratios = [a / b for a, b in zip(speeds, ref) if a and b]
+                if ratios:
+                    text += (f" | x ref {', '.join(f'{x:.2f}' for x in ratios)}"
+                             f" ({statistics.median(ratios):.2f})")
+            lines.append(text)
     return lines
 
 

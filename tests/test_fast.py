@@ -347,6 +347,18 @@ def test_bench_inductor_cache_folders_have_no_spaces(tmp_path):
     assert all(f.parent == tmp_path and not any(c.isspace() for c in f.name) for f in folders)
 
 
+def test_bench_reports_each_rounds_ratio_to_the_reference():
+    """Per round, each run's tokens/s over the reference's in that same round, and their
+    median; a failed round is skipped, a failed run left out."""
+    results = {"lora": {"transformers+peft": {"all_tokens_per_s": [200.0, 100.0, 250.0]},
+                        "minift": {"all_tokens_per_s": [300.0, None, 200.0]},
+                        "minift compiled": {"error": "boom"}}}
+    lines = bench.rounds_report(results)
+    assert lines[1].split() == ["lora", "transformers+peft", "200.0,", "100.0,", "250.0"]
+    assert lines[2].endswith("| x ref 1.50, 0.80 (1.15)") and "-" in lines[2]
+    assert len(lines) == 3
+
+
 def test_bench_compiled_loss_tolerance_follows_the_rows_dtype():
     """Compiled and eager eval losses 1.2e-4 apart: bf16's rounding (met), not float32's."""
     run = {"tokens_per_s": 150, "peak_rss_gb": 1, "of_bound": 0.8,
