@@ -34,9 +34,9 @@ QUERY_BLOCK = 128  # query rows per block of AttentionDropout (eager CPU trainin
 
 
 # ---------------------------------------------------------------------------- dropout
-# uniforms per round of keep_mask's walk on the CPU: its three (k,) buffers, 768 KB, stay in
-# the 2 MB L2 (`scripts/bench_mask.py --draws 13,15,17`: a GPT-2 small step's masks took
-# 125 / 111 / 136 ms, medians of 7 alternating rounds)
+# uniforms per round of keep_mask's walk on the CPU: its (k,) buffers (uniforms, steps and
+# gaps, 768 KB) stay in the 2 MB L2 (`scripts/bench_mask.py --draws 13,15,17`: a GPT-2 small
+# step's masks took 125 / 111 / 136 ms, medians of 7 alternating rounds)
 MASK_DRAWS = 1 << 15
 
 
@@ -64,13 +64,11 @@ def _walk_(keep: torch.Tensor, p: float) -> None:
         return
     scale = 1.0 / math.log1p(-q)                    # < 0, so log U * scale >= 0
     k = min(MASK_DRAWS, int(n * q + 6 * math.sqrt(n * q * (1 - q))) + 16)  # one round, mostly
-    bits = torch.empty(k, dtype=torch.int64)
     u = torch.empty(k, dtype=torch.float64)
     steps = torch.arange(k)                         # each rare element moves the walk by one
     start = 0                                       # the position the next gap counts from
     while True:
-        bits.random_(0, 2**53)
-        torch.add(bits, 1, out=u)                   # exact: below 2^53
+        u.random_(1, 2**53 + 1)                     # b + 1, b a 53-bit integer: exact in float64
         gaps = u.mul_(2.0**-53).log_().mul_(scale).to(torch.int64)      # floor: all >= 0
         pos = gaps.cumsum_(0).add_(steps).add_(start)                    # (k,), increasing
         cut = int(torch.searchsorted(pos, n))       # those inside the mask
