@@ -8,7 +8,7 @@ import torch
 from ..distributed import native_bf16
 from ..options import METHOD_DEFAULTS, RECIPE, UsageError
 from ..plan import DTYPES, METHODS, SHAPES, Estimate, MethodOptions, parse_bytes, plan
-from .common import add_command, number
+from .common import add_command, device_of, number
 
 LORA = METHOD_DEFAULTS["lora"]   # `minift finetune`'s LoRA: r 16 on every linear layer, no dropout
 
@@ -91,7 +91,7 @@ def run(args) -> int:
         memory = parse_bytes(args.memory) if args.memory is not None else None
     except ValueError as e:
         raise UsageError(f"--memory: {e}") from None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_of(args)
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if auto_bf16(device) else "fp32")
     estimates = plan(args.model, methods, args.batch_size, args.max_length,
                      measure=not args.no_measure, device=device,
