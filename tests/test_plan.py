@@ -13,7 +13,8 @@ from conftest import pattern_data
 from minift.data import collate
 from minift.model import GPTConfig
 from minift.commands.plan import format_plan
-from minift.plan import MethodOptions, build, estimate, matmul_rate, parse_bytes, plan
+from minift.machine import matmul_rate, parse_bytes
+from minift.plan import MethodOptions, build, estimate, plan
 from minift.config import TrainConfig
 from minift.train import make_optimizer
 

@@ -7,7 +7,8 @@ import torch
 
 from ..distributed import native_bf16
 from ..options import METHOD_DEFAULTS, RECIPE, UsageError
-from ..plan import DTYPES, METHODS, SHAPES, Estimate, MethodOptions, parse_bytes, plan
+from ..machine import parse_bytes
+from ..plan import DTYPES, METHODS, SHAPES, Estimate, MethodOptions, plan
 from .common import add_command, device_of, number
 
 LORA = METHOD_DEFAULTS["lora"]   # `minift finetune`'s LoRA: r 16 on every linear layer, no dropout
