@@ -216,7 +216,7 @@ def _activations(w: _Walk, prefix_trains: bool, embeddings_train: bool, checkpoi
     if "wte.weight" in w.trains:
         w.bytes += 8 * N                                 # the input ids, for the embedding's dW
     w.dropout(C)
-    outer, blocks = w.bytes, []
+    blocks = []
     for i in range(c.n_layer):
         start, p = w.bytes, f"h.{i}."
         w.layer_norm(p + "ln_1")
