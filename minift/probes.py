@@ -17,8 +17,6 @@ import random
 import string
 from pathlib import Path
 
-import torch
-
 from .data import collate
 from .evaluate import _check_batch_size, _encode, _inference, continuation_logprobs
 from .stats import bootstrap_ratio_ci
