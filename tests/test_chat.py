@@ -234,7 +234,8 @@ def test_chat_test_sets_score_the_last_assistant_turn(folders):
     import torch
 
     from conftest import tiny_model
-    from minift.evaluate import evaluate_generation, generate_completions, samples, task_metrics
+    from minift.evaluate import evaluate_generation, generate_completions, samples
+    from minift.metrics import task_metrics
     tok = Tokenizer.from_pretrained(folders["chatml"])
     records = [{"messages": c} for c in CONVERSATIONS]
     pairs = []

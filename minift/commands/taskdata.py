@@ -14,9 +14,9 @@ from pathlib import Path
 from .. import chat
 from ..data import eval_records, load_dataset, load_text, train_val_split
 from ..distributed import evaluate_loss
-from ..evaluate import (choice_accuracy, generate_completions, item_scores, perplexity,
-                        score_means)
+from ..evaluate import choice_accuracy, generate_completions, perplexity
 from ..formats import parse_fields
+from ..metrics import item_scores, score_means
 from ..options import VIRTUAL, UsageError
 from ..tasks import REFERENCE, Task, get_task
 from .common import jsonl_records
