@@ -51,6 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .data import IGNORE_INDEX, collate, shuffled_batches
+from .machine import default_device
 
 
 def _loaded(module: str, name: str):
@@ -153,7 +154,7 @@ def choose_device(name: str | None, bf16: bool | None) -> tuple[torch.device, bo
     torchrun; bf16 None: on for CUDA devices that support it and for CPUs with native bf16
     (weights, gradients and AdamW state stay fp32 either way: autocast only changes the
     dtype matmuls run in)."""
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(name or default_device())
     if device.type == "cuda" and device.index is None and launched_world_size() > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":

@@ -1,6 +1,6 @@
-"""This machine, as the planner sees it: how fast it multiplies matrices, how much memory is
-free, and amounts of memory as people write them ("24GiB"). plan.py turns a model's counts
-into seconds and a fit with these.
+"""This machine: the device minift uses when none is named, and, as the planner sees it, how
+fast it multiplies matrices, how much memory is free, and amounts of memory as people write
+them ("24GiB"). plan.py turns a model's counts into seconds and a fit with these.
 """
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ import time
 from pathlib import Path
 
 import torch
+
+
+def default_device() -> str:
+    """"cuda" when torch sees a CUDA device, else "cpu": the default device everywhere in
+    minift (training, the commands, the planner, the scripts)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def matmul_rate(dtype: str = "fp32", device: str = "cpu", n: int = 1024, repeat: int = 5) -> float:

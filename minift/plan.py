@@ -35,7 +35,7 @@ import torch
 
 from .checkpoint import _from_hf_cache, read_config, resolve_source
 from .loss import HEAD_CHUNK
-from .machine import free_memory, matmul_rate
+from .machine import default_device, free_memory, matmul_rate
 from .model import GPT, GPTConfig
 from .ops import QUERY_BLOCK, query_blocks
 from .peft import (AdapterConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
@@ -337,7 +337,7 @@ def plan(src: str, methods=METHODS, batch_size: int = 8, max_length: int | None 
          options: MethodOptions | dict[str, MethodOptions] | None = None, **kw) -> list[Estimate]:
     """estimate() for each method, with one matmul-rate measurement shared by all; options
     one MethodOptions for every method, or one per method (a dict by method name)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     methods = [methods] if isinstance(methods, str) else list(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:

@@ -109,6 +109,8 @@ SHAPES = {"small": GPT2_SMALL, "medium": GPT2_MEDIUM}
 
 
 def device() -> torch.device:
+    # minift.machine.default_device's rule, written out: the reference's process never imports
+    # minift, so that its peak memory is transformers + PEFT's alone
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

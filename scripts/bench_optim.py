@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from minift.machine import default_device
 from minift.optim import AdamW
 
 
@@ -38,7 +39,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3, help="alternate the two this many times")
     args = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     shapes = gpt2_small_shapes()
     n = sum(torch.Size(s).numel() for s in shapes)
     print(f"{n / 1e6:.1f}M params in {len(shapes)} tensors on {device}, {args.steps} steps x {args.rounds} rounds")

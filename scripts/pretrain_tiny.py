@@ -40,6 +40,7 @@ import pydoc_data.topics
 import torch
 
 from minift.evaluate import perplexity
+from minift.machine import default_device
 from minift.probes import copy_probe
 from minift.model import GPT, GPTConfig
 from minift.tokenizer import Tokenizer
@@ -215,7 +216,7 @@ def main():
         copying = None
     report = dict(
         python=platform.python_version(), torch=torch.__version__, seed=args.seed,
-        device=str(args.device or ("cuda" if torch.cuda.is_available() else "cpu")),
+        device=str(args.device or default_device()),
         threads=args.threads, corpus_files=len(train_docs) + len(held) - len(pydoc_data.topics.topics),
         train_documents=len(train_docs), train_tokens=len(stream), held_out_files=held_names,
         reference_files=used, reference_chars=len(reference_text),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..machine import default_device
 from ..model import GPT
 from ..options import UsageError, read_config_file
 from ..peft import PeftModel
@@ -58,7 +59,7 @@ def add_model_flags(p) -> None:
 
 
 def device_of(args) -> str:
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args.device or default_device()
 
 
 # ----------------------------------------------------------------------------- models, runs

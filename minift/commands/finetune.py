@@ -30,6 +30,7 @@ from ..options import (METHOD_DEFAULTS, METHODS, MODEL_KEYS, OPTIONS, RUN_OPTION
 from ..peft import (AdapterConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
                     PromptTuningConfig, freeze_all_but_top, get_peft_model, unfreeze_all)
 from ..io import write_json
+from ..machine import default_device
 from ..report import (METRIC_NAMES, MemoryProbe, StepTimer, finetune_markdown, loss_curves,
                       metrics_rows, plot_losses, read_metrics)
 from ..rundir import RUN_FILES
@@ -225,7 +226,7 @@ def run(args) -> int:
     dpo = config.objective == "dpo"   # preference pairs, scored by reward accuracy
     data = (load_preference_task if dpo else load_task_data)(opts, tok, model.config.n_positions)
     config = replace(config, max_length=data.max_length)
-    device = opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = opts["device"] or default_device()
     model.to(device)
     if RANK == 0:  # before training, so that an interrupted run can be resumed
         out.mkdir(parents=True, exist_ok=True)
