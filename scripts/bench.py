@@ -53,6 +53,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -233,31 +234,51 @@ def make_optimizer(stack, path, params):
     return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=path != "plain")
 
 
-def worker_run(args) -> dict:
+@dataclass
+class Stepper:
+    step: Callable[[], float]        # one training step on the fixed batch; returns its loss
+    eval_loss: Callable[[], float]   # the batch's loss in eval mode (dropout off), no grad
+    trainable: list
+
+
+def make_stepper(run: str, case: str, path: str, dtype: str, batch: int, seq: int,
+                 model_dir) -> Stepper:
+    """One run's model, adapter, batch and optimizer, as bench.py and bench_paired.py time them."""
     torch.manual_seed(0)
-    stack, compiled = RUNS[args.run]
-    folder = Path(args.model_dir)
-    if stack == "hf":
-        model, loss_fn = build_hf(folder, args.case)
-    else:
-        model, loss_fn = build_minift(folder, args.case, compiled)
+    stack, compiled = RUNS[run]
+    folder = Path(model_dir)
+    model, loss_fn = (build_hf(folder, case) if stack == "hf"
+                      else build_minift(folder, case, compiled))
     vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
-    ids, labels = (t.to(device()) for t in make_batch(vocab, args.batch, args.seq, args.case))
+    ids, labels = (t.to(device()) for t in make_batch(vocab, batch, seq, case))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(stack, args.path, trainable)
-    autocast = (torch.autocast(device().type, dtype=torch.bfloat16) if args.dtype == "bf16"
+    opt = make_optimizer(stack, path, trainable)
+    autocast = (torch.autocast(device().type, dtype=torch.bfloat16) if dtype == "bf16"
                 else contextlib.nullcontext())
 
-    times, losses = [], []
-    for _ in range(args.warmup + args.steps):
-        sync()
-        t0 = time.perf_counter()
+    def step() -> float:
         with autocast:
             loss = loss_fn(ids, labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        return loss.item()
+
+    def eval_loss() -> float:
+        model.eval()
+        with torch.no_grad(), autocast:
+            return loss_fn(ids, labels).item()
+    return Stepper(step, eval_loss, trainable)
+
+
+def worker_run(args) -> dict:
+    run = make_stepper(args.run, args.case, args.path, args.dtype, args.batch, args.seq,
+                       args.model_dir)
+    times, losses = [], []
+    for _ in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        losses.append(run.step())
         sync()
         times.append(time.perf_counter() - t0)
     timed = times[args.warmup:]
@@ -266,17 +287,14 @@ def worker_run(args) -> dict:
         "step_s": statistics.median(timed), "first_step_s": times[0],
         "first_step_overhead_s": times[0] - statistics.median(timed),
         "losses": losses, "peak_rss_gb": peak_rss_gb(),
-        "trainable_params": sum(p.numel() for p in trainable),
+        "trainable_params": sum(p.numel() for p in run.trainable),
     }
     if torch.cuda.is_available():
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    if compiled:  # same weights, dropout off: compiled and eager forward must agree
-        model.eval()
-        with torch.no_grad(), autocast:
-            loss_c = loss_fn(ids, labels).item()
-            with torch.compiler.set_stance("force_eager"):
-                loss_e = loss_fn(ids, labels).item()
-        out["eval_loss_compiled"], out["eval_loss_eager"] = loss_c, loss_e
+    if RUNS[args.run][1]:  # same weights, dropout off: compiled and eager forward must agree
+        out["eval_loss_compiled"] = run.eval_loss()
+        with torch.compiler.set_stance("force_eager"):
+            out["eval_loss_eager"] = run.eval_loss()
     return out
 
 

@@ -370,3 +370,20 @@ def test_bench_compiled_loss_tolerance_follows_the_rows_dtype():
             for line in lines if "eval loss" in line}
     assert loss["lora"].endswith("(<= 1e-05): MISSED"), loss
     assert loss["bf16 lora"].endswith("(<= 0.02): met"), loss
+
+
+import bench_paired  # noqa: E402  (scripts/bench_paired.py)
+
+
+def test_bench_paired_ratio_is_the_geometric_mean_of_pairs():
+    """Pairs (t_ref / t_minift) 2, 1/2, 1, 1: geometric mean 1 (the arithmetic mean of the
+    ratios, 1.125, would favour whichever side the slow pairs hit); median, range and each
+    side's median tokens/s; the interval brackets the mean."""
+    s = bench_paired.summary([2.0, 1.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], tokens=1024)
+    assert s["ratio"] == pytest.approx(1.0, abs=1e-12) and s["median"] == 1.0
+    assert (s["min"], s["max"], s["pairs"]) == (0.5, 2.0, 4)
+    assert s["low"] <= 1.0 <= s["high"] and s["low"] < s["high"]
+    assert s["ref_tokens_per_s"] == pytest.approx(1024 / 2.5)
+    assert s["minift_tokens_per_s"] == pytest.approx(1024 / 2.5)
+    slower = bench_paired.summary([4.0] * 5, [2.0, 2.0, 2.0, 2.0, 2.0], tokens=10)
+    assert slower["ratio"] == pytest.approx(2.0) and slower["low"] == pytest.approx(2.0)
