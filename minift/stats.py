@@ -27,9 +27,16 @@ def _check(scores, name: str) -> np.ndarray:
     return a
 
 
-def _resamples(n: int, n_resamples: int, seed: int) -> np.ndarray:
-    """Item indices of n_resamples bootstrap samples of n items: (n_resamples, n)."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+def _resamples(n: int, n_resamples: int, seed: int, block: int = 1) -> np.ndarray:
+    """Item indices of n_resamples bootstrap samples of n items: (n_resamples, n).
+
+    block 1 draws single items. block > 1 is the moving-block bootstrap (Kunsch 1989), for a
+    series whose neighbours are correlated (step times on a machine whose load drifts): each
+    sample joins ceil(n / block) runs of `block` consecutive indices, drawn with replacement
+    among the n - block + 1 runs, cut to n, so the correlation inside a run is kept."""
+    b = min(block, n)
+    starts = np.random.default_rng(seed).integers(0, n - b + 1, size=(n_resamples, -(-n // b)))
+    return (starts[:, :, None] + np.arange(b)).reshape(n_resamples, -1)[:, :n]
 
 
 def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -42,10 +49,14 @@ def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
 
 
 def bootstrap_ci(scores, confidence: float = 0.95, n_resamples: int = N_RESAMPLES,
-                 seed: int = 0) -> dict:
-    """{"mean", "low", "high", "n"}: the mean of per-item scores and its percentile interval."""
+                 seed: int = 0, block: int = 1) -> dict:
+    """{"mean", "low", "high", "n"}: the mean of per-item scores and its percentile interval;
+    block > 1 resamples runs of that many neighbouring scores (`_resamples`)."""
     a = _check(scores, "scores")
-    low, high = _percentiles(a[_resamples(a.size, n_resamples, seed)].mean(axis=1), confidence)
+    if block < 1:
+        raise ValueError(f"block must be at least 1, got {block}")
+    low, high = _percentiles(a[_resamples(a.size, n_resamples, seed, block)].mean(axis=1),
+                             confidence)
     return {"mean": float(a.mean()), "low": low, "high": high, "n": int(a.size)}
 
 

@@ -14,9 +14,10 @@ that a drift in the machine's speed falls on both sides alike, and the one waiti
 on a pipe) uses no CPU. Pair i gives r_i = t_reference / t_minift. Reported: the geometric
 mean of the r_i with a 95% interval, their median and range, and each side's median step.
 The load changes over minutes, so neighbouring pairs are correlated: the interval is a
-moving-block bootstrap of the mean log r_i (Kunsch 1989), resampling runs of --block
-consecutive pairs, which keeps that correlation inside each run and so widens the interval
-as far as the data says it should (--block 1: the plain bootstrap, pairs independent).
+moving-block bootstrap of the mean log r_i (minift.stats.bootstrap_ci with block=--block),
+resampling runs of that many consecutive pairs, which keeps the correlation inside each run
+and so widens the interval as far as the data says it should (--block 1: the plain
+bootstrap, pairs independent).
 Peak memory is bench.py's (here both are resident).
 """
 from __future__ import annotations
@@ -30,8 +31,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
 
 import bench  # scripts/bench.py, beside this file; it imports minift only where minift runs
 
@@ -87,27 +86,15 @@ def one_step(proc: subprocess.Popen) -> dict:
 BLOCK = 6   # pairs per run of the block bootstrap: about 80 s of GPT-2 small's ~13 s pairs
 
 
-def block_interval(x, block: int, confidence: float = 0.95, n_resamples: int = 2000,
-                   seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of mean(x) by the moving-block bootstrap: each resample joins
-    ceil(n / block) runs of `block` consecutive values, drawn with replacement from the
-    n - block + 1 runs, cut to n values. block 1 is the plain (independent) bootstrap."""
-    a = np.asarray(x, dtype=np.float64)
-    n, b = len(a), min(block, len(a))
-    starts = np.random.default_rng(seed).integers(0, n - b + 1, size=(n_resamples, -(-n // b)))
-    idx = (starts[:, :, None] + np.arange(b)).reshape(n_resamples, -1)[:, :n]
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(a[idx].mean(axis=1), [tail, 1 - tail])
-    return float(low), float(high)
-
-
 def summary(ref_s: list[float], ours_s: list[float], tokens: int, block: int = BLOCK) -> dict:
     """The paired ratios' geometric mean with its block-bootstrap interval, median, range."""
+    from minift.stats import bootstrap_ci   # here, not at the top: workers need no minift
     logs = [math.log(r / m) for r, m in zip(ref_s, ours_s)]
-    low, high = block_interval(logs, block)
+    ci = bootstrap_ci(logs, block=block)
     ratios = sorted(math.exp(x) for x in logs)
-    return {"pairs": len(logs), "block": block, "ratio": math.exp(statistics.fmean(logs)),
-            "low": math.exp(low), "high": math.exp(high), "median": statistics.median(ratios),
+    return {"pairs": len(logs), "block": block, "ratio": math.exp(ci["mean"]),
+            "low": math.exp(ci["low"]), "high": math.exp(ci["high"]),
+            "median": statistics.median(ratios),
             "min": ratios[0], "max": ratios[-1],
             "ref_tokens_per_s": tokens / statistics.median(ref_s),
             "minift_tokens_per_s": tokens / statistics.median(ours_s)}
