@@ -136,6 +136,17 @@ def split_modules(functions: list[dict], seed: int) -> dict[str, set[str]]:
     return parts
 
 
+def with_summary(fns: list[dict]) -> list[dict]:
+    """The functions with a usable docstring summary: the docstring, choice and preference
+    tasks' items."""
+    return [f for f in fns if f["summary"]]
+
+
+def docstring_prompt(f: dict) -> str:
+    """The docstring, choice and preference tasks' prompt: the def line, then the opening quotes."""
+    return f["head"] + '\n    """'
+
+
 def generation_records(fns: list[dict]) -> dict[str, list[dict]]:
     """The params, call and docstring records of these functions (docstring: only those with
     a usable summary)."""
@@ -143,8 +154,8 @@ def generation_records(fns: list[dict]) -> dict[str, list[dict]]:
                        for f in fns],
             "call": [{"prompt": f["head"] + "\n# call:", "completion": " " + f["call"]}
                      for f in fns],
-            "docstring": [{"prompt": f["head"] + '\n    """', "completion": f["summary"]}
-                          for f in fns if f["summary"]]}
+            "docstring": [{"prompt": docstring_prompt(f), "completion": f["summary"]}
+                          for f in with_summary(fns)]}
 
 
 def build(functions: list[dict], seed: int) -> dict[str, dict[str, list[dict]]]:
@@ -155,16 +166,15 @@ def build(functions: list[dict], seed: int) -> dict[str, dict[str, list[dict]]]:
         fns = [f for f in functions if f["module"] in names]
         for task, records in generation_records(fns).items():
             tasks[task][split] = records
-        with_doc = [f for f in fns if f["summary"]]
-        prompt = [r["prompt"] for r in tasks["docstring"][split]]
+        with_doc = with_summary(fns)
         rng = random.Random(f"{seed}-{split}")
         choice = []
-        for p, f in zip(prompt, with_doc):
+        for f in with_doc:
             others = [g["summary"] for g in with_doc if g["summary"] != f["summary"]]
             options = rng.sample(others, N_CHOICES - 1) + [f["summary"]]
             rng.shuffle(options)
-            choice.append({"prompt": p, "completion": f["summary"], "choices": options,
-                           "label": options.index(f["summary"])})
+            choice.append({"prompt": docstring_prompt(f), "completion": f["summary"],
+                           "choices": options, "label": options.index(f["summary"])})
         tasks["choice"][split] = choice
         tasks["preference"][split] = [
             {"prompt": c["prompt"], "chosen": c["completion"],

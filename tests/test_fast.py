@@ -310,6 +310,7 @@ def test_compile_blocks_needs_blocks():
 # ------------------------------------------------------------------ the bench's FLOP count
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench  # noqa: E402  (scripts/bench.py)
+import bench_paired  # noqa: E402  (scripts/bench_paired.py)
 
 
 @pytest.mark.parametrize("case", ["lora", "full", "prefix", "masked"])  # (dora: extra work)
@@ -370,9 +371,6 @@ def test_bench_compiled_loss_tolerance_follows_the_rows_dtype():
             for line in lines if "eval loss" in line}
     assert loss["lora"].endswith("(<= 1e-05): MISSED"), loss
     assert loss["bf16 lora"].endswith("(<= 0.02): met"), loss
-
-
-import bench_paired  # noqa: E402  (scripts/bench_paired.py)
 
 
 def test_bench_paired_ratio_is_the_geometric_mean_of_pairs():
