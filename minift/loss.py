@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .linear import matmul_t, uses_onednn
+
 # rows of LM-head logits per chunk (masked_lm_loss): GPT-2's (512, 50257) fp32 block is 103 MB;
 # at 256 rows its matmuls ran 12% slower on the 2-core CPU (155 against 178 GFLOP/s forward)
 HEAD_CHUNK = 512
@@ -58,23 +60,26 @@ class ChunkedHeadLoss(torch.autograd.Function):
         sub = min(SOFTMAX_ROWS, n_rows)
         padded = lambda n, dtype: torch.empty(n, -(-V // 64) * 64, dtype=dtype,
                                               device=h.device)[:, :V]   # (n, V)
-        rows = padded(n_rows, mm)              # logits, then d loss / d logits: matmul dtype
-        z = rows if mm == acc else padded(sub, acc)   # the softmax: accumulation dtype
+        fresh = uses_onednn(hm, wm)    # oneDNN's product is a new tensor: no buffer to write
+        rows = None if fresh else padded(n_rows, mm)  # logits, then d loss / d logits
+        same = mm == acc               # else the softmax works in an fp32 buffer of sub rows
+        z = None if same else padded(sub, acc)
         row_loss = torch.empty(n_rows, 1, dtype=acc, device=h.device)
         for i in range(0, h.shape[0], chunk_size):
             hc, yc = hm[i:i + chunk_size], y[i:i + chunk_size, None]   # (n, C), (n, 1)
-            logits = torch.mm(hc, wm.t(), out=rows[:len(yc)])          # (n, V)
+            logits = (matmul_t(hc, wm) if fresh                        # (n, V)
+                      else torch.mm(hc, wm.t(), out=rows[:len(yc)]))
             for j in range(0, len(yc), sub):   # the softmax, sub rows at a time
                 lj, yj = logits[j:j + sub], yc[j:j + sub]
                 z_y = lj.gather(1, yj).to(acc)                         # target logits
                 z_max = lj.amax(dim=-1, keepdim=True).to(acc)
-                e = lj if z is rows else z[:len(yj)].copy_(lj)
+                e = lj if same else z[:len(yj)].copy_(lj)
                 e.sub_(z_max).exp_()                                   # exp(z - max), in place
                 norm = e.sum(dim=-1, keepdim=True)
                 torch.sub(z_max + norm.log(), z_y, out=row_loss[j:j + len(yj)])  # lse - z_y
                 e.div_(norm)                                           # softmax, in place
                 e.scatter_add_(1, yj, torch.full_like(z_y, -1.0))      # d loss / d logits
-                if z is not rows:
+                if not same:
                     lj.copy_(e)
             total += row_loss[:len(yc)].sum()
             if grad_h.dtype == mm:

@@ -3,9 +3,10 @@ Multitask Learners"; architecture of Radford et al. 2018 with pre-LayerNorm, §2
 
 Module and parameter names are GPT-2's own (`transformer.h.0.attn.c_attn.weight`, ...),
 so Hugging Face checkpoints load with one loop (checkpoint.py reads the files). Unlike
-OpenAI's Conv1D, every projection here is a plain `nn.Linear` storing (out, in). Where a
-reference calls nn.Dropout, scaled_dot_product_attention, c_proj(act(h)) or the full
-cross-entropy, this calls ops.py's equals, which keep less for the backward.
+OpenAI's Conv1D, every projection here is an `nn.Linear` storing (out, in): linear.Linear,
+which on the CPU in float32 multiplies through oneDNN (faster there than torch's MKL). Where
+a reference calls nn.Dropout, scaled_dot_product_attention, c_proj(act(h)) or the full
+cross-entropy, this calls ops.py's and loss.py's equals, which keep less for the backward.
 
 Shapes: B batch, T new tokens, P past tokens (KV cache or prefix), C n_embd,
 nh heads, hs = C // nh head size, V vocabulary.
@@ -22,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import checkpoint as files
 from .generation import generate
+from .linear import Linear
 from .loss import masked_lm_loss
 from .ops import ACTIVATIONS, ActLinear, Dropout, attention
 
@@ -114,8 +116,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = Dropout(config.resid_pdrop)
 
@@ -137,8 +139,8 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         inner = config.n_inner or 4 * config.n_embd
-        self.c_fc = nn.Linear(config.n_embd, inner)
-        self.c_proj = nn.Linear(inner, config.n_embd)
+        self.c_fc = Linear(config.n_embd, inner)
+        self.c_proj = Linear(inner, config.n_embd)
         self.activation = config.activation_function
         self.act = ACTIVATIONS[self.activation]
         self.dropout = Dropout(config.resid_pdrop)
@@ -146,7 +148,7 @@ class MLP(nn.Module):
     def forward(self, x):
         h = self.c_fc(x)                                                 # (B, T, 4C)
         proj = self.c_proj  # an adapter may wrap it; then it runs as its own module
-        if (type(proj) is nn.Linear and proj.weight.requires_grad and torch.is_grad_enabled()
+        if (type(proj) is Linear and proj.weight.requires_grad and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):  # inductor picks what to recompute itself
             # c_proj(act(h)) keeping h only for the backward (ops.ActLinear)
             return self.dropout(ActLinear.apply(h, proj.weight, proj.bias, self.activation))
@@ -200,7 +202,7 @@ class GPT(nn.Module):
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward to save memory
         self.apply(self._init_weights)
         # GPT-2 §2.3: scale residual projections by 1/sqrt(number of residual layers)

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .linear import matmul, matmul_t
+
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -308,7 +310,7 @@ class ActLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(h, weight, bias, activation: str):  # h (..., 4C), weight (C, 4C)
-        return F.linear(ACTIVATIONS[activation](h), weight, bias)        # (..., C)
+        return matmul_t(ACTIVATIONS[activation](h), weight, bias)       # (..., C)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -328,5 +330,5 @@ class ActLinear(torch.autograd.Function):
         if need_b:
             db = g2.sum(0)                                               # (C,)
         if need_h:
-            dh = ACTIVATION_GRADS[ctx.activation]((g @ weight.to(g.dtype)).to(h.dtype), h)
+            dh = ACTIVATION_GRADS[ctx.activation](matmul(g, weight.to(g.dtype)).to(h.dtype), h)
         return dh, dw, db, None

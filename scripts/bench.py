@@ -28,7 +28,8 @@ Each row is a case on a path, in a precision, at a batch shape (ROWS below):
   bf16    both stacks under torch.autocast(bfloat16), fp32 weights and optimizer state
 
 The reference runs transformers + PEFT eagerly (use_cache=False, the training setting).
-minift runs eagerly and, on train rows, with `compile_blocks` (the cold-compile time is the
+minift runs eagerly (its float32 products on the CPU through oneDNN, minift/linear.py)
+and, on train rows, with `compile_blocks` (the cold-compile time is the
 first step minus a steady step, with an empty inductor cache unless --warm-cache). minift's
 loss runs the LM head at target positions only (loss.masked_lm_loss); transformers runs it
 at every position.
@@ -37,7 +38,9 @@ The lower bound: the step's matmul FLOPs counted from the shapes (forward, plus 
 backward the input gradient of every layer that needs one and weight gradients of trainable
 weights only; the LM head at target tokens only; causal attention's (query, key) pairs
 only: the work the task needs), divided by this machine's best matmul rate (a 2048^3
-torch.mm, in bf16 for bf16 rows). `of bound` is tokens/s over that.
+product, in bf16 for bf16 rows: the faster of torch.mm and, in fp32 on the CPU, oneDNN's
+product, which minift's layers use there: minift/linear.py). `of bound` is tokens/s over
+that.
 """
 from __future__ import annotations
 
@@ -177,18 +180,26 @@ def peak_rss_gb() -> float:
 
 
 def worker_matmul(args) -> dict:
-    """Best rate of a (n x n) @ (n x n) torch.mm in fp32 and bf16, in FLOP/s."""
+    """Best rate of a (n x n) @ (n x n) product in fp32 and bf16, in FLOP/s: torch.mm's and,
+    in fp32 on a CPU with oneDNN, oneDNN's (the op minift.linear calls, called here directly
+    so that this process never imports minift), whichever is faster: the machine's rate."""
     n, dev, out = 2048, device(), {}
     for dtype in ("fp32", "bf16"):
         a, b = (torch.randn(n, n, device=dev, dtype=DTYPES[dtype]) for _ in range(2))
-        best = float("inf")
-        for _ in range(args.matmul_reps):
-            sync()
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            sync()
-            best = min(best, time.perf_counter() - t0)
-        out[f"matmul_{dtype}"] = 2 * n**3 / best
+        kernels = {"torch_mm": lambda: torch.mm(a, b)}
+        if dtype == "fp32" and dev.type == "cpu" and torch.backends.mkldnn.is_available():
+            kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none",
+                                                                            [], "")
+        for name, product in kernels.items():
+            best = float("inf")
+            for _ in range(args.matmul_reps):
+                sync()
+                t0 = time.perf_counter()
+                product()
+                sync()
+                best = min(best, time.perf_counter() - t0)
+            out[f"matmul_{dtype}_{name}"] = 2 * n**3 / best
+        out[f"matmul_{dtype}"] = max(out[f"matmul_{dtype}_{k}"] for k in kernels)
     return out
 
 
@@ -363,7 +374,10 @@ def report(results: dict, meta: dict) -> list[str]:
              f"warm-up, best of {meta['repeat']} interleaved rounds; load average "
              f"{meta['load_avg_start'][0]:.1f} at the start, {meta['load_avg_end'][0]:.1f} at the end",
              f"matmul rate {meta['matmul_fp32'] / 1e9:.1f} GFLOP/s fp32, "
-             f"{meta['matmul_bf16'] / 1e9:.1f} bf16 (best 2048^3 torch.mm)", ""]
+             f"{meta['matmul_bf16'] / 1e9:.1f} bf16 (best 2048^3 product: "
+             f"torch.mm {meta['matmul_fp32_torch_mm'] / 1e9:.1f} fp32"
+             + (f", oneDNN {meta['matmul_fp32_onednn'] / 1e9:.1f}" if "matmul_fp32_onednn" in meta
+                else "") + ")", ""]
     head = (f"{'row':14} {'B x T':>8} {'run':18} {'tokens/s':>9} {'x ref':>6} {'spread':>6} "
             f"{'peak GB':>8} {'x ref':>6} {'of bound':>8} {'overhead':>8}")
     lines += [head, "-" * len(head)]
@@ -505,8 +519,8 @@ def main():
             kept["all_peak_rss_gb"].append(r.get("peak_rss_gb"))
         # the machine's rates, measured again at the end: the best of both (less load noise)
         again = spawn(["--worker", "matmul", "--matmul-reps", str(args.matmul_reps)])
-        for k in ("matmul_fp32", "matmul_bf16"):
-            meta[k] = max(meta[k], again[k])
+        for k, rate in again.items():   # matmul_fp32, matmul_bf16 and each kernel's
+            meta[k] = max(meta.get(k, 0.0), rate)
     meta["load_avg_end"] = os.getloadavg()
     finish(results, shape, meta)
     lines = report(results, meta) + check_targets(results)

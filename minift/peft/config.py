@@ -137,7 +137,7 @@ def find_targets(model: nn.Module, config, holders: tuple = ()) -> list[str]:
                         f"{config.layers_to_transform!r} matches no module of the model")
     modules = dict(model.named_modules())
     for n in targets:
-        if type(modules[n]) is not nn.Linear and not isinstance(modules[n], holders):
+        if not isinstance(modules[n], (nn.Linear, *holders)):
             raise PeftError(f"target module {n!r} is a {type(modules[n]).__name__}, not an nn.Linear "
                             "(or it already holds an adapter); only linear layers can be targeted")
     return targets

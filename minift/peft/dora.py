@@ -26,8 +26,7 @@ x_d = dropout(x). minift computes the same numbers.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
+from ..linear import linear
 from ..ops import keep_mask
 from .lora import LoraLinearFunction
 
@@ -50,7 +49,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling: float,
     keep = keep_mask(x.shape, dropout_p, x.device)
     xd = x * keep * (1.0 / (1.0 - dropout_p))                             # dropout(x)
     t, _ = LoraLinearFunction.apply(xd, weight, None, lora_A, lora_B, scaling, None, 1.0)
-    y = F.linear(x, weight, bias) + scale * t - F.linear(xd, weight)      # (..., out)
+    y = linear(x, weight, bias) + scale * t - linear(xd, weight)          # (..., out)
     return y.to(t.dtype)
 
 

@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..linear import matmul, matmul_t
 from ..ops import keep_mask
 from .config import PeftError, check_task_type
 
@@ -118,7 +119,7 @@ class LoraLinearFunction(torch.autograd.Function):
         # x (..., in); weight (out, in); bias (out,) or None; lora_A (r, in); lora_B (out, r)
         dtype = _branch_dtype(x, lora_A)
         x = x.to(dtype) if torch.is_autocast_enabled(x.device.type) else x  # cast once, not twice
-        base = F.linear(x, weight, bias)                                  # (..., out)
+        base = matmul_t(x, weight, bias)                                  # (..., out)
         xa = x.to(dtype)
         xd = xa if keep is None else xa * keep                             # dropout, unscaled
         u = F.linear(xd, lora_A) * keep_scale                             # (..., r)
@@ -151,7 +152,7 @@ class LoraLinearFunction(torch.autograd.Function):
             back = (du * q) @ lora_A.to(dt)                               # (N, in)
             if keep2 is not None:
                 back = back.mul_(keep2)
-            dx = (g @ weight.to(g.dtype) + back.to(g.dtype)).reshape(x.shape).to(x.dtype)
+            dx = (matmul(g, weight.to(g.dtype)) + back.to(g.dtype)).reshape(x.shape).to(x.dtype)
         if need_A:
             xa = x2.to(dt)
             xd = xa if keep2 is None else xa * keep2
