@@ -4,16 +4,16 @@ torch sends a float32 `F.linear` or `x @ w` on the CPU to MKL's sgemm. torch als
 oneDNN, and its float32 inner-product kernel (the op `torch.ops.mkldnn._linear_pointwise`,
 which inductor's CPU fusions call) was faster at every shape GPT-2 takes on the 2-core AMD
 EPYC this project is built on (`python scripts/bench_linear.py`, MKL's time over oneDNN's):
-1.1-1.5x on GPT-2 small's projections in a 4 x 256 training step, forward and input
-gradient, and 1.9-2.4x for the LM head at 1-4 rows, a decoding step. So on the CPU, in
+1.2-1.5x on GPT-2 small's projections in a 4 x 256 training step, forward and input
+gradient, and 2.0-2.8x for the LM head at 1-4 rows, a decoding step. So on the CPU, in
 float32, minift's linear layers, its fused LoRA op, its MLP op and its LM-head loss run
 their products through these two functions; everywhere else (CUDA, bf16, autocast, code
 compiled by inductor, torch.func's transforms, a torch built without oneDNN) they are
 plain `F.linear` and `@`. Set GEMM = "mkl" to use torch's own products everywhere.
 
 The numbers are float32's, summed in another order than MKL's: against a float64 product
-both are within float32's rounding (oneDNN's error is 2-4x MKL's, about 1e-6 relative at
-K = 768; tests/test_linear.py). Both are deterministic.
+both are within float32's rounding (oneDNN's error up to 3.4x MKL's, about 1e-6 of the
+largest entry at K = 768; tests/test_linear.py). Both are deterministic.
 
 torch's FlopCounterMode has no formula for the oneDNN op, so this module registers one
 (through torch.utils.flop_counter.register_flop_formula, torch's hook for it): the same
@@ -50,62 +50,67 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x's product with weight goes to oneDNN: float32 on the CPU, eager, no autocast
     (which casts F.linear's operands itself), no torch.func transform (the op has no batching
     rule), and not empty."""
-    return (GEMM == "onednn" and _HAVE_ONEDNN and not torch.compiler.is_compiling()
+    if GEMM != "onednn":
+        if GEMM != "mkl":
+            raise ValueError(f"minift.linear.GEMM must be 'onednn' or 'mkl', got {GEMM!r}")
+        return False
+    return (_HAVE_ONEDNN and not torch.compiler.is_compiling()
             and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and x.numel() > 0 and not torch.is_autocast_enabled("cpu")
             and not torch._C._are_functorch_transforms_active())
 
 
+def _onednn_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """oneDNN's x weight^T + bias, (..., out), once uses_onednn has said yes."""
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias,
+                                           "none", [], "")
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 def matmul_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """x weight^T + bias, (..., out), with no autograd of its own: for use inside an
     autograd.Function's forward or backward (linear() is the differentiable one)."""
-    if not uses_onednn(x, weight):
-        return F.linear(x, weight, bias)
-    x2 = x.reshape(-1, x.shape[-1])
-    y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return _onednn_t(x, weight, bias) if uses_onednn(x, weight) else F.linear(x, weight, bias)
 
 
 def matmul(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """g weight, (..., in), for g (..., out): the input gradient of x weight^T. No autograd.
     weight.t() is passed as oneDNN's (in, out) weight, a view (copying it was no faster
     once the copy is counted)."""
-    if not uses_onednn(g, weight):
-        return g @ weight
-    return matmul_t(g, weight.t())
+    return _onednn_t(g, weight.t()) if uses_onednn(g, weight) else g @ weight
 
 
 class _Linear(torch.autograd.Function):
     """y = x W^T + b with both products of the forward and the input gradient through
-    matmul_t / matmul. Saved: x only if W trains, W only if x needs a gradient."""
+    oneDNN (linear() applies it only where uses_onednn says so; the backward's g is the
+    forward's float32 CPU output). Saved: x only if W trains, W only if x needs a gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x if need_w else None, weight if need_x else None)
-        ctx.has_bias = bias is not None
-        return matmul_t(x, weight, bias)
+        return _onednn_t(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):                                              # g (..., out)
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
+        need_x, need_w, need_b = ctx.needs_input_grad                  # need_b: a bias trains
         g2 = g.reshape(-1, g.shape[-1])
         dx = matmul(g, weight) if need_x else None                     # (..., in)
         dw = g2.t() @ x.reshape(-1, x.shape[-1]) if need_w else None   # (out, in)
-        db = g2.sum(0) if need_b and ctx.has_bias else None            # (out,)
+        db = g2.sum(0) if need_b else None                             # (out,)
         return dx, dw, db
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """F.linear(x, weight, bias), differentiable, with the products through oneDNN where
-    matmul_t says so."""
+    uses_onednn says so."""
     if not uses_onednn(x, weight):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return _Linear.apply(x, weight, bias)
-    return matmul_t(x, weight, bias)
+    return _onednn_t(x, weight, bias)
 
 
 class Linear(nn.Linear):

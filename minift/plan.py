@@ -23,7 +23,8 @@ FLOPs per token count the matmuls of forward and backward (2 per multiply-add): 
 gradient wherever a gradient flows, the weight gradient only for trainable weights,
 minift's attention recompute on CPU, and a second forward per block with gradient
 checkpointing. The step time divides them by a matmul rate measured here (a short timing
-of machine.matmul_rate, minift's own kernel), so it is a lower bound: real steps also spend time outside matmuls.
+of machine.matmul_rate, minift's own kernel), so it is a lower bound: real steps also spend
+time outside matmuls.
 """
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ x_d = dropout(x). minift computes the same numbers.
 from __future__ import annotations
 
 import torch
+
 from ..linear import linear
 from ..ops import keep_mask
 from .lora import LoraLinearFunction
