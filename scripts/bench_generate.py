@@ -10,6 +10,7 @@ tie that float32 rounding breaks differently). `--gemm mkl` runs minift on torch
 products (minift.linear.GEMM), to see what oneDNN's products add.
 
     python scripts/bench_generate.py --rounds 5 [--batch 4 --prompt 32 --new 128] [--gemm mkl]
+    python scripts/bench_generate.py --quick     # a tiny model, one round: a smoke test
 """
 from __future__ import annotations
 
@@ -35,10 +36,17 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--shape", choices=("small", "medium"), default="small")
     ap.add_argument("--gemm", choices=("onednn", "mkl"), default=linear.GEMM)
+    ap.add_argument("--quick", action="store_true",
+                    help="a 2-layer, 64-wide model, 2 prompts of 8 tokens, 8 new, 1 round: "
+                         "a smoke test")
     args = ap.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
     linear.GEMM = args.gemm
-    config = GPT2Config() if args.shape == "small" else GPT2Config(n_layer=24, n_head=16, n_embd=1024)
+    config = (GPT2Config() if args.shape == "small"
+              else GPT2Config(n_layer=24, n_head=16, n_embd=1024))
+    if args.quick:
+        config = GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=1000, n_positions=128)
+        args.rounds, args.batch, args.prompt, args.new, args.shape = 1, 2, 8, 8, "tiny (--quick)"
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
         GPT2LMHeadModel(config).save_pretrained(folder)

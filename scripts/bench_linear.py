@@ -8,6 +8,9 @@ GFLOP/s. The shapes are those of a 4 x 256 LoRA training step (forward x W^T and
 gradient g W of every projection, the LM head's 512-row chunk) and of decoding (1 and 4
 rows through c_attn and the LM head).
 
+--quick runs bench.py's tiny shapes (C = 64, V = 1000, one round, at most one pair of
+2 x 32 steps): a smoke test, not a measurement.
+
 --steps N also times whole `train()` LoRA steps (scripts/bench.py's `lora` row: GPT-2
 small, B = 4, T = 256, LoRA r = 8 with dropout on c_attn, fused AdamW) with linear.GEMM set
 to "mkl" and "onednn" in turn on one model, N pairs: the step's time ratio, median and range.
@@ -28,15 +31,20 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_runs  # noqa: E402  (scripts/bench_runs.py)
 import minift.linear as linear  # noqa: E402
 
 C, V = 768, 50257
-# (name, rows, out, in): x (rows, in) @ W^T with W (out, in), and g (rows, out) @ W
-PRODUCTS = [("c_attn", 1024, 3 * C, C), ("attn.c_proj", 1024, C, C), ("c_fc", 1024, 4 * C, C),
-            ("mlp.c_proj", 1024, C, 4 * C), ("lm_head chunk", 512, V, C),
-            ("c_attn, decoding", 1, 3 * C, C), ("c_attn, 4 rows", 4, 3 * C, C),
-            ("lm_head, decoding", 1, V, C), ("lm_head, 4 rows", 4, V, C)]
-TRAINING_ONLY = 5  # the first five are a training step's; their input gradients are timed too
+
+
+def shapes(C: int, V: int) -> list[tuple[str, int, int, int, bool]]:
+    """(name, rows, out, in, training): x (rows, in) @ W^T with W (out, in); the training
+    step's products also time their input gradient g (rows, out) @ W."""
+    return [("c_attn", 1024, 3 * C, C, True), ("attn.c_proj", 1024, C, C, True),
+            ("c_fc", 1024, 4 * C, C, True), ("mlp.c_proj", 1024, C, 4 * C, True),
+            ("lm_head chunk", 512, V, C, True),
+            ("c_attn, decoding", 1, 3 * C, C, False), ("c_attn, 4 rows", 4, 3 * C, C, False),
+            ("lm_head, decoding", 1, V, C, False), ("lm_head, 4 rows", 4, V, C, False)]
 
 
 def timed(f) -> float:
@@ -60,18 +68,18 @@ def compare(mkl, onednn, rounds: int, reps: int) -> tuple[list[float], float, fl
     return ratios, statistics.median(t_mkl), statistics.median(t_dnn)
 
 
-def products(rounds: int) -> None:
+def products(rounds: int, C: int, V: int) -> None:
     torch.manual_seed(0)
     print(f"{'product':34s} {'MKL/oneDNN time':>16s} {'range':>12s} {'MKL GFLOP/s':>12s} "
           f"{'oneDNN':>7s}")
-    for i, (name, n, out, inp) in enumerate(PRODUCTS):
+    for name, n, out, inp, training in shapes(C, V):
         w = torch.randn(out, inp) * 0.02
         x, g = torch.randn(n, inp), torch.randn(n, out)
         cases = [("x W^T", lambda: F.linear(x, w), lambda: linear.matmul_t(x, w))]
-        if i < TRAINING_ONLY:
+        if training:
             cases.append(("g W", lambda: g @ w, lambda: linear.matmul(g, w)))
         flops = 2 * n * out * inp
-        reps = 1 if flops > 2e10 else max(1, int(2e9 / flops))
+        reps = 1 if flops > 2e10 else min(1000, max(1, int(2e9 / flops)))
         for what, mkl, dnn in cases:
             ratios, t_mkl, t_dnn = compare(mkl, dnn, rounds, reps)
             print(f"{name + ', ' + what:34s} {statistics.median(ratios):15.2f}x "
@@ -79,14 +87,14 @@ def products(rounds: int) -> None:
                   f"{flops / t_dnn / 1e9:7.0f}", flush=True)
 
 
-def steps(n_pairs: int) -> None:
-    import bench
-    from transformers import GPT2Config, GPT2LMHeadModel
+def steps(n_pairs: int, quick: bool) -> None:
+    case, path, dtype, batch, seq = bench_runs.ROWS["lora"]
+    if quick:
+        batch, seq = 2, 32
     with tempfile.TemporaryDirectory() as folder:
-        torch.manual_seed(0)
-        GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
-        case, path, dtype, batch, seq = bench.ROWS["lora"]
-        run = bench.make_stepper("minift", case, path, dtype, batch, seq, folder)
+        shape = bench_runs.QUICK if quick else bench_runs.GPT2_SMALL
+        bench_runs.save_reference_model(shape, Path(folder))
+        run = bench_runs.make_stepper("minift", case, path, dtype, batch, seq, folder)
     for gemm in ("mkl", "onednn"):  # one warm-up step each
         linear.GEMM = gemm
         run.step()
@@ -108,13 +116,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--steps", type=int, default=0, help="also time N pairs of whole steps")
+    ap.add_argument("--quick", action="store_true",
+                    help="bench.py's tiny shapes (C = 64, V = 1000), 1 round: a smoke test")
     args = ap.parse_args()
+    q = bench_runs.QUICK
+    c, v = (q.n_embd, q.vocab_size) if args.quick else (C, V)
+    if args.quick:
+        args.rounds, args.steps = 1, min(args.steps, 1)
     if not linear.uses_onednn(torch.ones(1, 1), torch.ones(1, 1)):
         sys.exit("bench_linear: this torch has no oneDNN (torch.backends.mkldnn.is_available())")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds")
-    products(args.rounds)
+    products(args.rounds, c, v)
     if args.steps:
-        steps(args.steps)
+        steps(args.steps, args.quick)
 
 
 if __name__ == "__main__":

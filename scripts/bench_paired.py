@@ -8,7 +8,7 @@ bench.py runs each stack in its own process, one after the other, for a few step
 (about 30 s a run), and keeps each run's best round. On a shared machine whose speed moves
 by 10-30% from minute to minute, a slow minute then lands on one side only: the same row's
 one-round ratios have spanned 0.84x to 1.64x. Here both stacks are loaded at once, each in
-its own process with bench.py's model, adapter, batch and optimizer (`bench.make_stepper`);
+its own process with bench.py's model, adapter, batch and optimizer (`bench_runs.make_stepper`);
 after the warm-up steps the parent asks them for one step at a time, A B B A A B ..., so
 that a drift in the machine's speed falls on both sides alike, and the one waiting (blocked
 on a pipe) uses no CPU. Pair i gives r_i = t_reference / t_minift. Reported: the geometric
@@ -32,7 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import bench  # scripts/bench.py, beside this file; it imports minift only where minift runs
+import bench  # scripts/bench.py, beside this file: its targets
+import bench_runs  # its model, adapter, batch and step; it imports minift only where minift runs
 
 
 MARK = "@bench_paired "   # starts every line a worker writes for the parent
@@ -41,21 +42,21 @@ MARK = "@bench_paired "   # starts every line a worker writes for the parent
 def worker(args) -> None:
     """Load the run, take the warm-up steps, then one timed step per line read on stdin."""
     case, path, dtype, batch, seq = shape_of(args)
-    run = bench.make_stepper(args.run, case, path, dtype, batch, seq, args.model_dir)
+    run = bench_runs.make_stepper(args.run, case, path, dtype, batch, seq, args.model_dir)
     for _ in range(args.warmup):
         run.step()
     print(MARK + "ready", flush=True)
     for _ in sys.stdin:
-        bench.sync()
+        bench_runs.sync()
         t0 = time.perf_counter()
         loss = run.step()
-        bench.sync()
+        bench_runs.sync()
         print(MARK + json.dumps({"s": time.perf_counter() - t0, "loss": loss}), flush=True)
 
 
 def shape_of(args) -> tuple:
     """The row's (case, path, dtype, batch, seq); --quick: a 2 x 32 batch."""
-    case, path, dtype, batch, seq = bench.ROWS[args.row]
+    case, path, dtype, batch, seq = bench_runs.ROWS[args.row]
     return (case, path, dtype, 2, 32) if args.quick else (case, path, dtype, batch, seq)
 
 
@@ -102,12 +103,12 @@ def summary(ref_s: list[float], ours_s: list[float], tokens: int, block: int = B
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--row", default="lora", help=f"one of bench.py's rows {tuple(bench.ROWS)}")
+    ap.add_argument("--row", default="lora", help=f"one of bench.py's rows {tuple(bench_runs.ROWS)}")
     ap.add_argument("--pairs", type=int, default=24, help="timed steps per stack")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first, each stack")
     ap.add_argument("--block", type=int, default=BLOCK,
                     help="consecutive pairs per run of the block bootstrap (1: pairs independent)")
-    ap.add_argument("--shape", choices=tuple(bench.SHAPES), default="small")
+    ap.add_argument("--shape", choices=tuple(bench_runs.SHAPES), default="small")
     ap.add_argument("--quick", action="store_true",
                     help="bench.py's tiny model, a 2 x 32 batch: a smoke test")
     ap.add_argument("--target", type=float, default=None,
@@ -117,31 +118,31 @@ def main() -> None:
     ap.add_argument("--run", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.row not in bench.ROWS:
-        ap.error(f"unknown row {args.row!r}; choose from {tuple(bench.ROWS)}")
+    if args.row not in bench_runs.ROWS:
+        ap.error(f"unknown row {args.row!r}; choose from {tuple(bench_runs.ROWS)}")
     if args.pairs < 2 or args.block < 1:
         ap.error("--pairs must be at least 2 and --block at least 1")
     if args.worker:
         return worker(args)
     case, path, dtype, batch, seq = shape_of(args)
-    shape = bench.QUICK if args.quick else bench.SHAPES[args.shape]
+    shape = bench_runs.QUICK if args.quick else bench_runs.SHAPES[args.shape]
     target = args.target or next((lim for row, what, lim in bench.TARGETS
                                   if row == args.row and what == "speed"), None)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "gpt2-random"
-        bench.save_reference_model(shape, folder)
-        procs = {name: start(name, args, folder) for name in (bench.REFERENCE, "minift")}
+        bench_runs.save_reference_model(shape, folder)
+        procs = {name: start(name, args, folder) for name in (bench_runs.REFERENCE, "minift")}
         times = {name: [] for name in procs}
         for i in range(args.pairs):   # A B, then B A: the order alternates pair by pair
             order = list(procs) if i % 2 == 0 else list(procs)[::-1]
             for name in order:
                 times[name].append(one_step(procs[name])["s"])
-            print(f"pair {i + 1}/{args.pairs}: ref {times[bench.REFERENCE][-1]:.2f} s, "
+            print(f"pair {i + 1}/{args.pairs}: ref {times[bench_runs.REFERENCE][-1]:.2f} s, "
                   f"minift {times['minift'][-1]:.2f} s", file=sys.stderr, flush=True)
         for proc in procs.values():
             proc.stdin.close()
             proc.wait()
-    s = summary(times[bench.REFERENCE], times["minift"], batch * seq, args.block)
+    s = summary(times[bench_runs.REFERENCE], times["minift"], batch * seq, args.block)
     print(f"row {args.row!r} ({case}, {path}, {dtype}, {batch}x{seq}), "
           f"{'the quick shape' if args.quick else 'GPT-2 ' + args.shape}, "
           f"{s['pairs']} pairs after {args.warmup} warm-up steps each")

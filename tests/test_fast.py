@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 
 from minift import GPT, GPTConfig
 from minift.model import Block, compile_blocks
-from minift.peft import LoraConfig, LoraLinear, PrefixTuningConfig, get_peft_model
+from minift.peft import LoraConfig, LoraLinear, get_peft_model
 from minift.peft.lora import LoraLinearFunction, lora_linear
 from minift.ops import keep_mask
 from conftest import reference_keep
@@ -310,6 +310,7 @@ def test_compile_blocks_needs_blocks():
 # ------------------------------------------------------------------ the bench's FLOP count
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench  # noqa: E402  (scripts/bench.py)
+import bench_runs  # noqa: E402  (scripts/bench_runs.py)
 import bench_paired  # noqa: E402  (scripts/bench_paired.py)
 
 
@@ -322,29 +323,30 @@ def test_bench_flop_count_equals_torch_flop_counter(case, tmp_path):
     the attention core in the backward (one more QK^T per layer: checkpoint stops before
     AV, whose output the backward does not need)."""
     from torch.utils.flop_counter import FlopCounterMode
-    shape = bench.Shape(2, 2, 32, 97, 64)
-    bench.save_reference_model(shape, tmp_path)
-    ids, labels = bench.make_batch(shape.vocab_size, 2, 16, case)
+    shape = bench_runs.Shape(2, 2, 32, 97, 64)
+    bench_runs.save_reference_model(shape, tmp_path)
+    ids, labels = bench_runs.make_batch(shape.vocab_size, 2, 16, case)
     n_target = int((labels[:, 1:] != -100).sum())
     for stack, head_tokens in (("minift", n_target), ("hf", ids.numel())):
         torch.manual_seed(0)
         if stack == "hf":
-            _, loss_fn = bench.build_hf(tmp_path, case)
+            _, loss_fn = bench_runs.build_hf(tmp_path, case)
         else:
-            _, loss_fn = bench.build_minift(tmp_path, case, compiled=False)
+            _, loss_fn = bench_runs.build_minift(tmp_path, case, compiled=False)
         with FlopCounterMode(display=False) as counter:
             loss_fn(ids, labels).backward()
-        expected = bench.matmul_flops(shape, case, 2, 16, n_target, head_tokens, causal=False)
+        expected = bench_runs.matmul_flops(shape, case, 2, 16, n_target, head_tokens, causal=False)
         if stack == "minift":
-            expected += shape.n_layer * bench.attention_flops(shape, case, 2, 16, False) // 2
+            expected += shape.n_layer * bench_runs.attention_flops(shape, case, 2, 16, False) // 2
         assert counter.get_total_flops() == expected, stack
 
 
 def test_bench_inductor_cache_folders_have_no_spaces(tmp_path):
     """Row names hold spaces ("bf16 lora"); inductor's g++ command line does not quote the
     cache path, so a space in it broke every compiled run of such a row."""
-    folders = {bench.inductor_cache(tmp_path, row, rep) for row in bench.ROWS for rep in (0, 1)}
-    assert len(folders) == 2 * len(bench.ROWS)          # one fresh folder per row and round
+    folders = {bench.inductor_cache(tmp_path, row, rep)
+               for row in bench_runs.ROWS for rep in (0, 1)}
+    assert len(folders) == 2 * len(bench_runs.ROWS)          # one fresh folder per row and round
     assert all(f.parent == tmp_path and not any(c.isspace() for c in f.name) for f in folders)
 
 
@@ -371,6 +373,33 @@ def test_bench_compiled_loss_tolerance_follows_the_rows_dtype():
             for line in lines if "eval loss" in line}
     assert loss["lora"].endswith("(<= 1e-05): MISSED"), loss
     assert loss["bf16 lora"].endswith("(<= 0.02): met"), loss
+
+
+def test_bench_stepper_keeps_the_last_loss_until_the_next_step_returns(tmp_path):
+    """As the guides' loop keeps `loss` (and what its graph still holds) until the next
+    forward returns, so does bench's step: without it the reference's peak RSS fell by
+    1.0 GB. One loss is kept, the latest: the one before is freed."""
+    import weakref
+    bench_runs.save_reference_model(bench_runs.Shape(2, 2, 32, 97, 64), tmp_path)
+    run = bench_runs.make_stepper("minift", "lora", "train", "fp32", 2, 16, tmp_path)
+    first = run.step()
+    kept = weakref.ref(run.held[0])
+    assert run.held[0].grad_fn is not None and run.held[0].item() == first
+    second = run.step()
+    assert kept() is None and len(run.held) == 1 and run.held[0].item() == second
+
+
+@pytest.mark.parametrize("script, argv, expect", [
+    ("bench_linear.py", ["--quick", "--steps", "1"], "train() LoRA step, MKL's time / oneDNN's"),
+    ("bench_generate.py", ["--quick"], "same token ids: True")])
+def test_bench_scripts_quick_smoke(script, argv, expect):
+    """The product and generation benchmarks run end to end on tiny shapes (timings are
+    theirs to print, not the tests' to check)."""
+    import subprocess
+    done = subprocess.run([sys.executable, str(Path(bench.__file__).parent / script), *argv],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert expect in done.stdout, done.stdout
 
 
 def test_bench_paired_ratio_is_the_geometric_mean_of_pairs():
