@@ -2,14 +2,15 @@
 
 torch sends a float32 `F.linear` or `x @ w` on the CPU to MKL's sgemm. torch also ships
 oneDNN, and its float32 inner-product kernel (the op `torch.ops.mkldnn._linear_pointwise`,
-which inductor's CPU fusions call) was faster at every shape GPT-2 takes on the 2-core AMD
-EPYC this project is built on (`python scripts/bench_linear.py`, MKL's time over oneDNN's):
-1.2-1.5x on GPT-2 small's projections in a 4 x 256 training step, forward and input
+which inductor's CPU fusions call) was faster at every shape GPT-2 small takes on the 2-core
+AMD EPYC this project is built on (`python scripts/bench_linear.py`, MKL's time over
+oneDNN's): 1.2-1.5x on its projections in a 4 x 256 training step, forward and input
 gradient, and 2.0-2.8x for the LM head at 1-4 rows, a decoding step. So on the CPU, in
 float32, minift's linear layers, its fused LoRA op, its MLP op and its LM-head loss run
-their products through these two functions; everywhere else (CUDA, bf16, autocast, code
-compiled by inductor, torch.func's transforms, a torch built without oneDNN) they are
-plain `F.linear` and `@`. Set GEMM = "mkl" to use torch's own products everywhere.
+their products through these two functions, except small ones (under MIN_MACS multiply-adds,
+where oneDNN's fixed cost per call loses: a decoding row through a small model's layers).
+Everywhere else (CUDA, bf16, autocast, code compiled by inductor, torch.func's transforms,
+a torch built without oneDNN) they are plain `F.linear` and `@`. Set GEMM = "mkl" to use torch's own products everywhere.
 
 The numbers are float32's, summed in another order than MKL's: against a float64 product
 both are within float32's rounding (oneDNN's error up to 3.4x MKL's, about 1e-6 of the
@@ -30,6 +31,13 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 GEMM = "onednn"  # "onednn": oneDNN's float32 products on the CPU; "mkl": torch's own (MKL's)
+# oneDNN's op costs about 30-40 us a call before any work, so products under MIN_MACS
+# multiply-adds (rows x out x in) stay with MKL. `python scripts/bench_linear.py --shape tiny
+# --rounds 7 --generate`, MKL's time over oneDNN's at minift-tiny's shapes (C = 256): c_attn
+# 0.60x at 1 row (196k), 1.03x at 4, 1.12x at 64; the LM head (4096 x 256) 1.65x at 1 row
+# (1M). Its greedy generation at batch 1 against MKL everywhere: 0.88x with oneDNN at every
+# size, 1.09x from MIN_MACS (at batch 8: 1.33x and 1.28x).
+MIN_MACS = 1 << 20
 _HAVE_ONEDNN = torch.backends.mkldnn.is_available()
 
 if _HAVE_ONEDNN:
@@ -47,16 +55,18 @@ if _HAVE_ONEDNN:
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x's product with weight goes to oneDNN: float32 on the CPU, eager, no autocast
-    (which casts F.linear's operands itself), no torch.func transform (the op has no batching
-    rule), and not empty."""
+    """Whether x's product with weight (either way round: x W^T or g W) goes to oneDNN:
+    float32 on the CPU, eager, no autocast (which casts F.linear's operands itself), no
+    torch.func transform (the op has no batching rule), and large enough (MIN_MACS)."""
     if GEMM != "onednn":
         if GEMM != "mkl":
             raise ValueError(f"minift.linear.GEMM must be 'onednn' or 'mkl', got {GEMM!r}")
         return False
-    return (_HAVE_ONEDNN and not torch.compiler.is_compiling()
-            and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and x.numel() > 0 and not torch.is_autocast_enabled("cpu")
+    if not (_HAVE_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and x.numel() > 0):
+        return False
+    return (x.numel() // x.shape[-1] * weight.numel() >= MIN_MACS    # rows x out x in
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
             and not torch._C._are_functorch_transforms_active())
 
 

@@ -13,6 +13,31 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                 reason="this torch has no oneDNN")
 
 
+MIN_MACS = linear.MIN_MACS
+
+
+@pytest.fixture(autouse=True)
+def every_size(monkeypatch):
+    """oneDNN for every product size, so that these tests' small shapes exercise it (minift
+    leaves products under linear.MIN_MACS to MKL: test_small_products_stay_with_mkl)."""
+    monkeypatch.setattr(linear, "MIN_MACS", 0)
+
+
+def test_small_products_stay_with_mkl(monkeypatch):
+    """Under MIN_MACS multiply-adds (rows x out x in) MKL's product, where oneDNN's fixed cost
+    per call loses; from it oneDNN. Either way round (x W^T and g W); MKL's numbers exactly."""
+    monkeypatch.setattr(linear, "MIN_MACS", MIN_MACS)
+    w = torch.randn(768, 256)                                # minift-tiny's c_attn: 196,608
+    rows = -(-MIN_MACS // w.numel())                         # 6 rows: the first at MIN_MACS
+    assert not linear.uses_onednn(torch.randn(rows - 1, 256), w)
+    assert linear.uses_onednn(torch.randn(rows, 256), w)
+    assert not linear.uses_onednn(torch.randn(1, rows - 1, 768), w)   # g W, g (..., out)
+    assert linear.uses_onednn(torch.randn(2, 3, 768), w)
+    assert linear.uses_onednn(torch.randn(1, 256), torch.randn(4096, 256))  # the head: 1M
+    x = torch.randn(rows - 1, 256)
+    assert torch.equal(linear.linear(x, w), F.linear(x, w))  # MKL's, exactly
+
+
 @pytest.fixture
 def gemm():
     """Restore linear.GEMM after a test that sets it."""
