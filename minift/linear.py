@@ -10,7 +10,8 @@ float32, minift's linear layers, its fused LoRA op, its MLP op and its LM-head l
 their products through these two functions, except small ones (under MIN_MACS multiply-adds,
 where oneDNN's fixed cost per call loses: a decoding row through a small model's layers).
 Everywhere else (CUDA, bf16, autocast, code compiled by inductor, torch.func's transforms,
-a torch built without oneDNN) they are plain `F.linear` and `@`. Set GEMM = "mkl" to use torch's own products everywhere.
+a torch built without oneDNN) they are plain `F.linear` and `@`. Set GEMM = "mkl" to use
+torch's own products everywhere.
 
 The numbers are float32's, summed in another order than MKL's: against a float64 product
 both are within float32's rounding (oneDNN's error up to 3.4x MKL's, about 1e-6 of the
@@ -57,15 +58,14 @@ if _HAVE_ONEDNN:
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x's product with weight (either way round: x W^T or g W) goes to oneDNN:
     float32 on the CPU, eager, no autocast (which casts F.linear's operands itself), no
-    torch.func transform (the op has no batching rule), and large enough (MIN_MACS)."""
+    torch.func transform (the op has no batching rule), and at least MIN_MACS multiply-adds
+    (rows x out x in: x.numel() / x.shape[-1] rows, weight.numel() = out x in)."""
     if GEMM != "onednn":
         if GEMM != "mkl":
             raise ValueError(f"minift.linear.GEMM must be 'onednn' or 'mkl', got {GEMM!r}")
         return False
-    if not (_HAVE_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and x.numel() > 0):
-        return False
-    return (x.numel() // x.shape[-1] * weight.numel() >= MIN_MACS    # rows x out x in
+    return (_HAVE_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and x.numel() > 0 and x.numel() // x.shape[-1] * weight.numel() >= MIN_MACS
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
             and not torch._C._are_functorch_transforms_active())
 

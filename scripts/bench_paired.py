@@ -103,7 +103,8 @@ def summary(ref_s: list[float], ours_s: list[float], tokens: int, block: int = B
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--row", default="lora", help=f"one of bench.py's rows {tuple(bench_runs.ROWS)}")
+    ap.add_argument("--row", default="lora",
+                    help=f"one of bench.py's rows {tuple(bench_runs.ROWS)}")
     ap.add_argument("--pairs", type=int, default=24, help="timed steps per stack")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first, each stack")
     ap.add_argument("--block", type=int, default=BLOCK,

@@ -390,7 +390,8 @@ def test_bench_stepper_keeps_the_last_loss_until_the_next_step_returns(tmp_path)
 
 
 @pytest.mark.parametrize("script, argv, expect", [
-    ("bench_linear.py", ["--quick", "--steps", "1", "--generate"], "train() LoRA step, MKL's time / oneDNN's"),
+    ("bench_linear.py", ["--quick", "--steps", "1", "--generate"],
+     "train() LoRA step, MKL's time / oneDNN's"),
     ("bench_generate.py", ["--quick"], "same token ids: True")])
 def test_bench_scripts_quick_smoke(script, argv, expect):
     """The product and generation benchmarks run end to end on tiny shapes (timings are
