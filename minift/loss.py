@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .linear import matmul_t, uses_onednn
+from .linear import matmul, matmul_t, uses_onednn
 
 # rows of LM-head logits per chunk (masked_lm_loss): GPT-2's (512, 50257) fp32 block is 103 MB;
 # at 256 rows its matmuls ran 12% slower on the 2-core CPU (155 against 178 GFLOP/s forward)
@@ -32,9 +32,12 @@ class ChunkedHeadLoss(torch.autograd.Function):
     memory is one (chunk, V) block, worked on in place, instead of the full logits and
     their softmax. Same three matmuls as the plain forward + backward, so no extra compute.
 
-    Every chunk's logits go into one buffer whose rows are padded to a multiple of 64
-    elements: BLAS writes aligned rows faster (for GPT-2's V = 50257), and one allocation
-    replaces one per chunk. The matmuls run in the autocast dtype when autocast is on, as
+    In float32 on the CPU both products of a chunk (the logits, d loss / d h) are oneDNN's
+    (linear.py), each a fresh tensor: `scripts/bench_head.py`'s fp32 head took 0.60x MKL's
+    time at GPT-2 small's (rounds 0.54-0.62x; 1,020 targets). Elsewhere every chunk's logits
+    go into one buffer whose rows are padded to a multiple of 64 elements: BLAS writes
+    aligned rows faster (for GPT-2's V = 50257), and one allocation replaces one per chunk.
+    The matmuls run in the autocast dtype when autocast is on, as
     they would outside this op: writing into a buffer (`out=`) is exempt from autocast, so
     it is explicit. Accumulation (loss, weight gradient) is in fp32 at least: under bf16
     autocast the softmax is worked on in a second, fp32 buffer, made once like the first,
@@ -82,7 +85,9 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 if not same:
                     lj.copy_(e)
             total += row_loss[:len(yc)].sum()
-            if grad_h.dtype == mm:
+            if fresh:  # oneDNN's (n, C) product, copied in: 1.5 MB against the (n, V) read
+                grad_h[i:i + chunk_size] = matmul(logits, wm)          # (n, C)
+            elif grad_h.dtype == mm:
                 torch.mm(logits, wm, out=grad_h[i:i + chunk_size])     # (n, C)
             else:
                 grad_h[i:i + chunk_size] = logits @ wm
@@ -126,7 +131,7 @@ def masked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         total = ChunkedHeadLoss.apply(h, weight, y, chunk_size)
     else:  # evaluation: no gradients to precompute
-        total = sum(F.cross_entropy(F.linear(h[i:i + chunk_size], weight).to(acc),
+        total = sum(F.cross_entropy(matmul_t(h[i:i + chunk_size], weight).to(acc),
                                     y[i:i + chunk_size], reduction="sum")
                     for i in range(0, y.numel(), chunk_size))
     return total / y.numel()

@@ -3,7 +3,9 @@ head (1,020 target rows of a 4 x 256 batch, V = 50257, C = 768), with loss.SOFTM
 each value in turn, interleaved, in fp32 and under bf16 autocast. A value of 512 (HEAD_CHUNK)
 is one pass over each chunk, as before SOFTMAX_ROWS existed; every value gives the same loss
 and gradient, to the bit (checked here too). Prints each value's median time and its ratio
-against 512, with the range over the rounds.
+against 512, with the range over the rounds. Then, in fp32, the head with its two products
+(the logits, the gradient of h) through oneDNN against both through MKL (minift.linear.GEMM),
+interleaved: the same loss and gradient to float32's rounding (checked).
 
     python scripts/bench_head.py --rounds 9 [--rows 32,64,128,512]
 """
@@ -18,14 +20,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import minift.linear as linear  # noqa: E402
 import minift.loss as lm_loss  # noqa: E402
 
 N, C, V = 1020, 768, 50257
 
 
-def step(h0, w, y, dtype: str, rows: int):
-    """One forward + backward with SOFTMAX_ROWS = rows: (loss, d loss / d h)."""
-    lm_loss.SOFTMAX_ROWS = rows
+def step(h0, w, y, dtype: str, rows: int, gemm: str = "onednn"):
+    """One forward + backward with SOFTMAX_ROWS = rows and linear.GEMM = gemm:
+    (loss, d loss / d h)."""
+    lm_loss.SOFTMAX_ROWS, linear.GEMM = rows, gemm
     h = h0.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
         loss = lm_loss.ChunkedHeadLoss.apply(h, w, y, lm_loss.HEAD_CHUNK)
@@ -60,6 +64,30 @@ def main():
             r = [a / b for a, b in zip(times[lm_loss.HEAD_CHUNK], times[k])]
             print(f"| {dtype} | {k} | {statistics.median(times[k]):.0f} | "
                   f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}) |", flush=True)
+    gemms(h0, w, y, args.rounds)
+
+
+def gemms(h0, w, y, rounds: int):
+    """fp32, SOFTMAX_ROWS as shipped: both products through oneDNN against both through MKL."""
+    rows, kinds = lm_loss.SOFTMAX_ROWS, ("mkl", "onednn")
+    ref = step(h0, w, y, "fp32", rows, "mkl")
+    loss, grad = step(h0, w, y, "fp32", rows, "onednn")
+    torch.testing.assert_close(loss, ref[0], rtol=1e-5, atol=0)
+    # float32 sums in another order: within 1e-5 of the largest entry (test_linear.py's bound)
+    torch.testing.assert_close(grad, ref[1], rtol=0, atol=1e-5 * ref[1].abs().max().item())
+    times = {k: [] for k in kinds}
+    for r in range(rounds):
+        for k in kinds if r % 2 == 0 else kinds[::-1]:
+            t0 = time.perf_counter()
+            step(h0, w, y, "fp32", rows, k)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    linear.GEMM = "onednn"
+    ratio = [a / b for a, b in zip(times["mkl"], times["onednn"])]
+    print("\n| fp32 products | ms | MKL's time / this (rounds) |\n|---|---:|---:|")
+    for k in kinds:
+        r = [1.0] * rounds if k == "mkl" else ratio
+        print(f"| {k} | {statistics.median(times[k]):.0f} | "
+              f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}) |", flush=True)
 
 
 if __name__ == "__main__":

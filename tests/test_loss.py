@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minift import linear
 from minift.loss import ChunkedHeadLoss, masked_lm_loss
 
 
@@ -61,12 +62,20 @@ def test_head_softmax_blocks_give_the_same_bits(monkeypatch, bf16):
         assert (got - want).abs().max() <= tol * want.abs().max()
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("dtype,tol,onednn", [(torch.float64, 1e-12, False),
+                                              (torch.float32, 1e-5, False),
+                                              (torch.float32, 1e-5, True)])
 @pytest.mark.parametrize("frozen_head", [False, True])
-def test_masked_chunked_loss_and_gradients_equal_full_logits(dtype, tol, frozen_head):
+def test_masked_chunked_loss_and_gradients_equal_full_logits(dtype, tol, onednn, frozen_head,
+                                                             monkeypatch):
+    """onednn: the float32 CPU path of GPT-2-sized heads, where both products (the logits
+    and d loss / d h) are oneDNN's fresh outputs rather than MKL's into the buffer; these
+    shapes are under linear.MIN_MACS, so it is lowered to 0 to send them there."""
+    monkeypatch.setattr(linear, "MIN_MACS", 0 if onednn else linear.MIN_MACS)
     torch.manual_seed(0)
     h = torch.randn(3, 10, 8, dtype=dtype, requires_grad=True)
     w = torch.randn(50, 8, dtype=dtype, requires_grad=not frozen_head)
+    assert linear.uses_onednn(h, w) == (onednn and linear._HAVE_ONEDNN)
     y = torch.randint(0, 50, (3, 10))
     y[0, :4] = -100          # a masked prompt
     y[2, 7:] = -100          # right padding
