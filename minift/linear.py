@@ -3,11 +3,13 @@
 torch sends a float32 `F.linear` or `x @ w` on the CPU to MKL's sgemm. torch also ships
 oneDNN, and its float32 inner-product kernel (the op `torch.ops.mkldnn._linear_pointwise`,
 which inductor's CPU fusions call) was faster at every shape GPT-2 small takes on the 2-core
-AMD EPYC this project is built on (`python scripts/bench_linear.py`, MKL's time over
-oneDNN's): 1.2-1.5x on its projections in a 4 x 256 training step, forward and input
-gradient, and 2.0-2.8x for the LM head at 1-4 rows, a decoding step. So on the CPU, in
-float32, minift's linear layers, its fused LoRA op, its MLP op and its LM-head loss run
-their products through these two functions, except small ones (under MIN_MACS multiply-adds,
+AMD EPYCs this project is built on (`python scripts/bench_linear.py`, MKL's time over
+oneDNN's). On a Zen 4: 1.2-1.5x on its projections in a 4 x 256 training step, forward and
+input gradient, and 2.0-2.8x for the LM head at 1-4 rows, a decoding step. On a Zen 5 (full-
+width AVX-512, which MKL does not use on AMD): 1.85-2.2x forward and input gradient, 1.5-1.85x
+weight gradient. So on the CPU, in float32, minift's linear layers, its fused LoRA op, its
+MLP op and its LM-head loss run their products through the functions below, except small
+ones (under MIN_MACS multiply-adds,
 where oneDNN's fixed cost per call loses: a decoding row through a small model's layers).
 Everywhere else (CUDA, bf16, autocast, code compiled by inductor, torch.func's transforms,
 a torch built without oneDNN) they are plain `F.linear` and `@`. Set GEMM = "mkl" to use
@@ -90,10 +92,19 @@ def matmul(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _onednn_t(g, weight.t()) if uses_onednn(g, weight) else g @ weight
 
 
+def matmul_tn(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """g^T x, (out, in), for g (..., out) and x (..., in): the weight gradient of x W^T. No
+    autograd. Passed to oneDNN as g^T times (x^T)^T, two views: on a Zen 5, 0.54-0.65x
+    MKL's time at GPT-2 small's four projections, 1,024 rows (`python
+    scripts/bench_linear.py`, medians of 7 rounds)."""
+    g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])    # (N, out), (N, in)
+    return _onednn_t(g2.t(), x2.t()) if uses_onednn(g2.t(), x2.t()) else g2.t() @ x2
+
+
 class _Linear(torch.autograd.Function):
-    """y = x W^T + b with both products of the forward and the input gradient through
-    oneDNN (linear() applies it only where uses_onednn says so; the backward's g is the
-    forward's float32 CPU output). Saved: x only if W trains, W only if x needs a gradient."""
+    """y = x W^T + b with the products of the forward and both gradients through oneDNN
+    (linear() applies it only where uses_onednn says so; the backward's g is the forward's
+    float32 CPU output). Saved: x only if W trains, W only if x needs a gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -107,7 +118,7 @@ class _Linear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad                  # need_b: a bias trains
         g2 = g.reshape(-1, g.shape[-1])
         dx = matmul(g, weight) if need_x else None                     # (..., in)
-        dw = g2.t() @ x.reshape(-1, x.shape[-1]) if need_w else None   # (out, in)
+        dw = matmul_tn(g2, x) if need_w else None                      # (out, in)
         db = g2.sum(0) if need_b else None                             # (out,)
         return dx, dw, db
 

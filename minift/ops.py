@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .linear import matmul, matmul_t
+from .linear import matmul, matmul_t, matmul_tn
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
@@ -326,7 +326,7 @@ class ActLinear(torch.autograd.Function):
         dh = dw = db = None
         if need_w:
             a = ACTIVATIONS[ctx.activation](h)                           # recomputed (..., 4C)
-            dw = g2.t() @ a.reshape(-1, a.shape[-1]).to(g.dtype)         # (C, 4C)
+            dw = matmul_tn(g2, a.to(g.dtype))                            # (C, 4C)
         if need_b:
             db = g2.sum(0)                                               # (C,)
         if need_h:

@@ -5,8 +5,9 @@ torch's own (`F.linear`, `@`: MKL's sgemm) and oneDNN's inner product (the op mi
 `linear.matmul_t` and `linear.matmul` call). Prints, per product, the median of the rounds'
 time ratios (MKL's time / oneDNN's: above 1, oneDNN is faster) with their range, each side's
 median GFLOP/s, and which of the two minift uses there (linear.uses_onednn: small products
-stay with MKL). The shapes are those of a 4 x 256 LoRA training step (forward x W^T and input
-gradient g W of every projection, the LM head's 512-row chunk) and of decoding and short
+stay with MKL). The shapes are those of a 4 x 256 training step (forward x W^T, input
+gradient g W and weight gradient g^T x of every projection, the LM head's 512-row chunk's
+first two) and of decoding and short
 batches (1, 4, 16 and 64 rows through c_attn, 1 and 4 through the LM head), for GPT-2 small
 or (--shape tiny) the embedded minift-tiny (C = 256, V = 4096).
 
@@ -85,11 +86,15 @@ def products(rounds: int, C: int, V: int) -> None:
         cases = [("x W^T", x, lambda: F.linear(x, w), lambda: linear._onednn_t(x, w))]
         if training:
             cases.append(("g W", g, lambda: g @ w, lambda: linear._onednn_t(g, w.t())))
+        if training and name != "lm_head chunk":  # the head's accumulates through addmm
+            cases.append(("g^T x", g.t(), lambda: g.t() @ x,
+                          lambda: linear._onednn_t(g.t(), x.t())))
         flops = 2 * n * out * inp
         reps = 1 if flops > 2e10 else min(1000, max(1, int(2e9 / flops)))
         for what, a, mkl, dnn in cases:
             ratios, t_mkl, t_dnn = compare(mkl, dnn, rounds, reps)
-            uses = "oneDNN" if linear.uses_onednn(a, w) else "MKL"
+            other = x.t() if what == "g^T x" else w     # g^T x is g^T times (x^T)^T
+            uses = "oneDNN" if linear.uses_onednn(a, other) else "MKL"
             print(f"{name + ', ' + what:34s} {statistics.median(ratios):15.2f}x "
                   f"{min(ratios):5.2f}-{max(ratios):4.2f}x {flops / t_mkl / 1e9:12.0f} "
                   f"{flops / t_dnn / 1e9:7.0f} {uses:>12s}", flush=True)

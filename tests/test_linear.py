@@ -56,14 +56,17 @@ def test_products_are_float32_products_of_the_same_accuracy_as_torch(rows, out, 
     torch.manual_seed(0)
     x, w, b = torch.randn(rows, inp), torch.randn(out, inp), torch.randn(out)
     g = torch.randn(rows, out)
-    assert linear.uses_onednn(x, w)
+    assert linear.uses_onednn(x, w) and linear.uses_onednn(g.t(), x.t())
     fwd64 = x.double() @ w.double().t() + b.double()
     bwd64 = g.double() @ w.double()
-    y, dx = linear.matmul_t(x, w, b), linear.matmul(g, w)
-    assert y.dtype == dx.dtype == torch.float32 and y.shape == (rows, out) and dx.shape == (rows, inp)
+    dw64 = g.double().t() @ x.double()
+    y, dx, dw = linear.matmul_t(x, w, b), linear.matmul(g, w), linear.matmul_tn(g, x)
+    assert y.dtype == dx.dtype == dw.dtype == torch.float32
+    assert y.shape == (rows, out) and dx.shape == (rows, inp) and dw.shape == (out, inp)
     # within float32's rounding of the exact product, as torch's own (MKL's) is: measured,
     # both 1.5e-7 to 1.1e-6 of the largest entry, oneDNN's up to 3.4x MKL's
-    for ours, theirs, exact in ((y, F.linear(x, w, b), fwd64), (dx, g @ w, bwd64)):
+    for ours, theirs, exact in ((y, F.linear(x, w, b), fwd64), (dx, g @ w, bwd64),
+                                (dw, g.t() @ x, dw64)):
         assert rel_err(ours, exact) <= min(2e-6, 5 * rel_err(theirs, exact) + 2e-7)
 
 
@@ -77,6 +80,9 @@ def test_three_dimensional_and_strided_inputs_keep_their_shape():
     g3 = torch.randn(2, 5, 40)
     assert linear.matmul(g3, w).shape == (2, 5, 24)
     torch.testing.assert_close(linear.matmul(g3, w), g3 @ w, rtol=1e-5, atol=1e-5)
+    # the weight gradient sums over every leading dimension: (40, 24)
+    dw = g3.reshape(10, 40).t() @ x3.reshape(10, 24)
+    torch.testing.assert_close(linear.matmul_tn(g3, x3), dw, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("need", ["x", "w", "b", "xwb"])

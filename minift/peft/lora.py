@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..linear import matmul, matmul_t
+from ..linear import matmul, matmul_t, matmul_tn
 from ..ops import keep_mask
 from .config import PeftError, check_task_type
 
@@ -160,7 +160,7 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_B:
             dB = ((u.reshape(-1, u.shape[-1]).to(dt).t() @ ga).t() * s).to(lora_B.dtype)
         if need_w:  # only when the base weight was unfrozen on purpose
-            dw = (g.t() @ x2.to(g.dtype)).to(weight.dtype)                # (out, in)
+            dw = matmul_tn(g, x2.to(g.dtype)).to(weight.dtype)            # (out, in)
         if need_b:
             db = g.sum(0).to(weight.dtype)                                # (out,)
         return dx, dw, db, dA, dB, None, None, None
