@@ -33,8 +33,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
     their softmax. Same three matmuls as the plain forward + backward, so no extra compute.
 
     In float32 on the CPU both products of a chunk (the logits, d loss / d h) are oneDNN's
-    (linear.py), each a fresh tensor: `scripts/bench_head.py`'s fp32 head took 0.60x MKL's
-    time at GPT-2 small's (rounds 0.54-0.62x; 1,020 targets). Elsewhere every chunk's logits
+    (linear.py), each a fresh tensor: `scripts/bench_head.py`'s fp32 head at GPT-2 small's
+    1,020 targets took 0.60-0.63x MKL's time in two runs on a Zen 5. Elsewhere every chunk's logits
     go into one buffer whose rows are padded to a multiple of 64 elements: BLAS writes
     aligned rows faster (for GPT-2's V = 50257), and one allocation replaces one per chunk.
     The matmuls run in the autocast dtype when autocast is on, as
