@@ -34,12 +34,12 @@ class ChunkedHeadLoss(torch.autograd.Function):
 
     In float32 on the CPU both products of a chunk (the logits, d loss / d h) are oneDNN's
     (linear.py), each a fresh tensor: `scripts/bench_head.py`'s fp32 head at GPT-2 small's
-    1,020 targets took 0.60-0.63x MKL's time in two runs on a Zen 5. Elsewhere every chunk's logits
-    go into one buffer whose rows are padded to a multiple of 64 elements: BLAS writes
-    aligned rows faster (for GPT-2's V = 50257), and one allocation replaces one per chunk.
-    The matmuls run in the autocast dtype when autocast is on, as
-    they would outside this op: writing into a buffer (`out=`) is exempt from autocast, so
-    it is explicit. Accumulation (loss, weight gradient) is in fp32 at least: under bf16
+    1,020 targets took 0.60-0.63x MKL's time in three runs on a Zen 5. Elsewhere every chunk's
+    logits go into one buffer whose rows are padded to a multiple of 64 elements: BLAS
+    writes aligned rows faster (for GPT-2's V = 50257), and one allocation replaces one per
+    chunk. The matmuls run in the autocast dtype when autocast is on, as they would outside
+    this op: writing into a buffer (`out=`) is exempt from autocast, so it is explicit.
+    Accumulation (loss, weight gradient) is in fp32 at least: under bf16
     autocast the softmax is worked on in a second, fp32 buffer, made once like the first,
     and its gradient copied back into the first for the matmuls: no fresh (chunk, V) tensor
     for either conversion. (Mixed-dtype `out=` ops would fuse the conversions away, but
