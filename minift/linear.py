@@ -9,8 +9,8 @@ input gradient, and 2.0-2.8x for the LM head at 1-4 rows, a decoding step. On a 
 width AVX-512, which MKL does not use on AMD): 1.85-2.2x forward and input gradient, 1.5-1.85x
 weight gradient. So on the CPU, in float32, minift's linear layers, its fused LoRA op, its
 MLP op and its LM-head loss run their products through the functions below, except small
-ones (under MIN_MACS multiply-adds,
-where oneDNN's fixed cost per call loses: a decoding row through a small model's layers).
+ones (under MIN_MACS multiply-adds, where oneDNN's fixed cost per call loses: a decoding row
+through a small model's layers).
 Everywhere else (CUDA, bf16, autocast, code compiled by inductor, torch.func's transforms,
 a torch built without oneDNN) they are plain `F.linear` and `@`. Set GEMM = "mkl" to use
 torch's own products everywhere.
@@ -58,7 +58,7 @@ if _HAVE_ONEDNN:
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x's product with weight (either way round: x W^T or g W) goes to oneDNN:
+    """Whether x's product with weight (x W^T, g W, or g^T x as g^T (x^T)^T) goes to oneDNN:
     float32 on the CPU, eager, no autocast (which casts F.linear's operands itself), no
     torch.func transform (the op has no batching rule), and at least MIN_MACS multiply-adds
     (rows x out x in: x.numel() / x.shape[-1] rows, weight.numel() = out x in)."""
@@ -97,8 +97,9 @@ def matmul_tn(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     autograd. Passed to oneDNN as g^T times (x^T)^T, two views: on a Zen 5, 0.54-0.65x
     MKL's time at GPT-2 small's four projections, 1,024 rows (`python
     scripts/bench_linear.py`, medians of 7 rounds)."""
-    g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])    # (N, out), (N, in)
-    return _onednn_t(g2.t(), x2.t()) if uses_onednn(g2.t(), x2.t()) else g2.t() @ x2
+    gt = g.reshape(-1, g.shape[-1]).t()                                # (out, N)
+    xt = x.reshape(-1, x.shape[-1]).t()                                # (in, N)
+    return _onednn_t(gt, xt) if uses_onednn(gt, xt) else gt @ xt.t()
 
 
 class _Linear(torch.autograd.Function):

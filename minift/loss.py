@@ -85,12 +85,10 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 if not same:
                     lj.copy_(e)
             total += row_loss[:len(yc)].sum()
-            if fresh:  # oneDNN's (n, C) product, copied in: 1.5 MB against the (n, V) read
-                grad_h[i:i + chunk_size] = matmul(logits, wm)          # (n, C)
-            elif grad_h.dtype == mm:
+            if grad_h.dtype == mm and not fresh:
                 torch.mm(logits, wm, out=grad_h[i:i + chunk_size])     # (n, C)
-            else:
-                grad_h[i:i + chunk_size] = logits @ wm
+            else:  # oneDNN's fresh product, or one in autocast's dtype: copied in
+                grad_h[i:i + chunk_size] = matmul(logits, wm)          # (n, C)
             if need_w and logits.dtype == acc:
                 torch.addmm(grad_w, logits.t(), hc, out=grad_w)        # (V, C) +=, no temporary
             elif need_w:

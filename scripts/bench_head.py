@@ -55,40 +55,44 @@ def main():
         for k in values:
             loss, grad = step(h0, w, y, dtype, k)
             assert torch.equal(loss, ref[0]) and torch.equal(grad, ref[1]), (dtype, k)
-        times = {k: [] for k in values}
-        for _ in range(args.rounds):
-            for k in values:
-                t0 = time.perf_counter()
-                step(h0, w, y, dtype, k)
-                times[k].append((time.perf_counter() - t0) * 1e3)
-        for k in values:
-            r = [a / b for a, b in zip(times[lm_loss.HEAD_CHUNK], times[k])]
-            print(f"| {dtype} | {k} | {statistics.median(times[k]):.0f} | "
-                  f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}) |", flush=True)
+        times = rounds_of(lambda k: step(h0, w, y, dtype, k), values, args.rounds)
+        print_rows(dtype, times, lm_loss.HEAD_CHUNK)
     gemms(h0, w, y, args.rounds)
+
+
+def rounds_of(run, keys: list, rounds: int, alternate: bool = False) -> dict:
+    """ms of run(k) for each k, each round taking every k in turn (the order reversed every
+    other round when alternate): {k: [ms per round]}."""
+    times = {k: [] for k in keys}
+    for r in range(rounds):
+        for k in keys[::-1] if alternate and r % 2 else keys:
+            t0 = time.perf_counter()
+            run(k)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def print_rows(label: str, times: dict, base) -> None:
+    """One table row per key: its median ms and its rounds' ratios base's time / its time."""
+    for k, t in times.items():
+        r = [a / b for a, b in zip(times[base], t)]
+        print(f"| {label} | {k} | {statistics.median(t):.0f} | "
+              f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}) |", flush=True)
 
 
 def gemms(h0, w, y, rounds: int):
     """fp32, SOFTMAX_ROWS as shipped: both products through oneDNN against both through MKL."""
-    rows, kinds = SHIPPED_ROWS, ("mkl", "onednn")
-    ref = step(h0, w, y, "fp32", rows, "mkl")
-    loss, grad = step(h0, w, y, "fp32", rows, "onednn")
+    found = linear.GEMM
+    ref = step(h0, w, y, "fp32", SHIPPED_ROWS, "mkl")
+    loss, grad = step(h0, w, y, "fp32", SHIPPED_ROWS, "onednn")
     torch.testing.assert_close(loss, ref[0], rtol=1e-5, atol=0)
     # float32 sums in another order: within 1e-5 of the largest entry (test_linear.py's bound)
     torch.testing.assert_close(grad, ref[1], rtol=0, atol=1e-5 * ref[1].abs().max().item())
-    times = {k: [] for k in kinds}
-    for r in range(rounds):
-        for k in kinds if r % 2 == 0 else kinds[::-1]:
-            t0 = time.perf_counter()
-            step(h0, w, y, "fp32", rows, k)
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    linear.GEMM = "onednn"
-    ratio = [a / b for a, b in zip(times["mkl"], times["onednn"])]
-    print("\n| fp32 products | ms | MKL's time / this (rounds) |\n|---|---:|---:|")
-    for k in kinds:
-        r = [1.0] * rounds if k == "mkl" else ratio
-        print(f"| {k} | {statistics.median(times[k]):.0f} | "
-              f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}) |", flush=True)
+    times = rounds_of(lambda k: step(h0, w, y, "fp32", SHIPPED_ROWS, k), ["mkl", "onednn"],
+                      rounds, alternate=True)
+    linear.GEMM = found
+    print("\n| dtype | products | ms | MKL's time / this (rounds) |\n|---|---|---:|---:|")
+    print_rows("fp32", times, "mkl")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ time ratios (MKL's time / oneDNN's: above 1, oneDNN is faster) with their range,
 median GFLOP/s, and which of the two minift uses there (linear.uses_onednn: small products
 stay with MKL). The shapes are those of a 4 x 256 training step (forward x W^T, input
 gradient g W and weight gradient g^T x of every projection, the LM head's 512-row chunk's
-first two) and of decoding and short
-batches (1, 4, 16 and 64 rows through c_attn, 1 and 4 through the LM head), for GPT-2 small
-or (--shape tiny) the embedded minift-tiny (C = 256, V = 4096).
+first two) and of decoding and short batches (1, 4, 16 and 64 rows through c_attn, 1 and 4
+through the LM head), for GPT-2 small or (--shape tiny) the embedded minift-tiny (C = 256,
+V = 4096).
 
 --quick runs bench.py's tiny shapes (C = 64, V = 1000, one round, at most one pair of
 2 x 32 steps): a smoke test, not a measurement.
@@ -83,18 +83,17 @@ def products(rounds: int, C: int, V: int) -> None:
     for name, n, out, inp, training in shapes(C, V):
         w = torch.randn(out, inp) * 0.02
         x, g = torch.randn(n, inp), torch.randn(n, out)
-        cases = [("x W^T", x, lambda: F.linear(x, w), lambda: linear._onednn_t(x, w))]
+        # (what, MKL's product, oneDNN's operands a, b for a b^T, as linear.py passes them)
+        cases = [("x W^T", lambda: F.linear(x, w), x, w)]
         if training:
-            cases.append(("g W", g, lambda: g @ w, lambda: linear._onednn_t(g, w.t())))
+            cases.append(("g W", lambda: g @ w, g, w.t()))
         if training and name != "lm_head chunk":  # the head's accumulates through addmm
-            cases.append(("g^T x", g.t(), lambda: g.t() @ x,
-                          lambda: linear._onednn_t(g.t(), x.t())))
+            cases.append(("g^T x", lambda: g.t() @ x, g.t(), x.t()))
         flops = 2 * n * out * inp
         reps = 1 if flops > 2e10 else min(1000, max(1, int(2e9 / flops)))
-        for what, a, mkl, dnn in cases:
-            ratios, t_mkl, t_dnn = compare(mkl, dnn, rounds, reps)
-            other = x.t() if what == "g^T x" else w     # g^T x is g^T times (x^T)^T
-            uses = "oneDNN" if linear.uses_onednn(a, other) else "MKL"
+        for what, mkl, a, b in cases:
+            ratios, t_mkl, t_dnn = compare(mkl, lambda: linear._onednn_t(a, b), rounds, reps)
+            uses = "oneDNN" if linear.uses_onednn(a, b) else "MKL"
             print(f"{name + ', ' + what:34s} {statistics.median(ratios):15.2f}x "
                   f"{min(ratios):5.2f}-{max(ratios):4.2f}x {flops / t_mkl / 1e9:12.0f} "
                   f"{flops / t_dnn / 1e9:7.0f} {uses:>12s}", flush=True)
