@@ -63,11 +63,19 @@ def test_load_set_and_disable_adapters_match_peft(saved):
     base = hf_model(folder)(input_ids=ids, attention_mask=mask).logits
     with ours.disable_adapter():
         assert_close(ours(ids, attention_mask=mask).logits, base)
-    assert not any(p.requires_grad for p in ours.parameters())   # loaded for inference
-    ours.load_adapter(out / "a", adapter_name="a2", is_trainable=True)
+    # as PEFT's set_adapter: the adapter switched to trains (though loaded for inference),
+    # every other parameter is frozen; inference_mode=True freezes it too
+    trainable = lambda m: {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable(ours) == set(ours.adapter_parameters("c")) and len(trainable(ours)) == 2 * 2
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    ours.set_adapter("a", inference_mode=True)
+    theirs.set_adapter("a", inference_mode=True)
+    assert not trainable(ours) and not trainable(theirs)
+    ours.load_adapter(out / "a", adapter_name="a2", is_trainable=True)  # trains, as in PEFT
+    assert trainable(ours) == set(ours.adapter_parameters("a2"))
+    ours.set_adapter("b", inference_mode=True)
     ours.set_adapter("a2")                                        # only the active one trains
-    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
-    assert trainable == set(ours.adapter_parameters("a2")) and len(trainable) == 2 * 2
+    assert trainable(ours) == set(ours.adapter_parameters("a2")) and len(trainable(ours)) == 2 * 2
 
 
 def test_saved_adapters_use_peft_subfolders_and_load_in_peft(saved, tmp_path):

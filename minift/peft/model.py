@@ -206,12 +206,14 @@ class PeftModel(nn.Module):
         return self.base_model if self.is_prompt_learning else self.base_model.unload()
 
     # ------------------------------------------------------------------ several adapters
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make `adapter_name` the active adapter; it trains unless its config says
-        inference_mode (an adapter loaded with is_trainable=False), the others are frozen."""
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make `adapter_name` the active adapter. As PEFT's set_adapter: it trains unless
+        `inference_mode` (even an adapter loaded with is_trainable=False: switching to it is
+        asking for it), and every other parameter is frozen."""
         self._lora("switched between adapters").set_adapter(adapter_name)
         self._active = adapter_name
-        self.set_adapter_trainable(not self.peft_config.inference_mode)
+        self.peft_config.inference_mode = inference_mode
+        self.set_adapter_trainable(not inference_mode)
 
     @contextlib.contextmanager
     def disable_adapter(self):
