@@ -15,7 +15,7 @@ from pathlib import Path
 from .report import _share, fmt, markdown_table
 from .stats import bootstrap_ci, paired_bootstrap, significant_pairs
 
-METRIC_LABELS = {"exact_match": "exact match", "choice_accuracy": "choice acc",
+METRIC_LABELS = {"exact_match": "exact match", "accuracy": "choice acc",
                  "rouge_l": "ROUGE-L", "f1": "token F1", "reward_accuracy": "reward acc"}
 
 

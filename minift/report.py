@@ -188,7 +188,7 @@ METRIC_NAMES = {  # key in an evaluation dict -> how a report names it
     "exact_match": "exact match",
     "f1": "token F1",
     "rouge_l": "ROUGE-L",
-    "choice_accuracy": "choice accuracy",
+    "accuracy": "choice accuracy",
     "reward_accuracy": "reward accuracy (DPO)",
     "reward_margin": "reward margin (DPO)",
     "reference_ppl": "reference perplexity",

@@ -6,7 +6,7 @@ read (see that script for the formats):
 
     params     structured output   exact_match   the default: a format the base model lacks
     call       structured output   exact_match   another format over the same signatures
-    choice     multiple choice     choice_accuracy   which of 4 summaries fits the signature
+    choice     multiple choice     accuracy      which of 4 summaries fits the signature
     docstring  generation          rouge_l, f1   the first sentence of the docstring
     preference DPO pairs           reward_accuracy   the true summary over another one
 
@@ -49,7 +49,7 @@ TASKS = {t.name: t for t in (
          "list a signature's parameters as 'name: required; name: default X'"),
     Task("call", "generate", ("exact_match", "f1"), 40,
          "write a call with the required arguments: 'shutil.copyfile(src, dst)'"),
-    Task("choice", "choice", ("choice_accuracy",), 40,
+    Task("choice", "choice", ("accuracy",), 40,
          "which of 4 docstring summaries belongs to the signature"),
     Task("docstring", "generate", ("rouge_l", "f1", "exact_match"), 40,
          "write the first sentence of the docstring"),

@@ -9,7 +9,7 @@ Four tasks, each with train / validation / test splits, written to minift/assets
 - call (structured output, exact match): write a call with the required arguments.
       def shutil.copyfile(src, dst, *, follow_symlinks=True):
       # call:  ->  shutil.copyfile(src, dst)
-- choice (multiple choice, choice_accuracy): which of 4 docstring summaries belongs to the
+- choice (multiple choice, accuracy): which of 4 docstring summaries belongs to the
   signature; scored by the log-likelihood of each choice after the prompt.
 - docstring (generative, ROUGE-L and token F1): write the first sentence of the docstring.
 - preference (DPO pairs, reward accuracy): the docstring prompts with chosen = the true

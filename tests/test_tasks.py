@@ -40,8 +40,8 @@ def test_task_choice_scores_the_likeliest_choice(tmp_path):
         assert all(h[b] - s > 1e-4 for i, s in enumerate(h) if i != b)
     correct = [float(b == r["label"]) for b, r in zip(best, test)]
     assert answers == [r["choices"][b] for b, r in zip(best, test)]
-    assert items == {"choice_accuracy": correct}
-    assert metrics["choice_accuracy"] == sum(correct) / 5 and metrics["n"] == 5
+    assert items == {"accuracy": correct}
+    assert metrics["accuracy"] == sum(correct) / 5 and metrics["n"] == 5
     assert "exact_match" not in metrics   # not scored as a generation task
 
 

@@ -192,7 +192,7 @@ def _write_report(out: Path, summary: dict) -> None:
 
 def _user_metric(data) -> str:
     """The metric compare ranks --data by: choice accuracy for choice records, else ROUGE-L."""
-    return "choice_accuracy" if data.kind == "choice" else "rouge_l"
+    return "accuracy" if data.kind == "choice" else "rouge_l"
 
 
 def _child_flags(args, steps: int, eval_every: int, n_eval: int | None, paths: dict,

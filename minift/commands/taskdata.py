@@ -156,7 +156,7 @@ def evaluate_model(model, tok, data: TaskData, batch_size: int):
     """({val_loss, val_ppl, task metric means, n, reference_ppl}, answers, per-item scores).
 
     A generation task scores greedy answers (exact_match, f1, rouge_l); a choice task the
-    choice of highest log-likelihood (choice_accuracy), its answers being the chosen texts.
+    choice of highest log-likelihood (accuracy, from choice_accuracy), its answers being the chosen texts.
     The per-item scores {metric: [score of test item i]} feed compare's intervals."""
     val_loss = evaluate_loss(model, data.val, batch_size)
     metrics = {"val_loss": val_loss, "val_ppl": math.exp(val_loss)}
@@ -166,7 +166,7 @@ def evaluate_model(model, tok, data: TaskData, batch_size: int):
                                             "label": r["label"]} for r in data.records],
                               batch_size=batch_size)
         preds = [r["choices"][p] for r, p in zip(data.records, got["predictions"])]
-        items = {"choice_accuracy": got["correct"]}
+        items = {"accuracy": got["correct"]}
     elif data.records:
         preds = generate_completions(model, tok, [r["prompt"] for r in data.records],
                                      data.max_new_tokens, batch_size,
