@@ -10,7 +10,9 @@ memory-mapped token file, which indexes the same way).
 - `.jsonl`, `.csv`, `.tsv`, `.parquet`, `.arrow`, a saved `datasets` folder: records of
   one kind per file (minift.formats): {"text"} (loss on every token), {"prompt",
   "completion"} and {"instruction", "input"?, "output"} (loss on the completion and its
-  eos only), {"messages"} (loss on the assistant turns and their end tokens, minift.chat).
+  eos only), {"messages"} (loss on the assistant turns and their end tokens, minift.chat),
+  {"prompt", "chosen", "rejected"} (DPO pairs, minift.preference: examples with chosen_ and
+  rejected_ input_ids and labels, for TrainConfig(objective="dpo")).
 
 Every mistake in a data file raises `DataError` naming the file and line, so the CLI
 can print one line instead of a traceback.
@@ -30,6 +32,7 @@ import torch
 
 from . import chat
 from .formats import IGNORE_INDEX, DataError, read_records, read_utf8
+from .preference import encode_preferences
 from .tokenfile import MEMMAP_BYTES, TokenBlocks, token_file
 
 # ----------------------------------------------------------------------------- loading
@@ -98,6 +101,9 @@ def load_records(path: str | os.PathLike, tokenizer, max_length: int | None = No
     if kind == "chat":
         return chat.chat_examples(tokenizer, [m for _, m in records], [w for w, _ in records],
                                   max_length)
+    if kind == "preference":
+        return encode_preferences([{"prompt": p, "chosen": c, "rejected": r, "where": w}
+                                   for w, (p, c, r) in records], tokenizer, max_length)
     eos = _eos_id(tokenizer)
     pairs = [("", p) if kind == "text" else p for _, p in records]  # (prompt, target)
     prompts = _encode_all(tokenizer, [p for p, _ in pairs])
@@ -118,14 +124,15 @@ def eval_records(path: str | os.PathLike, tokenizer,
     """(the file's kind, the {"prompt", "completion"} pair of every record) for task
     metrics, one per example in file order: prompt/completion and instruction records as
     trained, chat records as their last assistant turn after the conversation before it
-    (minift.chat.eval_record; generate up to chat.end_of_turn_id). Text has no pairs."""
+    (minift.chat.eval_record; generate up to chat.end_of_turn_id). Text and preference
+    records have no pairs."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
         return "text", []
     kind, records = read_records(path, fields)
     if kind == "chat":
         return kind, [chat.eval_record(tokenizer, m) for _, m in records]
-    if kind == "text":
+    if kind in ("text", "preference"):
         return kind, []
     return kind, [{"prompt": p, "completion": c} for _, (p, c) in records]
 

@@ -13,6 +13,7 @@ error naming its line, not a guess). Extra fields are ignored.
   instruction  {"instruction", "input"?, "output"}      a prompt/completion pair, prompt
                                                         from INSTRUCTION_TEMPLATE
   chat         {"messages": [{"role", "content"}, ...]}  loss on assistant turns (minift.chat)
+  preference   {"prompt", "chosen", "rejected"}         a DPO pair (minift.preference)
 
 CSV/TSV use the standard library (a header row names the columns; a chat file's
 "messages" cell holds the JSON list). Parquet and Arrow need pyarrow (the `tables`
@@ -30,10 +31,17 @@ from typing import Iterator
 IGNORE_INDEX = -100  # labels with this value add no loss (F.cross_entropy's default)
 
 KINDS = {"text": ("text",), "completion": ("prompt", "completion"),
-         "instruction": ("instruction", "output"), "chat": ("messages",)}
+         "instruction": ("instruction", "output"), "chat": ("messages",),
+         "preference": ("prompt", "chosen", "rejected")}
 OPTIONAL = {"instruction": ("input",)}
-FIELDS = ("text", "prompt", "completion", "instruction", "input", "output", "messages")
-EXPECTED = 'expected {"text"}, {"prompt", "completion"}, {"instruction", "output"} or {"messages"}'
+# the fields that say a record's kind: "prompt" is in two kinds, so it says none (a record
+# with a prompt and no other of these is a completion record missing its completion)
+MARKS = {"text": ("text",), "completion": ("completion",), "instruction": ("instruction", "output"),
+         "chat": ("messages",), "preference": ("chosen", "rejected")}
+FIELDS = ("text", "prompt", "completion", "instruction", "input", "output", "messages",
+          "chosen", "rejected")
+EXPECTED = ('expected {"text"}, {"prompt", "completion"}, {"instruction", "output"}, '
+            '{"messages"} or {"prompt", "chosen", "rejected"}')
 
 # An instruction record's prompt; "### Input" only when "input" is non-empty. The output
 # follows the prompt and is trained on, with eos after it.
@@ -289,9 +297,11 @@ def _messages(value, where: str, name: str) -> list[dict]:
 def _kind(rec, where: str, fields: dict) -> str:
     if not isinstance(rec, dict):
         raise DataError(f"{where}: {EXPECTED}, got a JSON {type(rec).__name__}")
-    kinds = [k for k, req in KINDS.items() if any(f in rec for f in req)]
+    kinds = [k for k, marks in MARKS.items() if any(f in rec for f in marks)]
+    if "prompt" in rec and not {"completion", "preference"} & set(kinds):
+        kinds.append("completion")
     if len(kinds) > 1:
-        a, b = ([f for f in KINDS[k] if f in rec][0] for k in kinds[:2])
+        a, b = (next(f for f in MARKS[k] + KINDS[k] if f in rec) for k in kinds[:2])
         raise DataError(f"{where}: has both {_name(a, fields)} and {_name(b, fields)} "
                         f"(fields of {kinds[0]!r} and {kinds[1]!r} records); keep one kind per file")
     if not kinds:
@@ -308,7 +318,8 @@ def _name(field: str, fields: dict) -> str:
 
 def parse(rec, where: str, kind: str | None, fields: dict):
     """Check one record -> (kind, payload): text -> str, completion and instruction ->
-    (prompt, completion), chat -> messages. `kind`: the file's kind (None: decide it)."""
+    (prompt, completion), chat -> messages, preference -> (prompt, chosen, rejected).
+    `kind`: the file's kind (None: decide it)."""
     columns = ", ".join(map(json.dumps, list(rec)[:8])) if isinstance(rec, dict) else ""
     if isinstance(rec, dict):
         rec = _rename(rec, fields)
@@ -318,10 +329,8 @@ def parse(rec, where: str, kind: str | None, fields: dict):
                         f"(decided by its first record); a file holds one kind")
     for f in KINDS[this]:
         if f not in rec:
-            hint = ("; preference pairs {\"prompt\", \"chosen\", \"rejected\"} train with "
-                    "--objective dpo (minift.preference)" if "chosen" in rec else "")
             raise DataError(f"{where}: missing {_name(f, fields)}, which a record of kind "
-                            f"{this!r} needs (fields found: {columns or 'none'}){hint}")
+                            f"{this!r} needs (fields found: {columns or 'none'})")
     if this == "chat":
         return this, _messages(rec["messages"], where, _name("messages", fields))
     values = {f: _string(rec[f], where, _name(f, fields))
@@ -333,6 +342,8 @@ def parse(rec, where: str, kind: str | None, fields: dict):
     if this == "instruction":
         prompt = instruction_prompt(values["instruction"], values.get("input", ""))
         return this, (prompt, values["output"])
+    if this == "preference":
+        return this, (values["prompt"], values["chosen"], values["rejected"])
     return this, (values["prompt"], values["completion"])
 
 

@@ -169,7 +169,7 @@ RUN_OPTIONS = [
         "split, or the validation data", True, metavar="FILE"),
     Opt("fields", "str", None, "the data's column names for minift's fields, e.g. "
         "prompt=question,completion=answer (fields: text, prompt, completion, instruction, "
-        "input, output, messages); none = the names as they are", True, metavar="FIELD=COL,..."),
+        "input, output, messages, chosen, rejected); none = the names as they are", True, metavar="FIELD=COL,..."),
     Opt("val_fraction", "float", 0.1, "share of --data held out for validation when there is no "
         "--val-data (seeded by --seed)"),
     Opt("forgetting", "bool", True, "perplexity on --reference before and after training "

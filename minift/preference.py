@@ -27,33 +27,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .formats import IGNORE_INDEX, DataError, rows
+from .formats import IGNORE_INDEX, DataError, read_records
 
 FIELDS = ("prompt", "chosen", "rejected")
 
 
 # ----------------------------------------------------------------------------- data
-def read_preferences(path) -> list[dict]:
-    """Every {"prompt", "chosen", "rejected"} record of a data file (JSONL, CSV, Parquet, ...).
-    A record missing a field, or holding a non-string, is one DataError naming file and line."""
-    path = Path(path)
-    out = []
-    for where, rec in rows(path):
-        if not isinstance(rec, dict):
-            raise DataError(f"{where}: expected a {{\"prompt\", \"chosen\", \"rejected\"}} object, "
-                            f"got {type(rec).__name__}")
-        for f in FIELDS:
-            if f not in rec:
-                found = ", ".join(f'"{k}"' for k in list(rec)[:8]) or "none"
-                raise DataError(f"{where}: missing \"{f}\", which a preference record needs "
-                                f"(fields found: {found})")
-            if not isinstance(rec[f], str):
-                raise DataError(f"{where}: field \"{f}\" must be a string, got "
-                                f"{type(rec[f]).__name__}")
-        out.append({f: rec[f] for f in FIELDS} | {"where": where})
-    if not out:
-        raise DataError(f"{path}: no preference records")
-    return out
+def read_preferences(path, fields: dict | None = None) -> list[dict]:
+    """Every {"prompt", "chosen", "rejected"} record of a data file (JSONL, CSV, Parquet, ...;
+    `fields` maps these names to the file's columns, as for load_dataset). A record missing a
+    field, or holding a non-string, is one DataError naming file and line."""
+    kind, records = read_records(Path(path), fields)
+    if kind != "preference":
+        raise DataError(f"{records[0][0]}: a {kind!r} record; preference tuning needs "
+                        '{"prompt", "chosen", "rejected"} records')
+    return [{"prompt": p, "chosen": c, "rejected": r, "where": where}
+            for where, (p, c, r) in records]
 
 
 def encode_preferences(records: list[dict], tokenizer, max_length: int | None = None) -> list[dict]:
@@ -78,9 +67,10 @@ def encode_preferences(records: list[dict], tokenizer, max_length: int | None = 
     return examples
 
 
-def load_preferences(path, tokenizer, max_length: int | None = None) -> list[dict]:
-    """read_preferences + encode_preferences."""
-    return encode_preferences(read_preferences(path), tokenizer, max_length)
+def load_preferences(path, tokenizer, max_length: int | None = None,
+                     fields: dict | None = None) -> list[dict]:
+    """read_preferences + encode_preferences (load_dataset does the same for such a file)."""
+    return encode_preferences(read_preferences(path, fields), tokenizer, max_length)
 
 
 def preference_pairs(records: list[dict], seed: int = 0) -> list[dict]:

@@ -89,8 +89,9 @@ def test_crlf_and_bom(tok, tmp_path):
     ('{"foo": "bar"}\n', r'd.jsonl line 1: expected \{"text"\}.* \(fields found: "foo"\)'),
     ('{"text": "a"}\n{"prompt": "b", "completion": "c"}\n',
      r"d.jsonl line 2: a record of kind 'completion' in a file of kind 'text'"),
-    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', r"line 1: missing \"completion\".*"
-     r"--objective dpo"),
+    ('{"prompt": "a", "chosen": "b"}\n',
+     r'd.jsonl line 1: missing "rejected", which a record of kind \'preference\' needs'),
+    ('{"prompt": "a", "completion": "b", "chosen": "c"}\n', r"d.jsonl line 1: has both"),
     ('{"instruction": "a"}\n', r'd.jsonl line 1: missing "output", which a record of kind \'instruction\' needs'),
     ('{"messages": []}\n', r'd.jsonl line 1: field "messages" must be a non-empty list'),
     ('{"messages": [{"role": "user"}]}\n', r'd.jsonl line 1: "messages"\[0\] has no "content"'),

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from minift import load_dataset
 from minift.formats import DataError
 from minift.peft import LoraConfig, get_peft_model
 from minift.preference import (add_reference_logps, collate_preferences, dpo_batch_loss,
@@ -82,6 +83,26 @@ def test_records_encode_with_labels_on_the_completion_only(tok, tmp_path):
     assert torch.equal(batch["input_ids"][0, :len(c) + len(p) + 1], torch.tensor(p + c + [eos]))
     assert torch.equal(batch["input_ids"][2, :len(r) + len(p) + 1], torch.tensor(p + r + [eos]))
     assert "reference_logps" not in batch
+
+
+def test_load_dataset_reads_preference_pairs_in_every_format(tok, tmp_path):
+    """load_dataset gives a preference file's DPO examples, as load_preferences does; a CSV
+    with other column names reads through `fields`, as every other kind does."""
+    recs = [{"prompt": "Q: two plus two?", "chosen": " four.", "rejected": " the cat."},
+            {"prompt": "Q: the sky?", "chosen": " blue.", "rejected": " seven."}]
+    want = load_preferences(write_jsonl(tmp_path / "p.jsonl", recs), tok, max_length=64)
+    assert load_dataset(tmp_path / "p.jsonl", tok, max_length=64) == want
+    rows = ["question,good,bad"] + [",".join(f'"{r[k]}"' for k in ("prompt", "chosen", "rejected"))
+                                     for r in recs]
+    (tmp_path / "p.csv").write_text("\n".join(rows) + "\n")
+    fields = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    assert load_dataset(tmp_path / "p.csv", tok, max_length=64, fields=fields) == want
+    assert load_preferences(tmp_path / "p.csv", tok, 64, fields) == want
+    with pytest.raises(DataError, match=r"p\.csv line 1|p\.csv row 1"):
+        load_dataset(tmp_path / "p.csv", tok, max_length=64)   # columns not mapped
+    write_jsonl(tmp_path / "c.jsonl", [{"prompt": "a", "completion": "b"}])
+    with pytest.raises(DataError, match=r"c\.jsonl line 1: a 'completion' record; preference"):
+        read_preferences(tmp_path / "c.jsonl")
 
 
 def test_a_record_missing_rejected_names_file_and_line(tmp_path):
@@ -383,9 +404,17 @@ def test_compare_dpo_row_needs_preference_pairs(small_model, tmp_path, capsys):
                             "--output-dir", tmp_path / "c1")
     assert code == 1
     one_line_error(err, "lora-dpo trains on preference pairs", "validation.jsonl line 1",
-                   'missing "chosen"')
+                   "a 'completion' record; preference tuning needs")
     code, _, err = run_main(capsys, "compare", "--methods", "lora", "--task", "preference",
                             "--output-dir", tmp_path / "c2")
     assert code == 2
     one_line_error(err, "--task preference holds preference pairs", "lora-dpo")
     assert not (tmp_path / "c1").exists() and not (tmp_path / "c2").exists()
+
+
+def test_finetune_of_preference_pairs_without_dpo_is_one_error(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": " b", "rejected": " c"}])
+    code, _, err = run_main(capsys, "finetune", "--data", path, "--output-dir", tmp_path / "r")
+    assert code == 2
+    one_line_error(err, "p.jsonl holds preference pairs", "train them with --objective dpo")
+    assert not (tmp_path / "r").exists()

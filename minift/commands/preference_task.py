@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..data import train_val_split
+from ..formats import parse_fields
 from ..options import UsageError
 from ..preference import add_reference_logps, load_preferences, reward_margins
 from .taskdata import TaskData, reference_metrics, reference_text, task_files
@@ -20,9 +21,10 @@ def load_preference_task(opts: dict, tok, n_positions: int) -> TaskData:
         raise UsageError(f"--objective dpo needs preference pairs: --task preference, or --data "
                          f"with {{\"prompt\", \"chosen\", \"rejected\"}} lines (--task {task.name} "
                          "has none)")
-    train = load_preferences(train_path, tok, max_len)
+    fields = parse_fields(opts["fields"]) if opts.get("fields") else None
+    train = load_preferences(train_path, tok, max_len, fields)
     if val_path is not None:
-        val = load_preferences(val_path, tok, max_len)
+        val = load_preferences(val_path, tok, max_len, fields)
         split = f"validation {len(val)} pairs ({val_path.name})"
     else:
         train, val = train_val_split(train, opts["val_fraction"], opts["seed"])

@@ -107,6 +107,9 @@ def load_task_data(opts: dict, tok, n_positions: int) -> TaskData:
 
     train_data = load(train_path)
     train_kind, lines = task_records(train_path, tok, fields)
+    if train_kind == "preference":
+        raise UsageError(f"{train_path} holds preference pairs {{\"prompt\", \"chosen\", "
+                         "\"rejected\"}: train them with --objective dpo")
     if train_kind == "chat" and tok.chat_template is None:
         tok.chat_template = chat.BUILTIN_CHAT_TEMPLATE  # so the run's tokenizer carries it
     if val_path is not None:
