@@ -56,3 +56,18 @@ def test_unknown_task_is_one_error_naming_it_and_the_known_ones(capsys):
     with pytest.raises(ValueError, match="unknown task 'nosuch'; the built-in tasks are "
                                          "params, call, choice, docstring, preference"):
         get_task("nosuch")
+
+
+def test_an_empty_prompt_trains_but_is_not_a_test_prompt(tmp_path):
+    """The README's pairs.jsonl: an empty prompt is a training example, but generation has no
+    token to continue from, so the task metrics skip it (evaluate_generation refuses it)."""
+    tok = Tokenizer.from_pretrained("minift-tiny")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "2 + 2 =", "completion": " 4"}\n'
+                    '{"prompt": "", "completion": "an empty prompt"}\n'
+                    '{"prompt": "3 + 3 =", "completion": " 6"}\n')
+    opts = resolve_finetune(build_parser().parse_args(
+        ["finetune", "--data", str(path), "--val-data", str(path), "--no-forgetting"]))
+    data = load_task_data(opts, tok, 128)
+    assert len(data.train) == 3 and len(data.val) == 3
+    assert [r["prompt"] for r in data.records] == ["2 + 2 =", "3 + 3 ="]

@@ -127,7 +127,8 @@ def load_task_data(opts: dict, tok, n_positions: int) -> TaskData:
     records = [r for r in records if "prompt" in r]
     n_all = len(records)
     room = context - new_tokens  # the answer must fit in the context too
-    records = [r for r in records if len(tok.encode(r["prompt"])) <= room][:opts["eval_samples"]]
+    # an empty prompt trains (its completion is the example) but has no token to continue from
+    records = [r for r in records if 0 < len(tok.encode(r["prompt"])) <= room][:opts["eval_samples"]]
     eval_detail = (f"the first {len(records)} of {n_all} {where} prompts" if records else
                    "no prompts (the data has no {\"prompt\", \"completion\"} lines)")
 
