@@ -198,7 +198,10 @@ METRIC_NAMES = {  # key in an evaluation dict -> how a report names it
 def metrics_rows(before: dict | None, after: dict) -> list[dict]:
     """[{metric, before, after, change}] for the metrics both evaluations have."""
     rows = []
+    dpo = "reward_accuracy" in after   # a DPO run's val_loss is its DPO loss, a mean over pairs
     for key, name in METRIC_NAMES.items():
+        if key == "val_loss" and dpo:
+            name = "validation DPO loss (per pair)"
         a = after.get(key)
         b = before.get(key) if before else None
         if a is None and b is None:

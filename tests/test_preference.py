@@ -258,6 +258,8 @@ def test_finetune_objective_dpo_on_the_preference_task(small_model, tmp_path, ca
     assert abs(report["before"]["val_loss"] - math.log(2)) < 1e-6
     assert len(report["item_scores"]["after"]["reward_accuracy"]) == 12
     assert report["after"]["reward_margin"] != 0.0
+    table = (out / "report.md").read_text(encoding="utf-8")
+    assert "validation DPO loss (per pair)" in table and "nats/token" not in table
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
              if '"eval"' in x]
     assert "reward_accuracy" in evals[-1]
