@@ -104,7 +104,13 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _check_inputs(model, train_data, val_data, reference_data, config: TrainConfig) -> None:
+def check_inputs(model: nn.Module, train_data, val_data=None, config: TrainConfig | None = None,
+                 reference_data=None) -> None:
+    """What train() checks before it writes anything in output_dir: the data's shape, the
+    options that need val_data or reference_data, trainable parameters, and packing against
+    the model's method. Public so that a caller with files of its own (the CLI) can fail
+    before it touches them too."""
+    config = config or TrainConfig()
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)  # GPT's or PeftModel's
     objective = objective_for(config)   # what an example looks like (objectives.py)
     objective.check(train_data, "train_data", vocab)
@@ -116,6 +122,13 @@ def _check_inputs(model, train_data, val_data, reference_data, config: TrainConf
         raise ValueError("ewc_lambda > 0 needs reference_data (examples of the original domain)")
     if config.ewc_lambda > 0:
         SFT().check(reference_data, "reference_data", vocab)
+    if not _trainable(model):
+        raise ValueError("the model has no trainable parameters (requires_grad=True)")
+    if config.packing and getattr(model, "is_prompt_learning", False):
+        # (the forward refuses them too, but only once the run folder is written)
+        raise ValueError(f"{model.peft_config.peft_type}: packed rows (segment_ids) are not "
+                         "supported with virtual tokens, which only a row's first example would "
+                         "see; train with packing=False")
 
 
 def _autocast_for(device: torch.device, bf16: bool) -> Callable:
@@ -145,7 +158,7 @@ def train(model: nn.Module, train_data, val_data=None, config: TrainConfig | Non
     """
     config = config or TrainConfig()
     config.validate()
-    _check_inputs(model, train_data, val_data, reference_data, config)
+    check_inputs(model, train_data, val_data, config, reference_data)   # before any file
     device, bf16 = choose_device(config.device, config.bf16)
     autocast = _autocast_for(device, bf16)
     init_process_group(device)   # under torchrun; left in place for the caller
@@ -197,8 +210,6 @@ def _prepare(model, config: TrainConfig, device, autocast, progress, max_length,
     for t in trackers:
         t.log_config(config_dict(config))
     model.to(device)
-    if not _trainable(model):
-        raise ValueError("the model has no trainable parameters (requires_grad=True)")
     # every rank starts from rank 0's weights (e.g. a randomly initialised LoRA); before
     # sharding, as FSDP keeps each process's own rows
     broadcast_parameters([p for _, p in _trainable(model)])

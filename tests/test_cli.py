@@ -386,3 +386,83 @@ def test_console_errors_have_no_traceback(tmp_path):
     proc = minift("finetune", "--data", tmp_path / "missing.jsonl", check=False, cwd=tmp_path)
     assert proc.returncode == 1 and proc.stderr.startswith("minift: error: ")
     assert proc.stderr.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- failed commands
+QUICK = ["--max-steps", 1, "--eval-every", 1, "--no-eval-before", "--no-forgetting",
+         "--eval-samples", 1, "--num-samples", 1, "--max-new-tokens", 4]   # one step, little eval
+
+
+def folder_state(folder: Path) -> dict:
+    """{relative path: bytes} of every file under `folder`."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_failed_overwrite_keeps_the_old_run(lora_run, tmp_path, capsys):
+    """--overwrite with a missing or bad file, model or target module: one error, and the
+    finished run is untouched (config.json, adapter/, reports, checkpoints); a good
+    --overwrite then replaces all of it."""
+    run = tmp_path / "run"
+    shutil.copytree(lora_run[0], run)
+    state = folder_state(run)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
+    for bad, code, fragment in [(["--data", tmp_path / "missing.jsonl"], 1, "missing.jsonl"),
+                                (["--data", tmp_path / "bad.jsonl"], 1, "bad.jsonl line 2"),
+                                (["--model", tmp_path / "no-model"], 1, "no-model"),
+                                (["--target-modules", "nosuch"], 2, "--target-modules")]:
+        got, _, err = run_main(capsys, "finetune", "--overwrite", "--output-dir", run, *bad)
+        assert got == code, err
+        assert_one_line_error(err, fragment)
+        assert folder_state(run) == state, bad
+    code, _, err = run_main(capsys, "finetune", "--overwrite", "--output-dir", run, *QUICK)
+    assert code == 0, err
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000001"]
+    assert json.loads((run / "config.json").read_text())["max_steps"] == 1
+
+
+def test_a_failed_resume_leaves_config_json_as_it_was(lora_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run[0], run)
+    for f in (run / "checkpoints").glob("*/trainable.safetensors"):
+        f.write_bytes(f.read_bytes()[:100])   # every checkpoint truncated
+    before = (run / "config.json").read_bytes()
+    code, _, err = run_main(capsys, "finetune", "--resume", run, "--max-steps", 40, "--lr", 0.5,
+                            "--no-eval-before")
+    assert code == 1
+    assert_one_line_error(err, "no intact checkpoint")
+    assert (run / "config.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, code, fragment", [
+    (["--target-modules", "nosuch"], 2, "'nosuch' does not exist"),
+    (["--method", "prefix", "--packing"], 2, "--packing"),
+    (["--max-new-tokens", -1], 2, "--max-new-tokens"),
+    (["--forgetting", "--reference", "{tmp}/empty.txt"], 1, "empty.txt"),
+])
+def test_option_errors_come_before_the_run_folder(tmp_path, capsys, args, code, fragment):
+    """Options that used to fail after the run folder was written (so the corrected command
+    was refused: 'already holds a run') fail before it exists."""
+    (tmp_path / "empty.txt").write_text("")
+    out = tmp_path / "o"
+    got, _, err = run_main(capsys, "finetune", *QUICK, "--output-dir", out,
+                           *[str(a).format(tmp=tmp_path) for a in args])
+    assert got == code, err
+    assert_one_line_error(err, fragment)
+    assert not out.exists()
+
+
+def test_data_can_be_a_saved_datasets_folder_or_a_dataset_id(tmp_path, capsys):
+    """--data takes what load_dataset reads: a save_to_disk folder trains; a dataset id is
+    looked up in the local cache (its own message), not refused as a missing file."""
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([{"prompt": f"def f{i}(a):", "completion": " a: required"}
+                                for i in range(20)]).save_to_disk(str(tmp_path / "ds"))
+    code, _, err = run_main(capsys, "finetune", "--data", tmp_path / "ds", *QUICK,
+                            "--output-dir", tmp_path / "o")
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["train"]["steps"] == 1
+    code, _, err = run_main(capsys, "finetune", "--data", "minift-tests/no-such-set:train",
+                            "--output-dir", tmp_path / "p")
+    assert code == 1 and "no such file (--data)" not in err
+    assert_one_line_error(err, "local datasets cache")

@@ -576,3 +576,18 @@ def test_full_logits_never_exist_at_once_in_a_training_step():
         ids = torch.tensor([ex["input_ids"] for ex in data])
         model(ids, labels=ids, return_logits=True).loss.backward()
     assert control.largest >= full
+
+
+# ----------------------------------------------------------------------------- failing before files
+def test_inputs_are_checked_before_the_run_folder_is_written(tmp_path):
+    """packing with virtual tokens, or nothing to train: the error comes before run.json
+    (so a folder that then holds no run is not refused as one by the corrected call)."""
+    from minift.peft import PromptTuningConfig, get_peft_model
+    prompt = get_peft_model(tiny_model(), PromptTuningConfig(num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="packed rows .segment_ids. are not supported"):
+        train(prompt, pattern_data(8), config=cfg(output_dir=str(tmp_path / "a"), max_steps=1,
+                                                  packing=True))
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train(tiny_model().requires_grad_(False), pattern_data(8),
+              config=cfg(output_dir=str(tmp_path / "b"), max_steps=1))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -1,20 +1,25 @@
 """Helpers every command uses: output on rank 0 only, flag builders, the model a command
-works on (--model, --adapter, or a finetune --run folder), CPU threads, run folders."""
+works on (--model, --adapter, or a finetune --run folder), CPU threads, run folders (reading
+one; finetune's checks, --overwrite and config.json)."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import typing
 from pathlib import Path
 
 import torch
 
+from .. import __version__
+from ..io import write_json
 from ..machine import default_device
 from ..model import GPT
 from ..options import UsageError, read_config_file
 from ..peft import PeftModel
+from ..rundir import RUN_FILES
 from ..tokenizer import Tokenizer
 
 SMALL_MODEL = 10_000_000  # parameters: below this, one CPU thread by default (set_threads)
@@ -63,10 +68,46 @@ def device_of(args) -> str:
 
 
 # ----------------------------------------------------------------------------- models, runs
+# what finetune writes besides train()'s RUN_FILES
+RUN_OUTPUTS = ("config.json", "adapter", "model", "report.md", "report.json", "loss.png")
+
+
 def read_run_config(run: Path) -> dict:
     if not (run / "config.json").is_file():
         raise FileNotFoundError(f"{run}: no config.json, so not a minift finetune run folder")
     return read_config_file(run / "config.json")
+
+
+def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder holding a run unless resuming or overwriting. Deletes nothing: an
+    overwritten run goes in clear_run_dir, once the new one is certain to start."""
+    if resume and overwrite:
+        raise UsageError("--resume continues a run and --overwrite replaces it; pick one")
+    existing = [f for f in (*RUN_FILES, *RUN_OUTPUTS) if (out / f).exists()]
+    if existing and not (resume or overwrite):
+        raise ValueError(f"{out} already holds a run ({', '.join(existing[:3])}); pass "
+                         "--overwrite to replace it or --resume to continue it")
+
+
+def clear_run_dir(out: Path) -> None:
+    """--overwrite: delete the old run, ours and train()'s files (rank 0).
+
+    run() calls it only after every file and option is checked, the data is loaded, the
+    base model evaluated and the method applied: a mistake found by then leaves the old run
+    whole. What can still fail (a nan loss, memory, a signal) fails in the new run, whose
+    config.json and checkpoints resume it. Moving the old run aside and restoring it on
+    failure would undo that new run instead, and leave two runs to reconcile after a crash."""
+    for f in (*RUN_OUTPUTS, *RUN_FILES):
+        path = out / f
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def write_run_config(out: Path, opts: dict) -> None:
+    """config.json: every option of the run (rank 0)."""
+    if RANK == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", {"minift_version": __version__,
+                                         **{k: v for k, v in opts.items() if k != "output_dir"}})
 
 
 class Loaded(typing.NamedTuple):

@@ -4,13 +4,13 @@ The options (every TrainConfig field among them), their defaults and the --confi
 options.py's; this module turns them into flags, stacks defaults < config file (or a resumed
 run's config.json) < flags in `resolve_finetune`, trains, and writes the run folder:
 config.json first (so an interrupted run resumes), then the adapter or model, report.md,
-report.json and loss.png.
+report.json and loss.png. Nothing in the folder is written or deleted (--overwrite) until
+every file and option is checked; --resume rewrites config.json only once a checkpoint loaded.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from dataclasses import replace
 from functools import partial
@@ -18,30 +18,29 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..config import TrainConfig
 from ..data import DataError
+from ..formats import HUB_ID, SUFFIXES
 from ..distributed import gather_to_rank0, is_sharded
 from ..evaluate import forgetting_report
 from ..tables import format_table
 from ..model import GPT
 from ..options import (METHOD_DEFAULTS, METHODS, MODEL_KEYS, OPTIONS, RUN_OPTIONS, TRAIN_OPTIONS,
-                       Opt, UsageError, _show, convert, defaults, read_config_file)
+                       VIRTUAL, Opt, UsageError, _show, convert, defaults, read_config_file)
+from ..peft.config import find_targets
 from ..peft import (AdapterConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
                     PromptTuningConfig, freeze_all_but_top, get_peft_model, unfreeze_all)
 from ..io import write_json
 from ..machine import default_device
 from ..report import (METRIC_NAMES, MemoryProbe, StepTimer, finetune_markdown, loss_curves,
                       metrics_rows, plot_losses, read_metrics)
-from ..rundir import RUN_FILES
 from ..tokenizer import Tokenizer
 from ..trackers import finish_all, open_trackers, require as require_trackers
-from ..train import train
-from .common import RANK, add_command, read_run_config, say, set_threads, show
+from ..train import check_inputs, train
+from .common import (RANK, add_command, check_run_dir, clear_run_dir, read_run_config,
+                     say, set_threads, show, write_run_config)
 from .preference_task import evaluate_preferences, load_preference_task, with_reference
 from .taskdata import evaluate_model, load_task_data
-
-RUN_OUTPUTS = ("config.json", "adapter", "model", "report.md", "report.json", "loss.png")
 
 FINETUNE_EPILOG = """examples:
   minift finetune
@@ -195,21 +194,6 @@ def apply_method(model: GPT, method: str, opts: dict, peft_config):
     return get_peft_model(model, peft_config)
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a folder holding a run unless resuming or overwriting (then ours are deleted
-    here; train() deletes its own)."""
-    if resume and overwrite:
-        raise UsageError("--resume continues a run and --overwrite replaces it; pick one")
-    existing = [f for f in (*RUN_FILES, *RUN_OUTPUTS) if (out / f).exists()]
-    if existing and not (resume or overwrite):
-        raise ValueError(f"{out} already holds a run ({', '.join(existing[:3])}); pass "
-                         "--overwrite to replace it or --resume to continue it")
-    if overwrite and RANK == 0:
-        for f in RUN_OUTPUTS:
-            path = out / f
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-
-
 def run(args) -> int:
     resume, overwrite = bool(getattr(args, "resume", None)), args.overwrite
     opts = resolve_finetune(args)
@@ -217,21 +201,20 @@ def run(args) -> int:
     require_trackers(config.report_to)               # a missing tracker package, too
     peft_config = method_config(opts)
     out = Path(opts["output_dir"])
-    prepare_run_dir(out, resume, overwrite)
-    _check_files_and_threads(opts)   # fail before any loading
+    # Everything that can be checked is checked before the run folder is written: a failed
+    # command leaves an existing run as it was (and no half-made folder to refuse next time).
+    check_run_dir(out, resume, overwrite)
+    _check_options(opts)   # fail before any loading
 
     say(f"loading {opts['model']} and the data ...")
     model, tok = GPT.from_pretrained(opts["model"]), Tokenizer.from_pretrained(opts["model"])
     set_threads(opts["threads"], model.num_parameters())
+    _check_targets(model, peft_config)   # now, not after the base model's evaluation
     dpo = config.objective == "dpo"   # preference pairs, scored by reward accuracy
     data = (load_preference_task if dpo else load_task_data)(opts, tok, model.config.n_positions)
     config = replace(config, max_length=data.max_length)
     device = opts["device"] or default_device()
     model.to(device)
-    if RANK == 0:  # before training, so that an interrupted run can be resumed
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {"minift_version": __version__,
-                                         **{k: v for k, v in opts.items() if k != "output_dir"}})
     eval_args = (tok, data, opts["eval_batch_size"] or opts["batch_size"])
     evaluate = partial(evaluate_preferences, beta=config.dpo_beta) if dpo else evaluate_model
     if dpo:   # the reference: the model before the method is applied, once
@@ -245,6 +228,11 @@ def run(args) -> int:
 
     torch.manual_seed(opts["seed"])  # the adapter's random initialisation
     model = apply_method(model, opts["method"], opts, peft_config)
+    check_inputs(model, data.train, data.val, config, data.reference_examples)  # train()'s own
+    if RANK == 0 and overwrite:
+        clear_run_dir(out)
+    if not resume:  # before training, so that an interrupted run can be resumed
+        write_run_config(out, opts)
     # Trackers opened here (not by train()) are finished with report.json's numbers.
     trackers, opened = open_trackers(config.report_to, out) if RANK == 0 else ([], [])
     try:
@@ -269,12 +257,42 @@ def run(args) -> int:
     return 0
 
 
-def _check_files_and_threads(opts: dict) -> None:
+def _check_options(opts: dict) -> None:
+    """The files, and the options that would fail only late (in an evaluation after training,
+    or in the first step), checked before anything is loaded."""
     for name in ("data", "val_data", "test_data", "reference"):
-        if opts[name] is not None and not Path(opts[name]).is_file():
+        if opts[name] is None:
+            continue
+        path = Path(opts[name])
+        found = path.is_file() if name == "reference" else path.is_file() or _dataset(path)
+        if not found:
             raise DataError(f"{opts[name]}: no such file (--{name.replace('_', '-')})")
     if opts["threads"] is not None and opts["threads"] < 1:
         raise UsageError(f"--threads must be at least 1, got {opts['threads']}")
+    if opts["max_new_tokens"] is not None and opts["max_new_tokens"] < 0:
+        raise UsageError(f"--max-new-tokens must be at least 0, got {opts['max_new_tokens']}")
+    if opts["packing"] and opts["method"] in VIRTUAL:
+        raise UsageError(f"--packing does not work with --method {opts['method']}: its virtual "
+                         "tokens would lead only the first example of a packed row; drop "
+                         "--packing")
+
+
+def _dataset(path: Path) -> bool:
+    """Whether load_dataset reads `path` as other than a file: a `datasets` save_to_disk
+    folder, or a name that is no file and looks like a Hugging Face dataset id (formats.rows'
+    rule; the local cache is looked up when the data is loaded, with its own message)."""
+    return path.is_dir() or (not path.exists() and path.suffix.lower() not in SUFFIXES
+                             and HUB_ID.fullmatch(str(path)) is not None)
+
+
+def _check_targets(model: GPT, peft_config) -> None:
+    """--target-modules against the model (LoRA, adapter), before the model is evaluated or
+    changed: get_peft_model would find a wrong name only after the base model's evaluation."""
+    if getattr(peft_config, "target_modules", None) is not None:
+        try:
+            find_targets(model, peft_config)
+        except ValueError as e:  # PeftError
+            raise UsageError(f"--target-modules: {e}") from None
 
 
 def _train(model, data, config: TrainConfig, opts: dict, device, out: Path):
@@ -283,11 +301,24 @@ def _train(model, data, config: TrainConfig, opts: dict, device, out: Path):
     trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
     say(f"{opts['method']}: {trainable:,d} of {total:,d} parameters trainable "
         f"({100 * trainable / total:.3g}%); training in {out} ...")
-    timer = StepTimer()
+    timer, config_due = StepTimer(), config.resume
+
+    def on_step(record: dict) -> None:
+        # --resume: config.json takes the new options only now, once train() has loaded a
+        # checkpoint (a resume that fails leaves the run as it was), and at the first step,
+        # so that a run interrupted from here on resumes with them
+        nonlocal config_due
+        if config_due:
+            write_run_config(out, opts)
+            config_due = False
+        timer(record)
+
     t0 = time.perf_counter()
     with MemoryProbe() as memory:  # SIGINT/SIGTERM: TrainingInterrupted names the checkpoint
         result = train(model, data.train, data.val, config,
-                       reference_data=data.reference_examples, callback=timer)
+                       reference_data=data.reference_examples, callback=on_step)
+    if config_due:   # a finished run resumed: no step was left to take
+        write_run_config(out, opts)
     training = {"steps": result.step, "stopped": result.stopped, "best_step": result.best_step,
                 "best_val_loss": result.best_val_loss, "seconds": time.perf_counter() - t0,
                 "seconds_per_step": timer.median(), "peak_rss_mb": memory.peak_mb,

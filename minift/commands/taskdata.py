@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import chat
-from ..data import eval_records, load_dataset, load_text, train_val_split
+from ..data import DataError, eval_records, load_dataset, load_text, train_val_split
 from ..distributed import evaluate_loss
 from ..evaluate import choice_accuracy, generate_completions, perplexity
 from ..formats import parse_fields
@@ -150,6 +150,11 @@ def reference_text(opts: dict, tok, max_len: int):
             reference = ref_path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise FileNotFoundError(f"{ref_path}: no such reference text file") from None
+        # perplexity needs a next token to score; found now, not in the evaluation after
+        # training (a text over 1000 characters has more than one token)
+        if len(tok.encode(reference[:1000])) < 2:
+            raise DataError(f"{ref_path}: the reference text has fewer than 2 tokens, too few "
+                            "for a perplexity; give a longer --reference or --no-forgetting")
         ref_name = str(ref_path) if opts["reference"] else "the built-in reference.txt"
     if opts["ewc_lambda"] > 0:
         ref_examples = load_text(ref_path, tok, max_len)
