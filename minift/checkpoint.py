@@ -80,7 +80,15 @@ def resolve_source(src: str | os.PathLike) -> Path:
         raise FileNotFoundError(
             f"{src}: no such folder, and not in the Hugging Face cache ({_hf_hub_cache()}); "
             "install minift[hub] to download it") from None
-    return Path(snapshot_download(str(src), allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    try:   # the download the `hub` extra is for (README: Using a real GPT-2 ...)
+        return Path(snapshot_download(str(src),
+                                      allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except Exception as e:  # offline, no such repository, a gated one, an invalid id, ...:
+        # huggingface_hub's many error types all mean the same here, and none names `src`
+        why = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:200]
+        raise FileNotFoundError(
+            f"{src}: no such folder, not in the Hugging Face cache ({_hf_hub_cache()}), and "
+            f"the hub download failed ({type(e).__name__}{': ' + why if why else ''})") from None
 
 
 def _read_json(path: Path) -> dict:
@@ -112,6 +120,12 @@ def _check_config_types(d: dict, path: Path) -> None:
             raise ValueError(f"{path}: {name} must be a finite number, got {v!r}")
         if name.endswith("pdrop") and not 0 <= v <= 1:
             raise ValueError(f"{path}: {name} is a probability, got {v!r}")
+    if not isinstance(d.get("tie_word_embeddings", True), bool):  # "no" would count as true
+        raise ValueError(f"{path}: tie_word_embeddings must be true or false, got "
+                         f"{d['tie_word_embeddings']!r}")
+    if not isinstance(d.get("activation_function", "gelu_new"), str):
+        raise ValueError(f"{path}: activation_function must be a string such as \"gelu_new\", "
+                         f"got {d['activation_function']!r}")
 
 
 def read_config(folder: Path) -> dict:
@@ -126,6 +140,27 @@ def read_config(folder: Path) -> dict:
         raise ValueError(f"{folder / 'config.json'}: scale_attn_by_inverse_layer_idx / "
                          "add_cross_attention are not supported by minift")
     return d
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, model: str | os.PathLike,
+                         tokenizer_from: str | os.PathLike | None = None) -> None:
+    """Raise ValueError unless every id of `tokenizer` (loaded from `tokenizer_from`, by
+    default the model's own folder) is a row of the model's embedding (config.json's
+    vocab_size): an id beyond it fails inside torch as "index out of range in self". A
+    larger model vocabulary is fine (GPT-2 variants pad theirs). An eos_token the
+    tokenizer's vocabulary lacks is added as a new id past its end, so it is named."""
+    if tokenizer.vocab_size <= vocab_size:
+        return
+    where = f"{tokenizer_from} (the tokenizer of {model})" if tokenizer_from is not None \
+        else str(model)
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos >= vocab_size:
+        raise ValueError(f"{where}: the eos_token {tokenizer.eos_token!r} has id {eos}, outside "
+                         f"the model's vocabulary (config.json vocab_size={vocab_size}); is it "
+                         "in the tokenizer's vocabulary? (tokenizer_config.json)")
+    raise ValueError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens, but the "
+                     f"model's config.json has vocab_size={vocab_size}; the tokenizer does not "
+                     "belong to this model")
 
 
 def weight_files(folder: Path) -> list[Path]:

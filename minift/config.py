@@ -6,8 +6,13 @@ field, with its type, default and help, so the library and the command line neve
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 
+import torch
+
+from .machine import device_problem
 from .trackers import check_report_to
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -91,13 +96,17 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise one ValueError naming the first bad field."""
+        """Raise one ValueError naming the first bad field: a wrong type as well as a wrong
+        value (a string "0.1" would otherwise fail later as a TypeError naming no field)."""
         def need(ok, name, what):
             if not ok:
                 raise ValueError(f"TrainConfig.{name} {what}, got {getattr(self, name)!r}")
 
         def is_int(x):
             return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_number(x):  # inf and nan too would pass a comparison, and train on nonsense
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
         for name in ("batch_size", "gradient_accumulation_steps", "epochs", "eval_every",
                      "log_every", "keep_last"):
@@ -112,27 +121,35 @@ class TrainConfig:
         need(is_int(self.seed) and self.seed >= 0, "seed", "must be an integer >= 0")
         need(is_int(self.pad_token_id) and self.pad_token_id >= 0, "pad_token_id",
              "must be an integer >= 0")
-        need(isinstance(self.lr, (int, float)) and self.lr >= 0, "lr", "must be a number >= 0")
-        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        need(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas",
+        for name in ("lr", "weight_decay", "adam_eps", "min_delta", "ewc_lambda"):
+            v = getattr(self, name)
+            need(is_number(v) and v >= 0, name, "must be a finite number >= 0")
+        for name in ("max_grad_norm", "layer_decay", "loraplus_lr_ratio"):
+            v = getattr(self, name)
+            need(v is None or (is_number(v) and v > 0), name, "must be None or a finite number > 0")
+        need(isinstance(self.adam_betas, (tuple, list)) and len(self.adam_betas) == 2
+             and all(is_number(b) and 0 <= b < 1 for b in self.adam_betas), "adam_betas",
              "must be two numbers in [0, 1)")
-        need(self.adam_eps >= 0, "adam_eps", "must be >= 0")
-        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
-             "must be None or > 0")
+        need(self.dropout is None or (is_number(self.dropout) and 0 <= self.dropout < 1),
+             "dropout", "must be None or a number in [0, 1)")
+        need(is_number(self.dpo_beta) and self.dpo_beta > 0, "dpo_beta",
+             "must be a finite number > 0")
+        for name in ("resume", "overwrite", "restore_best", "packing", "compile",
+                     "gradient_checkpointing", "fsdp"):
+            need(isinstance(getattr(self, name), bool), name, "must be True or False")
+        need(self.bf16 is None or isinstance(self.bf16, bool), "bf16", "must be None, True or False")
+        need(self.output_dir is None or isinstance(self.output_dir, (str, os.PathLike)),
+             "output_dir", "must be None or a path")
+        if self.device is not None:   # a name torch reads, of a device this machine has
+            problem = (device_problem(self.device) if isinstance(self.device, (str, torch.device))
+                       else "must be None or a device name such as 'cpu' or 'cuda'")
+            need(problem is None, "device", problem)
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
         need(self.nonfinite in NONFINITE_POLICIES, "nonfinite",
              f"must be one of {NONFINITE_POLICIES}")
-        need(self.dropout is None or 0 <= self.dropout < 1, "dropout", "must be None or in [0, 1)")
-        need(self.min_delta >= 0, "min_delta", "must be >= 0")
-        need(self.ewc_lambda >= 0, "ewc_lambda", "must be >= 0")
-        need(self.layer_decay is None or self.layer_decay > 0, "layer_decay", "must be None or > 0")
-        need(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0, "loraplus_lr_ratio",
-             "must be None or > 0")
         need(self.objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}")
         need(not (self.packing and self.objective != "sft"), "packing",
              f"applies to objective='sft' only, not {self.objective!r}")
-        need(isinstance(self.dpo_beta, (int, float)) and self.dpo_beta > 0, "dpo_beta",
-             "must be > 0")
         problem = check_report_to(self.report_to)
         need(problem is None, "report_to", problem)
         need(not (self.resume and self.overwrite), "overwrite",

@@ -5,26 +5,57 @@ temperature, top-k and top-p (nucleus) filtering to the next token's logits.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def sampling_problem(temperature, top_k, top_p, do_sample: bool) -> tuple[str, str] | None:
+    """(argument, what is wrong with it) for the first bad sampling argument, else None.
+
+    The ranges are transformers' (5.x, checked against it): a temperature must be > 0 when
+    sampling (transformers raises for 0 and points to do_sample=False; greedy decoding
+    ignores the temperature, so 0 is harmless there and accepted); top_k=0 means no top-k
+    filter, as in transformers; top_p is a probability mass in [0, 1]. top_k and top_p are
+    checked even when decoding greedily: a bad value is a mistake either way. Callers name
+    the argument their own way (generate: "top_k", the CLI: "--top-k").
+    """
+    if not _number(temperature) or temperature < 0:
+        return "temperature", f"must be a positive finite number, got {temperature!r}"
+    if do_sample and temperature == 0:
+        return "temperature", ("must be > 0 when sampling, got 0 (transformers refuses it "
+                               "too); for greedy decoding pass do_sample=False")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+        return "top_k", f"must be an integer >= 0 (0: no top-k filter), got {top_k!r}"
+    if top_p is not None and not (_number(top_p) and 0 <= top_p <= 1):
+        return "top_p", f"must be a number in [0, 1], got {top_p!r}"
+    return None
 
 
 def filter_logits(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=None) -> torch.Tensor:
     """(B, V) logits -> logits with the excluded tokens set to -inf, ready for softmax.
 
-    top_k keeps the k largest; top_p keeps the smallest set of most likely tokens whose
-    probability reaches top_p (nucleus sampling, Holtzman et al. 2020 §3.1), at least one.
+    top_k keeps the k largest (0 or None: all); top_p keeps the smallest set of most likely
+    tokens whose probability reaches top_p (nucleus sampling, Holtzman et al. 2020 §3.1), at
+    least one (so top_p=0 is greedy, 1 or None keeps every token).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    problem = sampling_problem(temperature, top_k, top_p, do_sample=True)
+    if problem is not None:
+        raise ValueError(" ".join(problem))
     logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k and top_k < logits.shape[-1]:   # 0 or None: no top-k filter
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(-1)
         mass_before = probs.cumsum(-1) - probs      # mass of the strictly more likely tokens
-        drop_sorted = mass_before >= top_p          # the top token always has 0 before it
+        drop_sorted = mass_before >= top_p
+        drop_sorted[:, 0] = False                   # the most likely token stays (top_p=0)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -40,6 +71,9 @@ def generate(model, input_ids, max_new_tokens=20, do_sample=False, temperature=1
     n_positions = model.config.n_positions
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    problem = sampling_problem(temperature, top_k, top_p, do_sample)
+    if problem is not None:   # before the first forward, rather than deep inside torch
+        raise ValueError(" ".join(problem))
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if generator is None and seed is not None:

@@ -20,6 +20,35 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def available_devices() -> list[str]:
+    """The devices torch can run on here: "cpu", then each CUDA device, then "mps"."""
+    names = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())
+                       if torch.cuda.is_available()]
+    return names + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def device_problem(name: str, present: bool = True) -> str | None:
+    """What is wrong with a device name, as a phrase to follow the option's name ("TrainConfig.
+    device", "--device"), or None. present=False accepts a CUDA device this machine lacks
+    (`minift plan` plans for a GPU elsewhere); the name must still be one torch reads."""
+    here = f"(available here: {', '.join(available_devices())})"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):  # torch's "Expected one of cpu, cuda, ..., got bogus"
+        return f"must be a device such as cpu, cuda or cuda:1 {here}"
+    if device.type not in ("cpu", "cuda", "mps"):
+        return f"must be cpu, cuda, cuda:N or mps, not {device.type!r} {here}"
+    if not present or device.type == "cpu":
+        return None
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"names Apple's MPS, which torch does not see on this machine {here}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"names CUDA, but torch sees no CUDA device on this machine {here}"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return f"names CUDA device {device.index}, which this machine does not have {here}"
+    return None
+
+
 def matmul_rate(dtype: str = "fp32", device: str = "cpu", n: int = 1024, repeat: int = 5) -> float:
     """FLOP/s of an (n, n) @ (n, n) matmul here, the best of `repeat` (after one warm-up),
     through minift.linear.matmul: the kernel minift's layers use (oneDNN's in fp32 on the CPU)."""

@@ -14,22 +14,51 @@ step's preference pairs, normalised the same way over pairs.
 """
 from __future__ import annotations
 
+import operator
+
 from .data import collate
 from .distributed import count_targets, evaluate_loss
-from .formats import DataError
+from .formats import IGNORE_INDEX, DataError
 from .packing import collate_packed
 from .preference import (add_reference_logps, collate_preferences, dpo_batch_loss,
                          preference_metrics)
 
 
+def _int_list(seq, where: str, key: str) -> list[int]:
+    """seq as a list of ints: Python ints, or numpy / 0-d torch integers (operator.index
+    takes exactly the integer types; a float, str or nested list would reach torch or the
+    comparisons below as a TypeError naming no example)."""
+    if isinstance(seq, (str, bytes, dict)) or not hasattr(seq, "__len__"):
+        raise DataError(f"{where}: {key} must be a list of integer token ids, got "
+                        f"{type(seq).__name__}")
+    if set(map(type, seq)) <= {int}:   # the common case, checked at C speed
+        return seq
+    ids = []
+    for t in seq:
+        try:
+            ids.append(operator.index(t))
+        except TypeError:
+            raise DataError(f"{where}: {key} must be a list of integer token ids, got an "
+                            f"element {t!r}") from None
+    return ids
+
+
 def _check_ids(ex: dict, ids_key: str, labels_key: str, where: str, vocab_size) -> None:
-    ids = ex[ids_key]
-    if len(ids) == 0 or len(ex.get(labels_key, ids)) != len(ids):
+    ids = _int_list(ex[ids_key], where, ids_key)
+    labels = _int_list(ex[labels_key], where, labels_key) if labels_key in ex else ids
+    if len(ids) == 0 or len(labels) != len(ids):
         raise DataError(f"{where}: {ids_key} is empty or {labels_key} has another length")
     if vocab_size is not None and (min(ids) < 0 or max(ids) >= vocab_size):
         bad = next(t for t in ids if not 0 <= t < vocab_size)
         raise DataError(f"{where}: token id {bad} is outside the model's vocabulary "
                         f"(vocab_size={vocab_size}); was it made with another tokenizer?")
+    if labels is not ids:   # a label is a token id to predict, or IGNORE_INDEX (no loss)
+        top = vocab_size if vocab_size is not None else float("inf")
+        bad = next((t for t in labels if t != IGNORE_INDEX and not 0 <= t < top), None)
+        if bad is not None:
+            raise DataError(f"{where}: label {bad} in {labels_key} is neither {IGNORE_INDEX} "
+                            "(ignored) nor a token id of the model's vocabulary"
+                            + (f" (vocab_size={vocab_size})" if vocab_size is not None else ""))
 
 
 def _check(data, what: str, vocab_size, keys: tuple[str, ...], shape: str) -> None:

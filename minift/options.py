@@ -23,6 +23,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from .config import TrainConfig
+from .machine import default_device, device_problem
 from .tasks import DEFAULT_TASK, TASKS
 
 METHODS = {
@@ -78,6 +79,7 @@ class Opt:
     choices: tuple = ()
     methods: tuple = ()        # the methods it applies to; () = all
     metavar: str | None = None
+    minimum: int | None = None  # the smallest value an int option takes (None: any)
 
 
 def convert(opt: Opt, value, where: str):
@@ -107,6 +109,20 @@ def convert(opt: Opt, value, where: str):
         value = (float(value[0]), float(value[1]))
     if opt.choices and value not in opt.choices:
         raise UsageError(f"{where}: {value!r} is not one of {', '.join(opt.choices)}")
+    if opt.minimum is not None and value < opt.minimum:
+        raise UsageError(f"{where}: must be at least {opt.minimum}"
+                         + (" (or none)" if opt.optional else "") + f", got {value!r}")
+    return value
+
+
+def cli_device(value: str | None, present: bool = True) -> str:
+    """--device: its value, or the default device; a name torch cannot read, or (with
+    present) a device this machine lacks, is a UsageError naming --device and what is here."""
+    if value is None:
+        return default_device()
+    problem = device_problem(value, present)
+    if problem is not None:
+        raise UsageError(f"--device {problem}, got {value!r}")
     return value
 
 
@@ -178,10 +194,11 @@ RUN_OPTIONS = [
         "= the built-in reference.txt (minift-tiny's held-out pre-training text)", True,
         metavar="FILE"),
     Opt("eval_samples", "int", None, "task metrics on the first N prompts of the test data (a "
-        "subset, for speed); none = all of them", True),
+        "subset, for speed); none = all of them", True, minimum=1),
     Opt("max_new_tokens", "int", None, "generation length for the task metrics and samples; "
-        "none = the built-in task's (room for its longest answer), 48 for --data", True),
-    Opt("num_samples", "int", 4, "before/after generations to print and report"),
+        "none = the built-in task's (room for its longest answer), 48 for --data", True,
+        minimum=1),
+    Opt("num_samples", "int", 4, "before/after generations to print and report", minimum=0),
     Opt("eval_before", "bool", True, "evaluate the base model before training"),
     Opt("threads", "int", None, "CPU threads of this process (torch.set_num_threads); none = "
         "1 for models under 10M parameters (their small matrices gain little from more threads "

@@ -283,11 +283,14 @@ def estimate(src: str, method: str, batch_size: int, max_length: int | None = No
     """The plan for one method. dropout None keeps the model's rates (GPT-2: 0.1);
     memory None compares with free_memory(device); matmul_flops_per_s None: no step time."""
     o = options or MethodOptions()
-    _check(dtype, batch_size=batch_size, max_length=max_length or 1,
-           gradient_accumulation_steps=gradient_accumulation_steps)
+    _check(dtype, batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
+           max_length=1 if max_length is None else max_length)   # None: the model's context
     if dropout is not None and not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     c = config or model_config(src)
+    if max_length is not None and max_length > c.n_positions:  # not silently the context
+        raise ValueError(f"max_length={max_length} is more than {src}'s n_positions="
+                         f"{c.n_positions}")
     model = build(c, method, o)
     n_virtual = o.num_virtual_tokens if method in ("prefix", "prompt", "ptuning") else 0
     T = min(max_length or c.n_positions, c.n_positions - n_virtual)

@@ -12,10 +12,9 @@ from ..evaluate import evaluate_generation, forgetting_report, perplexity
 from ..tables import format_table
 from ..probes import bias_probe
 from ..model import GPT
-from ..options import RECIPE
+from ..options import RECIPE, UsageError, cli_device
 from ..tasks import DEFAULT_TASK, REFERENCE, get_task
-from .common import (add_command, add_model_flags, device_of,
-                     load_for_inference, number)
+from .common import add_command, add_model_flags, load_for_inference, number
 from .taskdata import context_length, task_records
 
 EVAL_EPILOG = """examples:
@@ -58,8 +57,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def run(args) -> int:
+    for flag, value, least in (("--eval-samples", args.eval_samples, 1),
+                               ("--max-new-tokens", args.max_new_tokens, 1),
+                               ("--batch-size", args.batch_size, 1)):
+        if value < least:
+            raise UsageError(f"{flag} must be at least {least}, got {value}")
+    device = cli_device(args.device)
     model, tok, weights, base, adapter = load_for_inference(args)
-    model.to(device_of(args))
+    model.to(device)
     n_virtual = model.peft_config.num_virtual_tokens if getattr(
         model, "is_prompt_learning", False) else 0
     context, block = context_length(model.config.n_positions, n_virtual)
@@ -82,10 +87,13 @@ def run(args) -> int:
             text = ref_path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise FileNotFoundError(f"{ref_path}: no such reference text file") from None
+        if len(tok.encode(text)) < 2:   # perplexity's own error would not name the file
+            raise ValueError(f"{ref_path}: the reference text has fewer than 2 tokens; "
+                             "--forgetting scores the model on it")
         ppl_ref = perplexity(model, text, tok, args.batch_size, block)
         result["reference"] = {"file": str(ref_path), "perplexity": ppl_ref}
         if weights != base or adapter is not None:  # the base model, for comparison
-            base_model = GPT.from_pretrained(base).to(device_of(args))
+            base_model = GPT.from_pretrained(base).to(device)
             result["reference"]["forgetting"] = forgetting_report(
                 perplexity(base_model, text, tok, args.batch_size, block), ppl_ref)
     if args.bias:

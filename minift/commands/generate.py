@@ -6,8 +6,9 @@ import sys
 import torch
 
 from .. import chat
-from ..options import UsageError
-from .common import add_command, add_model_flags, device_of, load_for_inference, number
+from ..generation import sampling_problem
+from ..options import UsageError, cli_device
+from .common import add_command, add_model_flags, load_for_inference, number
 
 GENERATE_EPILOG = """examples:
   minift generate --prompt 'The os module'
@@ -31,25 +32,44 @@ def register(subparsers) -> None:
     number(p, "--max-new-tokens", int, 50, "tokens to generate")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
     number(p, "--temperature", float, None, "sampling temperature (1.0 when sampling)")
-    number(p, "--top-k", int, None, "sample from the k most likely tokens")
-    number(p, "--top-p", float, None, "nucleus sampling: the smallest set of mass p")
+    number(p, "--top-k", int, None, "sample from the k most likely tokens (0: all of them)")
+    number(p, "--top-p", float, None, "nucleus sampling: the smallest set of mass p, in [0, 1]")
     number(p, "--seed", int, 0, "sampling seed")
 
 
+def _sampling(args) -> dict:
+    """generate()'s sampling arguments from the flags, checked before any loading: any of
+    --temperature, --top-k, --top-p turns sampling on, so --temperature 0 is an error (as in
+    transformers; greedy decoding is the default without these flags)."""
+    sample = args.do_sample or any(v is not None
+                                   for v in (args.temperature, args.top_k, args.top_p))
+    temperature = 1.0 if args.temperature is None else args.temperature
+    problem = sampling_problem(temperature, args.top_k, args.top_p, sample)
+    if problem is not None and problem[0] == "temperature" and temperature == 0:
+        raise UsageError("--temperature must be > 0, got 0; for greedy decoding leave out "
+                         "--temperature, --top-k, --top-p and --do-sample")
+    if problem is not None:
+        name, what = problem
+        raise UsageError(f"--{name.replace('_', '-')} {what}")
+    return dict(do_sample=sample, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
+                seed=args.seed)
+
+
 def run(args) -> int:
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    sampling = _sampling(args)
+    device = cli_device(args.device)
     prompt = sys.stdin.read().removesuffix("\n") if args.prompt == "-" else args.prompt
     if args.chat:
-        return _chat(args, prompt)
+        return _chat(args, prompt, device, sampling)
     if not prompt:
         raise UsageError("--prompt is empty; the model needs at least one token to continue")
     model, tok, *_ = load_for_inference(args)
-    model.to(device_of(args))
-    sample = args.do_sample or any(v is not None
-                                   for v in (args.temperature, args.top_k, args.top_p))
+    model.to(device)
     ids = torch.tensor([tok.encode(prompt)], device=model.device)
-    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=sample,
-                         temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
-                         eos_token_id=tok.eos_token_id, seed=args.seed)
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id,
+                         **sampling)
     new = out[0, ids.shape[1]:].tolist()
     if tok.eos_token_id in new:
         new = new[:new.index(tok.eos_token_id)]
@@ -57,7 +77,7 @@ def run(args) -> int:
     return 0
 
 
-def _reply(model, tok, args, messages: list[dict]) -> str:
+def _reply(model, tok, args, messages: list[dict], sampling: dict) -> str:
     """The assistant's next turn: the conversation rendered with the generation prompt (the
     tokens training saw before each assistant turn), continued to the end-of-turn token."""
     n_virtual = model.peft_config.num_virtual_tokens if getattr(
@@ -71,22 +91,20 @@ def _reply(model, tok, args, messages: list[dict]) -> str:
     if len(ids) > room:
         raise UsageError(f"the message is {len(ids)} tokens; with --max-new-tokens "
                          f"{args.max_new_tokens} the model's context holds {room}")
-    sample = args.do_sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p))
     out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=args.max_new_tokens,
-                         do_sample=sample, temperature=args.temperature or 1.0, top_k=args.top_k,
-                         top_p=args.top_p, eos_token_id=stop, seed=args.seed)
+                         eos_token_id=stop, **sampling)
     new = out[0, len(ids):].tolist()
     return tok.decode(new[:new.index(stop)] if stop in new else new).strip()
 
 
-def _chat(args, prompt: str | None) -> int:
+def _chat(args, prompt: str | None, device: str, sampling: dict) -> int:
     if prompt is None and not sys.stdin.isatty():
         raise UsageError("--chat without --prompt reads turns from a terminal; pass --prompt "
                          "MESSAGE (or --prompt - to read it from stdin)")
     if prompt is not None and not prompt.strip():
         raise UsageError("--prompt is empty")
     model, tok, *_ = load_for_inference(args)
-    model.to(device_of(args))
+    model.to(device)
     messages: list[dict] = []
     while True:
         if prompt is None:
@@ -98,7 +116,7 @@ def _chat(args, prompt: str | None) -> int:
             if not text.strip():
                 continue
         messages.append({"role": "user", "content": prompt if prompt is not None else text})
-        answer = _reply(model, tok, args, messages)
+        answer = _reply(model, tok, args, messages, sampling)
         messages.append({"role": "assistant", "content": answer})
         print(answer if prompt is not None else f"model> {answer}", flush=True)
         if prompt is not None:

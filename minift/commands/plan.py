@@ -6,10 +6,10 @@ import json
 import torch
 
 from ..distributed import native_bf16
-from ..options import METHOD_DEFAULTS, RECIPE, UsageError
+from ..options import METHOD_DEFAULTS, RECIPE, UsageError, cli_device
 from ..machine import parse_bytes
-from ..plan import DTYPES, METHODS, SHAPES, Estimate, MethodOptions, plan
-from .common import add_command, device_of, number
+from ..plan import DTYPES, METHODS, SHAPES, Estimate, MethodOptions, model_config, plan
+from .common import add_command, number
 
 LORA = METHOD_DEFAULTS["lora"]   # `minift finetune`'s LoRA: r 16 on every linear layer, no dropout
 
@@ -92,7 +92,12 @@ def run(args) -> int:
         memory = parse_bytes(args.memory) if args.memory is not None else None
     except ValueError as e:
         raise UsageError(f"--memory: {e}") from None
-    device = device_of(args)
+    device = cli_device(args.device, present=False)   # a GPU elsewhere may be planned for
+    if args.max_length is not None:   # plan() would refuse it too, but name max_length only
+        n_positions = model_config(args.model).n_positions
+        if not 1 <= args.max_length <= n_positions:
+            raise UsageError(f"--max-length must be between 1 and the model's n_positions="
+                             f"{n_positions} ({args.model}), got {args.max_length}")
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if auto_bf16(device) else "fp32")
     estimates = plan(args.model, methods, args.batch_size, args.max_length,
                      measure=not args.no_measure, device=device,
