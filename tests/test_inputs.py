@@ -41,7 +41,7 @@ def no_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
 
 
-# ----------------------------------------------------------------------------- D4: sampling
+# ----------------------------------------------------------------------------- sampling
 @pytest.mark.parametrize("kwargs, name", [
     (dict(top_k=-5), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_p=-1.0), "top_p"),
     (dict(top_p=1.5), "top_p"), (dict(temperature=-1.0), "temperature"),
@@ -80,7 +80,7 @@ def test_cli_generate_top_k_0_samples(capsys):
     assert code == 0 and capsys.readouterr().out.startswith("def f(a):")
 
 
-# ----------------------------------------------------------------------------- D5: devices
+# ----------------------------------------------------------------------------- devices
 COMMANDS = {"generate": ["generate", "--prompt", "hi"], "eval": ["eval"],
             "plan": ["plan", "--no-measure"],
             "finetune": ["finetune", "--max-steps", "1", "--output-dir", "{tmp}/run"]}
@@ -110,7 +110,7 @@ def test_trainconfig_device(no_cuda):
     assert TrainConfig(device="cpu").device == "cpu"
 
 
-# ----------------------------------------------------------------------------- D6: tokenizers
+# ----------------------------------------------------------------------------- tokenizers
 def _tiny_tokenizer_into(folder):
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(EMBEDDED["minift-tiny"] / f, folder / f)
@@ -138,7 +138,24 @@ def test_eos_token_outside_the_vocabulary_is_named(tmp_path):
         check_tokenizer_fits(tok, model.config.vocab_size, folder, tokenizer_from=folder)
 
 
-# ----------------------------------------------------------------------------- D7: missing paths
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["eval"],
+                                     ["finetune", "--max-steps", "1", "--no-forgetting"]])
+def test_cli_commands_refuse_a_tokenizer_that_does_not_fit(tmp_path, capsys, command):
+    """generate, eval and finetune's evaluation of the base model would index past the
+    embedding ("index out of range in self"): each is one line naming folder and sizes, and
+    finetune writes no run folder."""
+    small = tmp_path / "small"
+    make_hf_gpt2(small, vocab_size=500)
+    _tiny_tokenizer_into(small)
+    out = tmp_path / "run"
+    extra = ["--output-dir", out] if command[0] == "finetune" else []
+    code, err = run_main(capsys, *command, "--model", small, *extra)
+    assert code == 1
+    assert_one_line_error(err, str(small), "vocab_size=500", "4096 tokens")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- missing paths
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
     """An empty hub cache and a download that fails as it does offline (no network used)."""
@@ -168,7 +185,7 @@ def test_cli_missing_model_folder_is_named(capsys, offline_hub):
     assert_one_line_error(err, "mymodel: no such folder")
 
 
-# ----------------------------------------------------------------------------- D8: TrainConfig types
+# ----------------------------------------------------------------------------- TrainConfig types
 @pytest.mark.parametrize("kwargs", [
     dict(weight_decay="0.1"), dict(adam_eps="x"), dict(max_grad_norm="1"), dict(min_delta="0"),
     dict(ewc_lambda=None), dict(layer_decay="x"), dict(adam_betas=0.9), dict(adam_betas=(0.9, "x")),
@@ -186,7 +203,7 @@ def test_trainconfig_still_takes_numbers_and_lists():
     assert c.adam_betas == [0.9, 0.95]
 
 
-# ----------------------------------------------------------------------------- D9: labels, ids
+# ----------------------------------------------------------------------------- labels, ids
 @pytest.mark.parametrize("example, fragment", [
     ({"input_ids": [1, 2, 3], "labels": [1, 9999, 3]}, "label 9999"),
     ({"input_ids": [1, 2, 3], "labels": [1, -5, 3]}, "label -5"),
@@ -208,7 +225,7 @@ def test_train_takes_ignored_labels_and_integer_arrays():
     train(tiny_model(), data, None, cfg(max_steps=1, batch_size=2))
 
 
-# ----------------------------------------------------------------------------- minor
+# ----------------------------------------------------------------------------- option ranges, config.json types, the reference text
 @pytest.mark.parametrize("args, named", [
     (["finetune", "--eval-samples", "-1"], "--eval-samples"),
     (["finetune", "--eval-samples", "0"], "--eval-samples"),

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..checkpoint import check_tokenizer_fits
 from ..io import write_json
-from ..machine import default_device
 from ..model import GPT
 from ..options import UsageError, read_config_file
 from ..peft import PeftModel
@@ -61,10 +61,6 @@ def add_model_flags(p) -> None:
                    "minift-tiny (default: minift-tiny)")
     p.add_argument("--adapter", metavar="DIR", help="adapter folder (PEFT format)")
     p.add_argument("--run", metavar="RUN_DIR", help="a finetune run: its model and adapter")
-
-
-def device_of(args) -> str:
-    return args.device or default_device()
 
 
 # ----------------------------------------------------------------------------- models, runs
@@ -127,9 +123,9 @@ def load_for_inference(args) -> Loaded:
         run = Path(args.run)
         base = read_run_config(run)["model"]
         if (run / "model").is_dir():
-            return Loaded(GPT.from_pretrained(run / "model").eval(),
-                          Tokenizer.from_pretrained(run / "model"), str(run / "model"), base,
-                          None)
+            model, tok = GPT.from_pretrained(run / "model"), Tokenizer.from_pretrained(run / "model")
+            check_tokenizer_fits(tok, model.config.vocab_size, run / "model")
+            return Loaded(model.eval(), tok, str(run / "model"), base, None)
         adapter = run / "adapter"
         if not adapter.is_dir():
             raise FileNotFoundError(f"{run}: no adapter/ or model/ folder yet (training did not "
@@ -141,6 +137,8 @@ def load_for_inference(args) -> Loaded:
     has_tokenizer = adapter is not None and any(
         (adapter / f).is_file() for f in ("tokenizer.json", "vocab.json"))
     tok = Tokenizer.from_pretrained(adapter if has_tokenizer else base)
+    check_tokenizer_fits(tok, model.config.vocab_size, base,
+                         tokenizer_from=adapter if has_tokenizer else None)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     return Loaded(model.eval(), tok, base, base, adapter)  # eval(): new modules start training

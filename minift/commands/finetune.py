@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import check_tokenizer_fits
 from ..config import TrainConfig
 from ..data import DataError
 from ..formats import HUB_ID, SUFFIXES
@@ -208,6 +209,7 @@ def run(args) -> int:
 
     say(f"loading {opts['model']} and the data ...")
     model, tok = GPT.from_pretrained(opts["model"]), Tokenizer.from_pretrained(opts["model"])
+    check_tokenizer_fits(tok, model.config.vocab_size, opts["model"])
     set_threads(opts["threads"], model.num_parameters())
     _check_targets(model, peft_config)   # now, not after the base model's evaluation
     dpo = config.objective == "dpo"   # preference pairs, scored by reward accuracy
