@@ -171,6 +171,10 @@ def test_the_plan_command_prints_the_api_estimates(capsys):
     assert main(args) == 0
     table = capsys.readouterr().out
     assert table == format_plan(expected) + "\n" and "GFLOP/token" in table
+    # the first line counts the model itself, whichever method comes first
+    full = expected[1]
+    assert table.startswith(f"minift-tiny: {full.total_params / 1e6:.3g}M parameters;")
+    assert format_plan(expected[::-1]).splitlines()[0] == table.splitlines()[0]
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter", "partial", "prefix"])
