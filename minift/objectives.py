@@ -52,8 +52,10 @@ def _check_ids(ex: dict, ids_key: str, labels_key: str, where: str, vocab_size) 
         bad = next(t for t in ids if not 0 <= t < vocab_size)
         raise DataError(f"{where}: token id {bad} is outside the model's vocabulary "
                         f"(vocab_size={vocab_size}); was it made with another tokenizer?")
-    if labels is not ids:   # a label is a token id to predict, or IGNORE_INDEX (no loss)
-        top = vocab_size if vocab_size is not None else float("inf")
+    top = vocab_size if vocab_size is not None else float("inf")
+    # a label is a token id to predict, or IGNORE_INDEX (no loss); min/max first, at C speed:
+    # a text corpus's labels are all token ids, and only rows with -100 need the walk
+    if labels is not ids and not 0 <= min(labels) <= max(labels) < top:
         bad = next((t for t in labels if t != IGNORE_INDEX and not 0 <= t < top), None)
         if bad is not None:
             raise DataError(f"{where}: label {bad} in {labels_key} is neither {IGNORE_INDEX} "
