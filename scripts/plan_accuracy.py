@@ -7,6 +7,7 @@ actually keeps for the backward (saved-tensor hooks; each storage once, paramete
 and the FLOP estimate over torch's FlopCounterMode of a real forward + backward. tests/test_plan.py
 asserts the same ratios within 20%; this prints them.
 """
+import argparse
 import random
 
 import torch
@@ -42,6 +43,7 @@ def saved_bytes(model, batch) -> tuple[int, torch.Tensor]:
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help; no options
     torch.set_num_threads(1)
     print(f"{'method':8s} {'dtype':5s} {'dropout':>7s} {'T':>4s}  {'activations est/measured':>24s}"
           f"  {'FLOPs est/counted':>17s}")
