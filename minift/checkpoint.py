@@ -136,9 +136,12 @@ def read_config(folder: Path) -> dict:
     if d.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"{folder / 'config.json'}: model_type {d.get('model_type')!r} is not "
                          "supported; minift implements GPT-2 ('gpt2') only")
-    if d.get("scale_attn_by_inverse_layer_idx") or d.get("add_cross_attention"):
-        raise ValueError(f"{folder / 'config.json'}: scale_attn_by_inverse_layer_idx / "
-                         "add_cross_attention are not supported by minift")
+    # GPT-2 variants transformers can build and minift does not: their logits would differ
+    for key, plain in (("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False),
+                       ("scale_attn_weights", True)):
+        if d.get(key, plain) != plain:
+            raise ValueError(f"{folder / 'config.json'}: {key}={d[key]!r} is not supported by "
+                             f"minift (it implements GPT-2's {key}={plain})")
     return d
 
 

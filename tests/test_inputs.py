@@ -266,6 +266,22 @@ def test_config_json_types_are_named(tmp_path, key, value):
         GPT.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("key, value", [("scale_attn_weights", False),
+                                        ("scale_attn_by_inverse_layer_idx", True),
+                                        ("add_cross_attention", True)])
+def test_config_json_variants_minift_does_not_implement_are_refused(tmp_path, key, value):
+    """transformers builds these GPT-2 variants (other attention scaling, cross-attention);
+    minift would load their weights and compute other logits, so it refuses them by name.
+    GPT-2's own values, as transformers writes them, load."""
+    make_hf_gpt2(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config.get(key, not value) != value     # transformers' default is GPT-2's
+    GPT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ValueError, match=rf"config.json: {key}={value!r} is not supported"):
+        GPT.from_pretrained(tmp_path)
+
+
 def test_cli_eval_empty_reference_is_named(capsys, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "def f(a):", "completion": " a"}) + "\n")
