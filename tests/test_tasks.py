@@ -71,3 +71,15 @@ def test_an_empty_prompt_trains_but_is_not_a_test_prompt(tmp_path):
     data = load_task_data(opts, tok, 128)
     assert len(data.train) == 3 and len(data.val) == 3
     assert [r["prompt"] for r in data.records] == ["2 + 2 =", "3 + 3 ="]
+
+
+def test_eval_scores_the_prompts_it_can_continue(tmp_path, capsys):
+    """`minift eval` on the same file: the empty prompt counts in the loss, not in the task
+    metrics (it stopped with "prompt 2 is empty")."""
+    import json
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "2 + 2 =", "completion": " 4"}\n'
+                    '{"prompt": "", "completion": "an empty prompt"}\n')
+    assert main(["eval", "--data", str(path), "--max-new-tokens", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["examples"] == 2 and result["task"]["n"] == 1

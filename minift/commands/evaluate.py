@@ -70,18 +70,7 @@ def run(args) -> int:
     context, block = context_length(model.config.n_positions, n_virtual)
     path = Path(args.data) if args.data else get_task(DEFAULT_TASK).path("test")
     examples = load_dataset(path, tok, block_size=context, max_length=context)
-    ppl = perplexity(model, examples, batch_size=args.batch_size)
-    result = {"model": weights, "adapter": str(adapter) if adapter else None,
-              "base_model": base if weights != base else None, "data": str(path),
-              "examples": len(examples), "loss": math.log(ppl), "perplexity": ppl}
-    room = context - args.max_new_tokens
-    kind, records = task_records(path, tok, None)
-    records = [r for r in records if "prompt" in r and len(tok.encode(r["prompt"])) <= room]
-    if records:
-        result["task"] = evaluate_generation(
-            model, tok, records[:args.eval_samples], args.max_new_tokens, args.batch_size,
-            eos_token_id=chat.end_of_turn_id(tok) if kind == "chat" else None)
-    if args.forgetting:
+    if args.forgetting:   # read and checked before any evaluation runs
         ref_path = Path(args.reference) if args.reference else REFERENCE
         try:
             text = ref_path.read_text(encoding="utf-8")
@@ -90,6 +79,19 @@ def run(args) -> int:
         if len(tok.encode(text)) < 2:   # perplexity's own error would not name the file
             raise ValueError(f"{ref_path}: the reference text has fewer than 2 tokens; "
                              "--forgetting scores the model on it")
+    ppl = perplexity(model, examples, batch_size=args.batch_size)
+    result = {"model": weights, "adapter": str(adapter) if adapter else None,
+              "base_model": base if weights != base else None, "data": str(path),
+              "examples": len(examples), "loss": math.log(ppl), "perplexity": ppl}
+    room = context - args.max_new_tokens
+    kind, records = task_records(path, tok, None)
+    # an empty prompt has no token for generation to continue from (finetune skips it too)
+    records = [r for r in records if "prompt" in r and 0 < len(tok.encode(r["prompt"])) <= room]
+    if records:
+        result["task"] = evaluate_generation(
+            model, tok, records[:args.eval_samples], args.max_new_tokens, args.batch_size,
+            eos_token_id=chat.end_of_turn_id(tok) if kind == "chat" else None)
+    if args.forgetting:
         ppl_ref = perplexity(model, text, tok, args.batch_size, block)
         result["reference"] = {"file": str(ref_path), "perplexity": ppl_ref}
         if weights != base or adapter is not None:  # the base model, for comparison
