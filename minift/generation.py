@@ -25,7 +25,7 @@ def sampling_problem(temperature, top_k, top_p, do_sample: bool) -> tuple[str, s
     the argument their own way (generate: "top_k", the CLI: "--top-k").
     """
     if not _number(temperature) or temperature < 0:
-        return "temperature", f"must be a positive finite number, got {temperature!r}"
+        return "temperature", f"must be a finite number >= 0 (> 0 when sampling), got {temperature!r}"
     if do_sample and temperature == 0:
         return "temperature", ("must be > 0 when sampling, got 0 (transformers refuses it "
                                "too); for greedy decoding pass do_sample=False")

@@ -1,6 +1,8 @@
 """This machine: the device minift uses when none is named, and, as the planner sees it, how
 fast it multiplies matrices, how much memory is free, and amounts of memory as people write
-them ("24GiB"). plan.py turns a model's counts into seconds and a fit with these.
+them ("24GiB"). plan.py turns a model's counts into seconds and a fit with these. And
+whether a device name is one torch reads and this machine has (device_problem,
+available_devices), for --device and TrainConfig.device.
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ def available_devices() -> list[str]:
 
 def device_problem(name: str, present: bool = True) -> str | None:
     """What is wrong with a device name, as a phrase to follow the option's name ("TrainConfig.
-    device", "--device"), or None. present=False accepts a CUDA device this machine lacks
-    (`minift plan` plans for a GPU elsewhere); the name must still be one torch reads."""
+    device", "--device"), or None. present=False accepts a CUDA or MPS device this machine
+    lacks (`minift plan` plans for a GPU elsewhere); the name must still be one torch reads."""
     here = f"(available here: {', '.join(available_devices())})"
     try:
         device = torch.device(name)

@@ -1,5 +1,5 @@
 """What train() optimises: one object per TrainConfig.objective, so the loop and the step call
-the same five methods whatever the objective.
+the same six methods whatever the objective.
 
   check(data, what, vocab_size)   the examples have this objective's shape
   prepare(model, data, config)    once, before training (DPO: the reference log-probs)

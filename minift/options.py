@@ -177,8 +177,9 @@ RUN_OPTIONS = [
         "(see `minift tasks`)", choices=tuple(TASKS)),
     Opt("data", "str", None, "training data: .txt (packed), or records in .jsonl, .csv, .tsv, "
         ".parquet, .arrow, a saved datasets folder or a cached dataset id: {\"text\"}, "
-        "{\"prompt\", \"completion\"}, {\"instruction\", \"input\", \"output\"} or "
-        "{\"messages\"} (chat); none = the built-in --task", True, metavar="FILE"),
+        "{\"prompt\", \"completion\"}, {\"instruction\", \"input\", \"output\"}, "
+        "{\"messages\"} (chat), or with --objective dpo {\"prompt\", \"chosen\", "
+        "\"rejected\"} pairs; none = the built-in --task", True, metavar="FILE"),
     Opt("val_data", "str", None, "validation data; none = the built-in task's validation split, "
         "or --val-fraction of --data", True, metavar="FILE"),
     Opt("test_data", "str", None, "prompts for the task metrics; none = the built-in task's test "

@@ -72,7 +72,8 @@ class Estimate:
     gradient_accumulation_steps: int
     dtype: str
     gradient_checkpointing: bool
-    total_params: int
+    total_params: int                  # with the method's added parameters
+    model_params: int                  # the model's own (what `full` trains)
     trainable_params: int
     param_bytes: int
     grad_bytes: int
@@ -327,6 +328,7 @@ def estimate(src: str, method: str, batch_size: int, max_length: int | None = No
         model=src, method=method, batch_size=batch_size, max_length=T,
         gradient_accumulation_steps=gradient_accumulation_steps, dtype=dtype,
         gradient_checkpointing=gradient_checkpointing, total_params=n_total,
+        model_params=build(c, "full", o).num_parameters(),
         trainable_params=n_train, param_bytes=4 * n_total, grad_bytes=4 * n_train,
         optimizer_bytes=8 * n_train, activation_bytes=int(activations),
         workspace_bytes=int(workspace), total_bytes=int(total), budget_bytes=budget,

@@ -92,7 +92,7 @@ def preference_pairs(records: list[dict], seed: int = 0) -> list[dict]:
 
 def collate_preferences(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """B examples -> one batch of 2B rows, the chosen ones first: input_ids, attention_mask,
-    labels (B2, T), right-padded, and reference_logps (2B,) when the examples carry them."""
+    labels (2B, T), right-padded, and reference_logps (2B,) when the examples carry them."""
     pairs = [(e[f"{s}_input_ids"], e[f"{s}_labels"]) for s in ("chosen", "rejected")
              for e in examples]
     T = max(len(ids) for ids, _ in pairs)

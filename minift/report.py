@@ -1,7 +1,7 @@
 """Run reports: what a run measures, its Markdown and JSON summaries, and loss plots.
 
-The `minift` command (cli.py) times training with `StepTimer` and `MemoryProbe`, builds a
-summary dict for each run and hands it here:
+`minift finetune` (commands/finetune.py) times training with `StepTimer` and `MemoryProbe`,
+builds a summary dict for each run and hands it here:
 
     finetune_markdown(summary)  -> report.md of one run: before/after metrics, samples
     (compare's report.md: minift.compare_report)
@@ -196,7 +196,7 @@ METRIC_NAMES = {  # key in an evaluation dict -> how a report names it
 
 
 def metrics_rows(before: dict | None, after: dict) -> list[dict]:
-    """[{metric, before, after, change}] for the metrics both evaluations have."""
+    """[{metric, before, after, change}] for the metrics either evaluation has."""
     rows = []
     dpo = "reward_accuracy" in after   # a DPO run's val_loss is its DPO loss, a mean over pairs
     for key, name in METRIC_NAMES.items():
@@ -216,7 +216,7 @@ def _share(trainable: int, total: int) -> str:
 
 
 def finetune_markdown(s: dict) -> str:
-    """report.md of one `minift finetune` run, from the summary cli.py writes to report.json."""
+    """report.md of one `minift finetune` run, from the summary commands/finetune.py writes to report.json."""
     t = s["train"]
     facts = [
         ("method", s["method_detail"]),

@@ -466,3 +466,16 @@ def test_data_can_be_a_saved_datasets_folder_or_a_dataset_id(tmp_path, capsys):
                             "--output-dir", tmp_path / "p")
     assert code == 1 and "no such file (--data)" not in err
     assert_one_line_error(err, "local datasets cache")
+
+
+def test_bf16_where_it_is_not_native_is_refused_before_the_run_folder(tmp_path, capsys,
+                                                                      monkeypatch):
+    """--bf16 on a device without native bf16: one usage error, and no config.json left to
+    refuse the next command with (train()'s own check came after the folder was written)."""
+    import minift.commands.finetune as finetune
+    monkeypatch.setattr(finetune, "native_bf16", lambda device: False)
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, "finetune", "--bf16", "--max-steps", "1", "--no-eval-before",
+                            "--output-dir", out)
+    assert code == 2 and "--bf16 needs a CUDA GPU or a CPU with native bf16" in err
+    assert "Traceback" not in err and not out.exists()

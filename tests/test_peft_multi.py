@@ -71,6 +71,9 @@ def test_load_set_and_disable_adapters_match_peft(saved):
     ours.set_adapter("a", inference_mode=True)
     theirs.set_adapter("a", inference_mode=True)
     assert not trainable(ours) and not trainable(theirs)
+    ours.load_adapter(out / "b", adapter_name="b2")               # frozen until switched to
+    theirs.load_adapter(out / "b", adapter_name="b2")
+    assert not trainable(ours) and not trainable(theirs)
     ours.load_adapter(out / "a", adapter_name="a2", is_trainable=True)  # trains, as in PEFT
     assert trainable(ours) == set(ours.adapter_parameters("a2"))
     ours.set_adapter("b", inference_mode=True)

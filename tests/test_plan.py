@@ -175,6 +175,8 @@ def test_the_plan_command_prints_the_api_estimates(capsys):
     full = expected[1]
     assert table.startswith(f"minift-tiny: {full.total_params / 1e6:.3g}M parameters;")
     assert format_plan(expected[::-1]).splitlines()[0] == table.splitlines()[0]
+    houlsby = plan("minift-tiny", ["adapter"], batch_size=2, max_length=32, measure=False)[0]
+    assert houlsby.model_params == full.total_params   # its trained LayerNorms are the model's
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter", "partial", "prefix"])

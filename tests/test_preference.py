@@ -420,3 +420,10 @@ def test_finetune_of_preference_pairs_without_dpo_is_one_error(tmp_path, capsys)
     assert code == 2
     one_line_error(err, "p.jsonl holds preference pairs", "train them with --objective dpo")
     assert not (tmp_path / "r").exists()
+
+
+def test_eval_of_preference_pairs_is_one_error(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": " b", "rejected": " c"}])
+    code, _, err = run_main(capsys, "eval", "--data", path)
+    assert code == 2
+    one_line_error(err, "p.jsonl holds preference pairs", "--objective dpo")

@@ -22,7 +22,9 @@ EVAL_EPILOG = """examples:
   minift eval --run runs/lora-20250101-120000 --forgetting --bias
   minift eval --model gpt2 --adapter my-adapter --data test.jsonl --json
 Prints loss and perplexity on --data (every target token), task metrics (exact match,
-token F1, ROUGE-L of greedy answers) when its lines are {"prompt", "completion"},
+token F1, ROUGE-L of greedy answers) for records with a prompt: {"prompt", "completion"},
+{"instruction", "output"} or {"messages"} (the last assistant turn; an empty prompt counts
+in the loss only),
 reference perplexity with --forgetting (and the base model's, for an adapter or a run),
 and the log-likelihood gaps of minift's minimal pairs with --bias."""
 
@@ -32,7 +34,9 @@ def register(subparsers) -> None:
     add_model_flags(p)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--data", metavar="FILE",
-                   help="a .jsonl or .txt file (default: the built-in test split)")
+                   help="data as finetune's --data reads it: .txt, .jsonl, .csv, .tsv, "
+                        ".parquet, .arrow, a saved datasets folder or a cached dataset id "
+                        "(default: the built-in test split)")
     number(p, "--eval-samples", int, 64, "task metrics on the first N prompts")
     number(p, "--max-new-tokens", int, 48, "answer length for the task metrics")
     number(p, "--batch-size", int, RECIPE["batch_size"], "as finetune's evaluations")
@@ -69,6 +73,10 @@ def run(args) -> int:
         model, "is_prompt_learning", False) else 0
     context, block = context_length(model.config.n_positions, n_virtual)
     path = Path(args.data) if args.data else get_task(DEFAULT_TASK).path("test")
+    kind, records = task_records(path, tok, None)
+    if kind == "preference":
+        raise UsageError(f"{path} holds preference pairs; minift eval scores supervised data "
+                         "(finetune --objective dpo reports their reward accuracy)")
     examples = load_dataset(path, tok, block_size=context, max_length=context)
     if args.forgetting:   # read and checked before any evaluation runs
         ref_path = Path(args.reference) if args.reference else REFERENCE
@@ -84,7 +92,6 @@ def run(args) -> int:
               "base_model": base if weights != base else None, "data": str(path),
               "examples": len(examples), "loss": math.log(ppl), "perplexity": ppl}
     room = context - args.max_new_tokens
-    kind, records = task_records(path, tok, None)
     # an empty prompt has no token for generation to continue from (finetune skips it too)
     records = [r for r in records if "prompt" in r and 0 < len(tok.encode(r["prompt"])) <= room]
     if records:

@@ -22,7 +22,7 @@ from ..checkpoint import check_tokenizer_fits
 from ..config import TrainConfig
 from ..data import DataError
 from ..formats import HUB_ID, SUFFIXES
-from ..distributed import gather_to_rank0, is_sharded
+from ..distributed import gather_to_rank0, is_sharded, native_bf16
 from ..evaluate import forgetting_report
 from ..tables import format_table
 from ..model import GPT
@@ -271,8 +271,9 @@ def _check_options(opts: dict) -> None:
             raise DataError(f"{opts[name]}: no such file (--{name.replace('_', '-')})")
     if opts["threads"] is not None and opts["threads"] < 1:
         raise UsageError(f"--threads must be at least 1, got {opts['threads']}")
-    if opts["max_new_tokens"] is not None and opts["max_new_tokens"] < 0:
-        raise UsageError(f"--max-new-tokens must be at least 0, got {opts['max_new_tokens']}")
+    if opts["bf16"] and not native_bf16(torch.device(opts["device"] or default_device())):
+        raise UsageError("--bf16 needs a CUDA GPU or a CPU with native bf16 (AVX512-BF16 or "
+                         "AMX); drop it (the default turns bf16 on where it is native)")
     if opts["packing"] and opts["method"] in VIRTUAL:
         raise UsageError(f"--packing does not work with --method {opts['method']}: its virtual "
                          "tokens would lead only the first example of a packed row; drop "

@@ -45,7 +45,9 @@ def register(subparsers) -> None:
                    help="recompute each block in the backward")
     p.add_argument("--memory", metavar="SIZE", default=None,
                    help="the budget to compare with, e.g. 24GiB (default: free memory here)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:N or mps, which need not be on this machine "
+                        "(default: cuda if available)")
     p.add_argument("--no-measure", action="store_true",
                    help="skip the matmul-rate measurement (no step time)")
     defaults = MethodOptions()
@@ -149,9 +151,7 @@ def format_plan(estimates: list[Estimate]) -> str:
     rate = ("no step time (no matmul rate measured)" if e0.matmul_flops_per_s is None
             else f"step time at the {e0.matmul_flops_per_s / 1e9:.3g} GFLOP/s matmul rate "
             "measured here (a lower bound)")
-    # the model's own count: an adapter method's trainable parameters are all added ones
-    base = e0.total_params - (0 if e0.method in ("full", "partial") else e0.trainable_params)
-    head = (f"{e0.model}: {_count(base)} parameters; micro-batch {e0.batch_size} x "
+    head = (f"{e0.model}: {_count(e0.model_params)} parameters; micro-batch {e0.batch_size} x "
             f"{e0.max_length} tokens, accumulation {e0.gradient_accumulation_steps}, {e0.dtype}, "
             f"gradient checkpointing {'on' if e0.gradient_checkpointing else 'off'}")
     foot = (f"total = params + grads + optimizer + activations + workspace (the head's logits "

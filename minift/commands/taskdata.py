@@ -130,7 +130,7 @@ def load_task_data(opts: dict, tok, n_positions: int) -> TaskData:
     # an empty prompt trains (its completion is the example) but has no token to continue from
     records = [r for r in records if 0 < len(tok.encode(r["prompt"])) <= room][:opts["eval_samples"]]
     eval_detail = (f"the first {len(records)} of {n_all} {where} prompts" if records else
-                   "no prompts (the data has no {\"prompt\", \"completion\"} lines)")
+                   "no usable prompts (none, or all empty or too long for the context)")
 
     reference, ref_examples, ref_name = reference_text(opts, tok, max_len)
     name = f"the built-in task {task.name}" if builtin else str(train_path)

@@ -1,4 +1,4 @@
-"""PeftModel: a GPT plus one adapter, with PEFT's API and PEFT's files.
+"""PeftModel: a GPT plus its adapter (LoRA: several, one active), with PEFT's API and files.
 
 Layout, as PEFT users type it:
   LoRA / Houlsby   peft_model.base_model is a LoraModel / AdapterModel and
@@ -240,7 +240,8 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False,
                      subfolder: str | None = None) -> None:
         """Add the LoRA adapter saved in `model_id` under `adapter_name` (not made active:
-        set_adapter does that). On any error the model is left as it was."""
+        set_adapter does that; it trains from now on only with is_trainable=True). On any
+        error the model is left as it was."""
         lora = self._lora("given a second adapter")
         if adapter_name in self.peft_configs:
             raise PeftError(f"an adapter named {adapter_name!r} is already loaded")
@@ -262,6 +263,9 @@ class PeftModel(nn.Module):
             raise
         for p, flag in flags:
             p.requires_grad_(flag)
+        if not is_trainable:   # as PEFT: frozen until set_adapter switches to it
+            for p in self.adapter_parameters(adapter_name).values():
+                p.requires_grad_(False)
 
     @torch.no_grad()
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
