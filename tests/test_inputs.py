@@ -52,7 +52,7 @@ def test_generate_refuses_bad_sampling_arguments(kwargs, name):
         model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=True, **kwargs)
 
 
-def test_top_k_0_is_no_filter_and_top_p_0_is_greedy_as_in_transformers():
+def test_top_k_0_is_no_filter_and_top_p_0_is_greedy():
     model, ids = tiny_model().eval(), torch.tensor([[1, 2, 3]])
     sampled = model.generate(ids, max_new_tokens=6, do_sample=True, seed=3)
     assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=True, top_k=0, seed=3),

@@ -160,6 +160,26 @@ def test_filter_logits_top_k_and_top_p():
         filter_logits(logits, temperature=0)
 
 
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, 1, None), (1.0, 5, None), (1.0, 50, None), (1.0, 64, None), (1.0, None, 0.0),
+    (1.0, None, 0.1), (1.0, None, 0.5), (1.0, None, 0.9), (1.0, None, 1.0), (0.7, 10, 0.8),
+    (1.3, 0, 0.6)])
+def test_filter_logits_equals_transformers_warpers(temperature, top_k, top_p):
+    """The tokens kept for sampling are those of transformers' warpers, in generate's order
+    (temperature, top-k, top-p); top_k=0 is generate's "no top-k warper"."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    theirs = TemperatureLogitsWarper(temperature)(None, logits)
+    if top_k:
+        theirs = TopKLogitsWarper(top_k)(None, theirs)
+    if top_p is not None:
+        theirs = TopPLogitsWarper(top_p)(None, theirs)
+    ours = filter_logits(logits, temperature, top_k, top_p)
+    assert torch.equal(ours.isfinite(), theirs.isfinite())
+    assert torch.allclose(ours[ours.isfinite()], theirs[theirs.isfinite()], rtol=0, atol=1e-12)
+
+
 def test_input_longer_than_context_is_refused():
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, vocab_size=10, n_positions=16))
     with pytest.raises(ValueError, match="n_positions=16"):
