@@ -32,7 +32,7 @@ import torch
 
 from . import chat
 from .formats import IGNORE_INDEX, DataError, read_records, read_utf8
-from .preference import encode_preferences
+from .preference import encode_preferences, preference_records
 from .tokenfile import MEMMAP_BYTES, TokenBlocks, token_file
 
 # ----------------------------------------------------------------------------- loading
@@ -102,8 +102,7 @@ def load_records(path: str | os.PathLike, tokenizer, max_length: int | None = No
         return chat.chat_examples(tokenizer, [m for _, m in records], [w for w, _ in records],
                                   max_length)
     if kind == "preference":
-        return encode_preferences([{"prompt": p, "chosen": c, "rejected": r, "where": w}
-                                   for w, (p, c, r) in records], tokenizer, max_length)
+        return encode_preferences(preference_records(records), tokenizer, max_length)
     eos = _eos_id(tokenizer)
     pairs = [("", p) if kind == "text" else p for _, p in records]  # (prompt, target)
     prompts = _encode_all(tokenizer, [p for p, _ in pairs])

@@ -203,7 +203,8 @@ RUN_OPTIONS = [
     Opt("eval_before", "bool", True, "evaluate the base model before training"),
     Opt("threads", "int", None, "CPU threads of this process (torch.set_num_threads); none = "
         "1 for models under 10M parameters (their small matrices gain little from more threads "
-        "and lose much on a busy machine), else torch's default; OMP_NUM_THREADS wins", True),
+        "and lose much on a busy machine), else torch's default; OMP_NUM_THREADS wins", True,
+        minimum=1),
     Opt("output_dir", "str", None, "the run folder; none = runs/<method>-<date>-<time>", True,
         metavar="DIR"),
     Opt("method", "str", "lora", "what to train: " + ", ".join(METHODS), choices=tuple(METHODS)),

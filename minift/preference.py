@@ -41,6 +41,12 @@ def read_preferences(path, fields: dict | None = None) -> list[dict]:
     if kind != "preference":
         raise DataError(f"{records[0][0]}: a {kind!r} record; preference tuning needs "
                         '{"prompt", "chosen", "rejected"} records')
+    return preference_records(records)
+
+
+def preference_records(records: list[tuple[str, tuple[str, str, str]]]) -> list[dict]:
+    """read_records' (where, (prompt, chosen, rejected)) payloads of a preference file ->
+    the {"prompt", "chosen", "rejected", "where"} records encode_preferences takes."""
     return [{"prompt": p, "chosen": c, "rejected": r, "where": where}
             for where, (p, c, r) in records]
 

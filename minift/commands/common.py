@@ -48,10 +48,19 @@ def add_command(subparsers, name: str, help: str, epilog: str, run) -> argparse.
     return p
 
 
-def number(parser, flag: str, kind, default, help: str) -> None:
-    """An int or float option; its default (when not None) is shown in the help."""
+def number(parser, flag: str, kind, default, help: str, minimum=None) -> None:
+    """An int or float option; its default (when not None) is shown in the help. A value
+    under `minimum` is argparse's one-line error naming the flag, as finetune's options'."""
     shown = "" if default is None or "default:" in help else f" (default: {default:g})"
-    parser.add_argument(flag, type=kind, default=default, metavar="N" if kind is int else "X",
+
+    def parse(text: str):
+        value = kind(text)
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value!r}")
+        return value
+
+    parse.__name__ = kind.__name__   # argparse's "invalid int value: 'x'"
+    parser.add_argument(flag, type=parse, default=default, metavar="N" if kind is int else "X",
                         help=help + shown)
 
 

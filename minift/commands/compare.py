@@ -63,7 +63,7 @@ def register(subparsers) -> None:
     number(p, "--seed", int, 0, "data order, initialisation, dropout")
     number(p, "--ewc-lambda", float, EWC_LAMBDA, "EWC strength of full+ewc")
     number(p, "--threads", int, None, "CPU threads of every process (default: as finetune's, "
-           "one for minift-tiny)")
+           "one for minift-tiny)", minimum=1)
     p.add_argument("--task", choices=OPTIONS["task"].choices, default=OPTIONS["task"].default,
                    help=OPTIONS["task"].help + f" (default: {OPTIONS['task'].default})")
     for o in ("model", "data", "val_data", "test_data", "reference"):
@@ -97,8 +97,6 @@ def run(args) -> int:
     dpo_task = args.task if args.data else "preference"
     common, dpo_common = _child_flags(args, steps, min(args.eval_every or preset["eval_every"],
                                                       steps), n_eval, paths, dpo_paths, dpo_task)
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {args.threads}")
     opts = {**defaults("lora"), **paths, "model": args.model or "minift-tiny",
             "seed": args.seed, "eval_samples": n_eval, "task": args.task}
     dpo_opts = {**opts, "task": dpo_task,

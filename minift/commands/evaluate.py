@@ -15,7 +15,7 @@ from ..model import GPT
 from ..options import RECIPE, UsageError, cli_device
 from ..tasks import DEFAULT_TASK, REFERENCE, get_task
 from .common import add_command, add_model_flags, load_for_inference, number
-from .taskdata import context_length, task_records
+from .taskdata import context_length, read_reference, task_records
 
 EVAL_EPILOG = """examples:
   minift eval                                   minift-tiny on the built-in test split
@@ -37,9 +37,9 @@ def register(subparsers) -> None:
                    help="data as finetune's --data reads it: .txt, .jsonl, .csv, .tsv, "
                         ".parquet, .arrow, a saved datasets folder or a cached dataset id "
                         "(default: the built-in test split)")
-    number(p, "--eval-samples", int, 64, "task metrics on the first N prompts")
-    number(p, "--max-new-tokens", int, 48, "answer length for the task metrics")
-    number(p, "--batch-size", int, RECIPE["batch_size"], "as finetune's evaluations")
+    number(p, "--eval-samples", int, 64, "task metrics on the first N prompts", minimum=1)
+    number(p, "--max-new-tokens", int, 48, "answer length for the task metrics", minimum=1)
+    number(p, "--batch-size", int, RECIPE["batch_size"], "as finetune's evaluations", minimum=1)
     p.add_argument("--forgetting", action="store_true",
                    help="perplexity on --reference, and the base model's for comparison")
     p.add_argument("--reference", metavar="FILE",
@@ -61,11 +61,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def run(args) -> int:
-    for flag, value, least in (("--eval-samples", args.eval_samples, 1),
-                               ("--max-new-tokens", args.max_new_tokens, 1),
-                               ("--batch-size", args.batch_size, 1)):
-        if value < least:
-            raise UsageError(f"{flag} must be at least {least}, got {value}")
     device = cli_device(args.device)
     model, tok, weights, base, adapter = load_for_inference(args)
     model.to(device)
@@ -80,13 +75,7 @@ def run(args) -> int:
     examples = load_dataset(path, tok, block_size=context, max_length=context)
     if args.forgetting:   # read and checked before any evaluation runs
         ref_path = Path(args.reference) if args.reference else REFERENCE
-        try:
-            text = ref_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{ref_path}: no such reference text file") from None
-        if len(tok.encode(text)) < 2:   # perplexity's own error would not name the file
-            raise ValueError(f"{ref_path}: the reference text has fewer than 2 tokens; "
-                             "--forgetting scores the model on it")
+        text = read_reference(ref_path, tok)
     ppl = perplexity(model, examples, batch_size=args.batch_size)
     result = {"model": weights, "adapter": str(adapter) if adapter else None,
               "base_model": base if weights != base else None, "data": str(path),

@@ -269,8 +269,6 @@ def _check_options(opts: dict) -> None:
         found = path.is_file() if name == "reference" else path.is_file() or _dataset(path)
         if not found:
             raise DataError(f"{opts[name]}: no such file (--{name.replace('_', '-')})")
-    if opts["threads"] is not None and opts["threads"] < 1:
-        raise UsageError(f"--threads must be at least 1, got {opts['threads']}")
     if opts["bf16"] and not native_bf16(torch.device(opts["device"] or default_device())):
         raise UsageError("--bf16 needs a CUDA GPU or a CPU with native bf16 (AVX512-BF16 or "
                          "AMX); drop it (the default turns bf16 on where it is native)")

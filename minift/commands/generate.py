@@ -29,7 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--chat", action="store_true", help="answer as the assistant, with the chat "
                    "template the run trained with (its tokenizer's, else the built-in one); "
                    "without --prompt, read turns from the terminal")
-    number(p, "--max-new-tokens", int, 50, "tokens to generate")
+    number(p, "--max-new-tokens", int, 50, "tokens to generate", minimum=1)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
     number(p, "--temperature", float, None, "sampling temperature (1.0 when sampling)")
     number(p, "--top-k", int, None, "sample from the k most likely tokens (0: all of them)")
@@ -56,8 +56,6 @@ def _sampling(args) -> dict:
 
 
 def run(args) -> int:
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     sampling = _sampling(args)
     device = cli_device(args.device)
     prompt = sys.stdin.read().removesuffix("\n") if args.prompt == "-" else args.prompt

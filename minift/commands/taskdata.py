@@ -141,20 +141,26 @@ def load_task_data(opts: dict, tok, n_positions: int) -> TaskData:
                     stop_token_id=chat.end_of_turn_id(tok) if train_kind == "chat" else None)
 
 
+def read_reference(path: Path, tok) -> str:
+    """The text --forgetting scores (finetune's and eval's --reference), checked before any
+    evaluation runs: perplexity needs a next token to score (a text over 1000 characters has
+    more than one token)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such reference text file") from None
+    if len(tok.encode(text[:1000])) < 2:
+        raise DataError(f"{path}: the reference text has fewer than 2 tokens, too few for a "
+                        "perplexity; give a longer --reference, or turn --forgetting off")
+    return text
+
+
 def reference_text(opts: dict, tok, max_len: int):
     """(text for forgetting or None, its max_len blocks for EWC or None, its name)."""
     ref_path = Path(opts["reference"]) if opts["reference"] else REFERENCE
     reference = ref_examples = ref_name = None
     if opts["forgetting"]:
-        try:
-            reference = ref_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{ref_path}: no such reference text file") from None
-        # perplexity needs a next token to score; found now, not in the evaluation after
-        # training (a text over 1000 characters has more than one token)
-        if len(tok.encode(reference[:1000])) < 2:
-            raise DataError(f"{ref_path}: the reference text has fewer than 2 tokens, too few "
-                            "for a perplexity; give a longer --reference or --no-forgetting")
+        reference = read_reference(ref_path, tok)
         ref_name = str(ref_path) if opts["reference"] else "the built-in reference.txt"
     if opts["ewc_lambda"] > 0:
         ref_examples = load_text(ref_path, tok, max_len)
